@@ -1,0 +1,1504 @@
+"""litetq: a durable background-task queue in one file, on SQLite and the standard library.
+
+    producer (.delay(), q.enqueue(), cron) --> SQLite file (jobs, cron table, messages)
+        --> supervisor (python -m litetq worker: cron, leases, timeouts)
+        --> worker processes (claim a step, run it, commit its outcome) --> results
+
+Every step of a job is committed before the next begins, so a killed worker loses
+nothing: its lease lapses and another worker runs the step again.
+"""
+
+import argparse
+import contextlib
+import contextvars
+import datetime
+import functools
+import hmac
+import html
+import http.server
+import importlib
+import itertools
+import json
+import logging
+import math
+import multiprocessing
+import os
+import signal
+import socket
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import urllib.error
+import urllib.parse
+import urllib.request
+import zoneinfo
+
+__version__ = "0.1.0"
+__all__ = [
+    "Cancelled",
+    "Context",
+    "Cron",
+    "Error",
+    "Expired",
+    "Fatal",
+    "Job",
+    "Message",
+    "NotFound",
+    "Queue",
+    "Retry",
+    "Task",
+    "TaskFailed",
+    "chain",
+    "consumer",
+    "current",
+    "deserialize_task",
+    "dumps",
+    "http_post",
+    "loads",
+    "main",
+    "periodic",
+    "task",
+    "use",
+]
+
+logger = logging.getLogger("litetq")
+logger.addHandler(logging.NullHandler())
+
+
+# --- Constants ---------------------------------------------------------------
+
+UNFINISHED = ("queued", "running", "waiting")
+TERMINAL = ("complete", "failed", "cancelled", "expired")
+DEFAULT_LEASE = 10.0  # seconds a claimed step stays ours without renewal
+MAX_RETRY_DELAY = 3600.0
+MAX_LOST = 3  # a step whose worker died this many times fails as "worker lost"
+WAIT_POLL = 0.01  # seconds between cheap checks for another process's commits
+SCHEMA_VERSION = 1
+CHAIN = "litetq.chain"
+
+
+# --- Exceptions --------------------------------------------------------------
+
+class Error(Exception):
+    """Base class of every error litetq raises."""
+
+
+class NotFound(Error, LookupError):
+    """No job with that id."""
+
+
+class TaskFailed(Error):
+    """A job failed; `.error` is its message, `.traceback` the remote traceback text."""
+
+    def __init__(self, job_id, error, traceback=None):
+        super().__init__(f"job {job_id} failed: {error}")
+        self.job_id, self.error, self.traceback = job_id, error, traceback
+
+
+class Cancelled(Error):
+    """The job was cancelled."""
+
+
+class Expired(Error):
+    """The job waited longer than its ttl and never ran."""
+
+
+class Fatal(Error):
+    """Raise inside a task to fail its job at once, whatever retries remain."""
+
+
+class Retry(Error):
+    """Raise inside a task to ask for another attempt, after `delay` seconds or the backoff."""
+
+    def __init__(self, delay=None):
+        super().__init__("retry requested" if delay is None else f"retry requested in {delay} s")
+        self.delay = delay
+
+
+# --- The codec: JSON with task references ------------------------------------
+
+RESERVED = "__litetq__"  # marks encoded Tasks, and escapes user dicts that use the key
+ALLOWED = "None, bool, int, float, str, list, tuple, dict with str keys and Task"
+
+
+class _Unencodable(Exception):
+    """Internal: carries the offending value up the stack while the path is built."""
+
+    def __init__(self, value, step=""):
+        self.value, self.path = value, [step] if step else []
+
+
+def _encode(value):
+    """Return `value` as plain JSON data; Tasks and reserved-key dicts get wrapped."""
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:
+        return value
+    if kind is float:
+        if not math.isfinite(value):
+            raise _Unencodable(value)
+        return value
+    if kind is list or kind is tuple:
+        return [_encode_at(item, f"[{i}]") for i, item in enumerate(value)]
+    if kind is dict:
+        return _encode_dict(value)
+    if isinstance(value, Task):
+        return {RESERVED: "task", "name": value.name,
+                "args": _encode_at(list(value.args), ".args"),
+                "kwargs": _encode_at(value.kwargs, ".kwargs")}
+    if isinstance(value, int):  # IntEnum and friends are stored as their plain value
+        return int(value)
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, float):
+        return _encode(float(value))
+    raise _Unencodable(value)
+
+
+def _encode_at(value, step):
+    try:
+        return _encode(value)
+    except _Unencodable as exc:
+        exc.path.append(step)
+        raise
+
+
+def _encode_dict(value):
+    out = {}
+    for key, item in value.items():
+        if type(key) is not str:
+            raise _Unencodable(key, f"[{key!r}] (a dict key)")
+        out[key] = _encode_at(item, f"[{key!r}]")
+    if RESERVED in value:  # a user dict that looks like ours: escape it as pairs
+        return {RESERVED: "dict", "items": [[k, v] for k, v in out.items()]}
+    return out
+
+
+def _decode_hook(obj):
+    marker = obj.get(RESERVED)
+    if marker == "task":
+        return Task(obj["name"], obj["args"], obj["kwargs"])
+    if marker == "dict":
+        return dict(obj["items"])
+    return obj
+
+
+def _dumps(obj, where):
+    try:
+        data = _encode(obj)
+    except _Unencodable as exc:
+        path = where + "".join(reversed(exc.path))
+        raise TypeError(
+            f"cannot store {type(exc.value).__name__} {_short_repr(exc.value)} at {path}: "
+            f"litetq stores values as JSON ({ALLOWED})") from None
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+
+def _short_repr(value):
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def dumps(obj):
+    """Encode `obj` as litetq's JSON, with Task references at any depth."""
+    return _dumps(obj, "value")
+
+
+def loads(text):
+    """Decode litetq's JSON; encoded Task references come back as `Task` objects."""
+    return json.loads(text, object_hook=_decode_hook)
+
+
+def deserialize_task(obj):
+    """Return a Task given a Task, or its encoded form as a dict or JSON string."""
+    if isinstance(obj, Task):
+        return obj
+    if isinstance(obj, (str, bytes)):
+        obj = loads(obj)
+    if isinstance(obj, dict) and obj.get(RESERVED) == "task":
+        obj = _decode_hook(obj)
+    elif isinstance(obj, dict) and "name" in obj:  # a hand-made {"name", "args", "kwargs"}
+        obj = Task(obj["name"], obj.get("args", ()), obj.get("kwargs") or {})
+    if not isinstance(obj, Task):
+        raise TypeError(f"not an encoded task reference: {_short_repr(obj)}")
+    return obj
+
+
+# --- Tasks -------------------------------------------------------------------
+
+_registry = {}   # task name -> TaskFunction
+_consumers = {}  # raw payload queue name -> function(payload)
+_periodic = []   # (spec, name, tz, queue, TaskFunction) written to the cron table by workers
+
+
+class Task:
+    """A reference to one call of a registered task: a value that runs nothing by itself."""
+
+    __slots__ = ("name", "args", "kwargs")
+
+    def __init__(self, name, args=(), kwargs=None):
+        self.name, self.args, self.kwargs = name, tuple(args), dict(kwargs or {})
+
+    def __eq__(self, other):
+        if not isinstance(other, Task):
+            return NotImplemented
+        return (self.name, list(self.args), self.kwargs) == (
+            other.name, list(other.args), other.kwargs)
+
+    def __hash__(self):
+        return hash(dumps(self))
+
+    def __repr__(self):
+        parts = [repr(a) for a in self.args]
+        parts += [f"{k}={v!r}" for k, v in self.kwargs.items()]
+        return f"{self.name.rpartition('.')[2]}({', '.join(parts)})"
+
+    def run_once(self):
+        """Run the function once, here, and return what it returns (maybe a Task)."""
+        function = _lookup_task(self.name)
+        token = _current.set(Context())
+        try:
+            return function.func(*self.args, **self.kwargs)
+        finally:
+            _current.reset(token)
+
+    def run(self):
+        """Run here, following continuations and chains, to a final value."""
+        call, rest = _flatten(self, [])
+        while True:
+            value = call.run_once()
+            call, rest, value = _advance(value, rest)
+            if call is None:
+                return value
+
+
+def _flatten(call, rest):
+    """Unwrap chains: return the first plain call to run and the calls that follow it."""
+    while call is not None and call.name == CHAIN:
+        calls = list(call.args[0]) if len(call.args) == 1 and isinstance(
+            call.args[0], (list, tuple)) else list(call.args)
+        call, rest = (calls[0], calls[1:] + rest) if calls else (None, rest)
+    return call, rest
+
+
+def _advance(value, rest):
+    """After a step returned `value`: (next call, calls after it, final value if done)."""
+    call = None
+    if isinstance(value, Task):
+        call, rest = _flatten(value, rest)
+    while call is None and rest:  # the current call is final: the chain moves on
+        call, rest = _flatten(rest[0], rest[1:])
+    return call, rest, value
+
+
+class TaskFunction:
+    """What `@task` returns: calling it makes a `Task`; `.delay()` enqueues one."""
+
+    def __init__(self, func, name, queue, priority, retries, retry_delay, timeout, atomic, ttl):
+        functools.update_wrapper(self, func)
+        self.func, self.name, self.queue, self.priority = func, name, queue, priority
+        self.retries, self.retry_delay, self.timeout = retries, retry_delay, timeout
+        self.atomic, self.ttl = atomic, ttl
+
+    def __call__(self, *args, **kwargs):
+        return Task(self.name, args, kwargs)
+
+    def delay(self, *args, **kwargs):
+        """Enqueue a call on the default queue (see `use()`); returns its `Job`."""
+        return _default_queue().enqueue(Task(self.name, args, kwargs))
+
+    def __repr__(self):
+        return f"<task {self.name}>"
+
+
+def task(func=None, *, name=None, queue="default", priority=0, retries=0, retry_delay=1.0,
+         timeout=None, atomic=False, ttl=None):
+    """Register a function as a task: `@task` or `@task(retries=3, timeout=30, ...)`."""
+    def register(func):
+        task_name = name or f"{_module_name(func)}.{func.__qualname__}"
+        existing = _registry.get(task_name)
+        if existing and not _same_function(existing.func, func):
+            raise ValueError(f"task name {task_name!r} is already used by "
+                             f"{existing.func.__module__}.{existing.func.__qualname__}; "
+                             f"give one of them @task(name=...)")
+        wrapper = TaskFunction(func, task_name, queue, priority, retries, retry_delay,
+                               timeout, atomic, ttl)
+        _registry[task_name] = wrapper
+        return wrapper
+    return register(func) if func is not None else register
+
+
+def _module_name(func):
+    """A script run as __main__ names its tasks after its file, so workers can import it."""
+    if func.__module__ != "__main__":
+        return func.__module__
+    main = sys.modules["__main__"]
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name:
+        return spec.name
+    path = getattr(main, "__file__", None)
+    return os.path.splitext(os.path.basename(path))[0] if path else "__main__"
+
+
+def _same_function(a, b):
+    """True for the same function seen again (a module imported twice, or reloaded)."""
+    return a is b or (a.__qualname__ == b.__qualname__ and
+                      a.__code__.co_filename == b.__code__.co_filename)
+
+
+def _lookup_task(name):
+    """The registered TaskFunction for `name`, importing its module on first use."""
+    function = _registry.get(name)
+    if function is None and "." in name:
+        module = name.rpartition(".")[0]
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
+        function = _registry.get(name)
+    if function is None:
+        raise Error(f"unregistered task {name!r} (start the worker with --import MODULE)")
+    return function
+
+
+def periodic(spec, *, name=None, tz=None, queue=None, **task_options):
+    """Register a task that the workers' cron runs on `spec` (see `Cron`)."""
+    Cron(spec, tz)  # a bad spec fails at import, not in the worker
+    def register(func):
+        function = func if isinstance(func, TaskFunction) else task(func, **task_options)
+        _periodic.append((spec, name or function.name, tz, queue, function))
+        return function
+    return register
+
+
+def consumer(queue_name):
+    """Register `f(payload)` as the consumer of a raw payload queue, run by workers."""
+    def register(func):
+        _consumers[queue_name] = func
+        return func
+    return register
+
+
+@task(name=CHAIN)
+def chain(*calls):
+    """Run the calls in order, each to its final value; the result is the last one's.
+
+    Queued, every call is a step (a continuation) of the same job; this body only runs
+    for `chain(...).run_once()`.
+    """
+    if len(calls) == 1 and isinstance(calls[0], (list, tuple)):
+        calls = calls[0]
+    value = None
+    for call in calls:
+        value = deserialize_task(call).run()
+    return value
+
+
+
+@task(name="litetq.http_post", retries=5)
+def http_post(url, data, headers=None, timeout=10):
+    """POST `data` as JSON; the result is {"status", "body"} (body cut at 64 KiB).
+    A non-2xx answer or a network error fails the attempt."""
+    request = urllib.request.Request(
+        url, data=json.dumps(data).encode(), method="POST",
+        headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, body = response.status, response.read(65536)
+    except urllib.error.HTTPError as exc:
+        raise Error(f"POST {url} answered {exc.code} {exc.reason}") from None
+    if not 200 <= status < 300:
+        raise Error(f"POST {url} answered {status}")
+    return {"status": status, "body": body.decode("utf-8", "replace")}
+
+# --- Storage: every SQL statement litetq runs --------------------------------
+
+SCHEMA = """
+create table if not exists litetq_meta (key text primary key, value text not null);
+create table if not exists litetq_jobs (
+    id integer primary key,
+    queue text not null,
+    priority integer not null default 0,
+    status text not null,
+    name text not null,            -- task name of the current step
+    args text not null,            -- codec JSON [args, kwargs] of the current step
+    rest text,                     -- codec JSON list of calls a chain runs after this one
+    due real not null,             -- not before this epoch time
+    expires real,                  -- ttl: expire instead of running after this
+    unique_key text,
+    attempts integer not null default 0,
+    steps integer not null default 1,
+    lost integer not null default 0,  -- times a worker died holding the current step
+    worker text,
+    lease_until real,
+    started real,                  -- claim time of the current step, also the claim token
+    cancel integer not null default 0,
+    parent_id integer,
+    resume text,                   -- while waiting on subtasks: 'continue' or 'complete'
+    result text,
+    error text,
+    traceback text,
+    progress text,
+    created real not null,
+    finished real
+);
+create index if not exists litetq_jobs_next on litetq_jobs (priority desc, due, id)
+    where status = 'queued';
+create index if not exists litetq_jobs_lease on litetq_jobs (lease_until)
+    where status = 'running';
+create index if not exists litetq_jobs_parent on litetq_jobs (parent_id)
+    where parent_id is not null;
+create unique index if not exists litetq_jobs_unique on litetq_jobs (unique_key)
+    where unique_key is not null and status in ('queued', 'running', 'waiting');
+create table if not exists litetq_logs (
+    id integer primary key, job_id integer not null, time real not null,
+    level text not null, message text not null);
+create index if not exists litetq_logs_job on litetq_logs (job_id);
+create table if not exists litetq_messages (
+    id integer primary key, queue text not null, payload text not null,
+    visible real not null, deliveries integer not null default 0);
+create index if not exists litetq_messages_next on litetq_messages (queue, visible, id);
+create table if not exists litetq_cron (
+    name text primary key, spec text not null, task text not null, tz text, queue text,
+    next_run real not null, last_run real);
+create table if not exists litetq_cron_fired (
+    name text not null, fire_time real not null, job_id integer not null,
+    primary key (name, fire_time));
+create table if not exists litetq_workers (
+    id text primary key, host text not null, pid integer not null, queues text,
+    concurrency integer, started real not null, heartbeat real not null);
+"""
+
+JOB_COLUMNS = ("id, queue, priority, status, name, args, rest, due, expires, unique_key, "
+               "attempts, steps, lost, worker, lease_until, started, cancel, parent_id, "
+               "resume, result, error, traceback, progress, created, finished")
+CLAIM_COLUMNS = "id, name, args, rest, attempts, expires, started, parent_id"
+INSERT_JOB = ("insert into litetq_jobs (queue, priority, status, name, args, rest, due, "
+              "expires, unique_key, parent_id, created) "
+              "values (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)")
+
+_fork_generation = 0  # bumped in a forked child: inherited connections must not be used
+
+
+def _after_fork():
+    global _fork_generation
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+class Storage:
+    """The SQLite backend: connections, transactions and every query litetq makes.
+
+    Each thread gets its own connection to a file; ":memory:" has one shared connection
+    behind a lock, since each connection to ":memory:" is a separate database.
+    """
+
+    def __init__(self, path, synchronous="NORMAL", busy_timeout=10.0):
+        if str(synchronous).upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', not {synchronous!r}")
+        self.path, self.synchronous, self.busy_timeout = str(path), synchronous, busy_timeout
+        self.memory = self.path == ":memory:"
+        self._local = threading.local()
+        self._connections = []
+        self.lock = threading.RLock() if self.memory else contextlib.nullcontext()
+        self._shared = self._connect() if self.memory else None
+        self._create_schema()
+
+    # Connections and transactions.
+
+    def _connect(self):
+        try:
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout,
+                                   isolation_level=None, check_same_thread=False)
+            conn.execute("pragma journal_mode = wal")
+            conn.execute(f"pragma synchronous = {self.synchronous}")
+            # Truncate the WAL after checkpoints so a busy queue's file stays small.
+            conn.execute("pragma journal_size_limit = 16777216")
+        except sqlite3.DatabaseError as exc:
+            raise Error(f"cannot open {self.path!r} as a litetq database: {exc}") from None
+        self._connections.append(conn)
+        return conn
+
+    @property
+    def conn(self):
+        if self._shared is not None:
+            return self._shared
+        local = self._local
+        if getattr(local, "generation", None) != _fork_generation:
+            local.conn, local.generation = self._connect(), _fork_generation
+        return local.conn
+
+    @contextlib.contextmanager
+    def write(self):
+        """A short BEGIN IMMEDIATE transaction; nested inside an open one as a savepoint."""
+        with self.lock:
+            conn = self.conn
+            if conn.in_transaction:
+                conn.execute("savepoint litetq")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.execute("rollback to litetq")
+                    raise
+                finally:
+                    conn.execute("release litetq")
+                return
+            try:
+                conn.execute("begin immediate")
+            except sqlite3.OperationalError as exc:
+                raise Error(f"{self.path}: {exc} (another process held the write lock "
+                            f"for over {self.busy_timeout:g} s)") from None
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("rollback")
+                raise
+            conn.execute("commit")
+
+    def read(self, sql, params=()):
+        with self.lock:
+            return self.conn.execute(sql, params).fetchall()
+
+    def read_one(self, sql, params=()):
+        with self.lock:
+            return self.conn.execute(sql, params).fetchone()
+
+    def data_version(self):
+        """Changes whenever another connection commits (PRAGMA data_version)."""
+        with self.lock:
+            return self.conn.execute("pragma data_version").fetchone()[0]
+
+    def close(self):
+        for conn in self._connections:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        self._connections.clear()
+        self._local = threading.local()
+        self._shared = None
+
+    def _create_schema(self):
+        with self.write() as conn:
+            try:
+                conn.execute("create table if not exists litetq_meta "
+                             "(key text primary key, value text not null)")
+            except sqlite3.DatabaseError as exc:
+                raise Error(f"cannot open {self.path!r} as a litetq database: {exc}") from None
+            row = conn.execute("select value from litetq_meta where key = 'schema'").fetchone()
+            if row and int(row[0]) > SCHEMA_VERSION:
+                raise Error(f"{self.path} holds a litetq schema version {row[0]}, newer than "
+                            f"this litetq {__version__} knows ({SCHEMA_VERSION}): upgrade litetq")
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("insert or replace into litetq_meta values ('schema', ?)",
+                         (str(SCHEMA_VERSION),))
+
+    # Enqueueing.
+
+    def insert_jobs(self, rows, conn=None):
+        """Insert job rows (see INSERT_JOB); return their ids. Through `conn`: no commit."""
+        if conn is not None:
+            return [conn.execute(INSERT_JOB, row).lastrowid for row in rows]
+        if len(rows) == 1 and rows[0][7] is None:  # one plain row: autocommit is atomic
+            with self.lock:
+                return [self.conn.execute(INSERT_JOB, rows[0]).lastrowid]
+        with self.write() as conn:
+            return [self._insert_unique(conn, row) for row in rows]
+
+    @staticmethod
+    def _insert_unique(conn, row):
+        if row[7] is not None:
+            found = conn.execute(
+                "select id from litetq_jobs where unique_key = ? "
+                "and status in ('queued', 'running', 'waiting')", (row[7],)).fetchone()
+            if found:
+                return found[0]
+        return conn.execute(INSERT_JOB, row).lastrowid
+
+    # Claiming and finishing steps.
+
+    def claim(self, worker, lease, queues=None):
+        """Take the next due step: (CLAIM_COLUMNS row) or None. Expired ones are marked."""
+        where = "status = 'queued' and due <= :now"
+        names = {f"q{i}": name for i, name in enumerate(queues or ())}
+        if names:
+            where += f" and queue in ({', '.join(':' + key for key in names)})"
+        sql = (f"update litetq_jobs set status = 'running', worker = :worker, "
+               f"lease_until = :lease, attempts = attempts + 1, started = :now "
+               f"where id = (select id from litetq_jobs where {where} "
+               f"order by priority desc, due, id limit 1) returning {CLAIM_COLUMNS}")
+        while True:
+            now = time.time()
+            with self.write() as conn:
+                row = conn.execute(sql, {"now": now, "worker": worker,
+                                         "lease": now + lease, **names}).fetchone()
+                if row is None or row[5] is None or row[5] >= now:
+                    return row
+                self._end(conn, row[0], "expired", now,
+                          error="expired: waited longer than its ttl")
+
+    def next_due(self, queues=None):
+        """The earliest due time of a queued step, or None."""
+        sql = "select min(due) from litetq_jobs where status = 'queued'"
+        if queues:
+            sql += " and queue in (%s)" % ", ".join("?" * len(queues))
+        return self.read_one(sql, tuple(queues or ()))[0]
+
+    def renew_leases(self, claims, lease):
+        with self.write() as conn:
+            conn.executemany(
+                "update litetq_jobs set lease_until = ? where id = ? and started = ? "
+                "and status = 'running'",
+                [(time.time() + lease, job_id, token) for job_id, token in claims])
+
+    def step_succeeded(self, job_id, token, result=None, call=None):
+        """Record a finished step: its `result` JSON, or the continuation `call`
+        (name, args JSON, rest JSON). Returns False if the claim was lost meanwhile."""
+        now = time.time()
+        with self.write() as conn:
+            row = conn.execute("select cancel, parent_id from litetq_jobs where id = ? "
+                               "and started = ? and status = 'running'",
+                               (job_id, token)).fetchone()
+            if row is None:
+                return False
+            if row[0]:
+                self._end(conn, job_id, "cancelled", now)
+                return True
+            if call is not None:
+                conn.execute("update litetq_jobs set name = ?, args = ?, rest = ?, "
+                             "steps = steps + 1, attempts = 0, lost = 0, error = null "
+                             "where id = ?", (*call, job_id))
+            resume = "continue" if call is not None else "complete"
+            conn.execute("update litetq_jobs set status = 'waiting', resume = ?, result = ?, "
+                         "lease_until = null where id = ?", (resume, result, job_id))
+            self._settle(conn, job_id, now)
+            return True
+
+    def step_failed(self, job_id, token, error, tb, retry_at=None, count_attempt=True):
+        """Record a failed attempt: queued again at `retry_at`, or failed for good."""
+        now = time.time()
+        with self.write() as conn:
+            row = conn.execute("select cancel from litetq_jobs where id = ? and started = ? "
+                               "and status = 'running'", (job_id, token)).fetchone()
+            if row is None:
+                return False
+            if row[0]:
+                self._end(conn, job_id, "cancelled", now, error=error, tb=tb)
+            elif retry_at is not None:
+                conn.execute("update litetq_jobs set status = 'queued', due = ?, error = ?, "
+                             "traceback = ?, lease_until = null, "
+                             "attempts = attempts - ? where id = ?",
+                             (retry_at, error, tb, 0 if count_attempt else 1, job_id))
+            else:
+                self._end(conn, job_id, "failed", now, error=error, tb=tb)
+            return True
+
+    def reap(self):
+        """Queue again the steps whose worker stopped renewing its lease; the
+        MAX_LOST-th loss of the same step fails it as "worker lost"."""
+        now = time.time()
+        lapsed = self.read("select id, lost from litetq_jobs where status = 'running' "
+                           "and lease_until < ?", (now,))
+        if not lapsed:
+            return 0
+        with self.write() as conn:
+            for job_id, lost in lapsed:
+                if lost + 1 >= MAX_LOST:
+                    self._end(conn, job_id, "failed", now, only_if="running",
+                              error=f"worker lost (its worker died {MAX_LOST} times)")
+                else:
+                    conn.execute("update litetq_jobs set status = 'queued', due = ?, "
+                                 "attempts = attempts - 1, lost = lost + 1, lease_until = null "
+                                 "where id = ? and status = 'running' and lease_until < ?",
+                                 (now, job_id, now))
+        return len(lapsed)
+
+    def _end(self, conn, job_id, status, now, error=None, tb=None, only_if=None):
+        """Make a job terminal, then let its parent know."""
+        sql = ("update litetq_jobs set status = ?, finished = ?, error = coalesce(?, error), "
+               "traceback = coalesce(?, traceback), lease_until = null where id = ?")
+        params = [status, now, error, tb, job_id]
+        if only_if:
+            sql += " and status = ?"
+            params.append(only_if)
+        row = conn.execute(sql + " returning parent_id", params).fetchone()
+        if row is None:
+            return
+        if status != "complete":
+            self._cancel_tree(conn, job_id, now, include_self=False)
+        if row[0] is not None:
+            self._settle(conn, row[0], now)
+
+    def _settle(self, conn, job_id, now):
+        """A waiting job whose subtasks are all terminal resumes, completes or fails."""
+        row = conn.execute("select status, resume, result, started from litetq_jobs "
+                           "where id = ?", (job_id,)).fetchone()
+        if row is None or row[0] != "waiting":
+            return
+        if conn.execute("select 1 from litetq_jobs where parent_id = ? and status in "
+                        "('queued', 'running', 'waiting') limit 1", (job_id,)).fetchone():
+            return
+        # Only subtasks spawned by the current step count: a retried parent starts afresh.
+        bad = conn.execute("select id, name, status, error from litetq_jobs "
+                           "where parent_id = ? and created >= ? and status != 'complete' "
+                           "order by id limit 1", (job_id, row[3])).fetchone()
+        if bad:
+            child, name, status, error = bad
+            detail = f": {error}" if status == "failed" else f" ({status})"
+            self._end(conn, job_id, "failed", now,
+                      error=f"subtask {child} ({name}) {status}{detail}")
+        elif row[1] == "continue":
+            conn.execute("update litetq_jobs set status = 'queued', due = ?, resume = null "
+                         "where id = ?", (now, job_id))
+        else:
+            conn.execute("update litetq_jobs set error = null, traceback = null where id = ?",
+                         (job_id,))
+            self._end(conn, job_id, "complete", now)
+
+    def _cancel_tree(self, conn, job_id, now, include_self=True):
+        """Cancel a job (if asked) and its unfinished descendants; flag running ones."""
+        ids = [row[0] for row in conn.execute(
+            "with recursive tree(id) as (select ? union all select j.id from litetq_jobs j "
+            "join tree on j.parent_id = tree.id) select id from tree", (job_id,))]
+        if not include_self:
+            ids = ids[1:]
+        changed = False
+        for each in ids:
+            changed |= conn.execute(
+                "update litetq_jobs set status = 'cancelled', finished = ? where id = ? "
+                "and status in ('queued', 'waiting')", (now, each)).rowcount > 0
+            changed |= conn.execute(
+                "update litetq_jobs set cancel = 1 where id = ? and status = 'running' "
+                "and cancel = 0", (each,)).rowcount > 0
+        return changed
+
+    def cancel(self, job_id):
+        now = time.time()
+        with self.write() as conn:
+            changed = self._cancel_tree(conn, job_id, now)
+            parent = conn.execute("select parent_id from litetq_jobs where id = ?",
+                                  (job_id,)).fetchone()
+            if changed and parent and parent[0] is not None:
+                self._settle(conn, parent[0], now)
+            return changed
+
+    def retry(self, job_id):
+        with self.write() as conn:
+            return conn.execute(
+                "update litetq_jobs set status = 'queued', due = ?, attempts = 0, lost = 0, "
+                "cancel = 0, expires = null, error = null, traceback = null, finished = null, "
+                "resume = null where id = ? and status in ('failed', 'cancelled', 'expired')",
+                (time.time(), job_id)).rowcount > 0
+
+    def requeue(self, job_id, token):
+        """Give a step back without counting the attempt (a worker shutting down)."""
+        with self.write() as conn:
+            conn.execute("update litetq_jobs set status = 'queued', attempts = attempts - 1, "
+                         "lease_until = null where id = ? and started = ? "
+                         "and status = 'running'", (job_id, token))
+
+    # Reading jobs.
+
+    def job(self, job_id):
+        row = self.read_one(f"select {JOB_COLUMNS} from litetq_jobs where id = ?", (job_id,))
+        if row is None:
+            raise NotFound(f"no job {job_id} in {self.path}")
+        return dict(zip(JOB_COLUMNS.split(", "), row))
+
+    def job_field(self, job_id, column):
+        row = self.read_one(f"select {column} from litetq_jobs where id = ?", (job_id,))
+        if row is None:
+            raise NotFound(f"no job {job_id} in {self.path}")
+        return row[0]
+
+    def jobs(self, status=None, queue=None, name=None, limit=100, parent=None):
+        clauses, params = [], []
+        for column, value in (("status", status), ("queue", queue), ("name", name),
+                              ("parent_id", parent)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        where = f"where {' and '.join(clauses)}" if clauses else ""
+        order = "order by id" if parent is not None else "order by id desc"
+        return [row[0] for row in self.read(
+            f"select id from litetq_jobs {where} {order} limit ?", (*params, limit))]
+
+    def stats(self):
+        counts = {}
+        for queue, status, n in self.read(
+                "select queue, status, count(*) from litetq_jobs group by queue, status"):
+            counts.setdefault(queue, {})[status] = n
+        return counts
+
+    def oldest_wait(self):
+        """Seconds the longest-waiting due job has waited, or None."""
+        row = self.read_one("select min(due) from litetq_jobs where status = 'queued' "
+                            "and due <= ?", (time.time(),))
+        return None if row[0] is None else time.time() - row[0]
+
+    def purge(self, statuses, before):
+        with self.write() as conn:
+            marks = ", ".join("?" * len(statuses))
+            ids = f"select id from litetq_jobs where status in ({marks}) and finished < ?"
+            conn.execute(f"delete from litetq_logs where job_id in ({ids})", (*statuses, before))
+            return conn.execute(f"delete from litetq_jobs where id in ({ids})",
+                                (*statuses, before)).rowcount
+
+    # Inside a step: logs, progress, cancellation.
+
+    def add_log(self, job_id, level, message):
+        with self.write() as conn:
+            conn.execute("insert into litetq_logs (job_id, time, level, message) "
+                         "values (?, ?, ?, ?)", (job_id, time.time(), level, message))
+
+    def logs(self, job_id):
+        """Logs of a job and all its subtasks, oldest first."""
+        return self.read(
+            "with recursive tree(id) as (select ? union all select j.id from litetq_jobs j "
+            "join tree on j.parent_id = tree.id) select time, level, message, job_id "
+            "from litetq_logs where job_id in (select id from tree) order by time, id",
+            (job_id,))
+
+    def set_progress(self, job_id, progress):
+        with self.write() as conn:
+            conn.execute("update litetq_jobs set progress = ? where id = ?", (progress, job_id))
+
+    # Raw payload queues.
+
+    def put(self, queue, payload):
+        with self.lock:
+            return self.conn.execute(
+                "insert into litetq_messages (queue, payload, visible) values (?, ?, ?)",
+                (queue, payload, time.time())).lastrowid
+
+    def get(self, queues, visibility):
+        now = time.time()
+        marks = ", ".join("?" * len(queues))
+        with self.write() as conn:
+            return conn.execute(
+                "update litetq_messages set visible = ?, deliveries = deliveries + 1 "
+                "where id = (select id from litetq_messages where queue in "
+                f"({marks}) and visible <= ? order by visible, id limit 1) "
+                "returning id, queue, payload, deliveries",
+                (now + visibility, *queues, now)).fetchone()
+
+    def ack(self, message_id):
+        with self.lock:
+            self.conn.execute("delete from litetq_messages where id = ?", (message_id,))
+
+    def nack(self, message_id, delay):
+        with self.lock:
+            self.conn.execute("update litetq_messages set visible = ? where id = ?",
+                              (time.time() + delay, message_id))
+
+    # The cron table.
+
+    def save_schedule(self, name, spec, call, tz, queue, next_run):
+        """Add or change an entry; its next run is kept when spec and zone are unchanged."""
+        with self.write() as conn:
+            conn.execute(
+                "insert into litetq_cron (name, spec, task, tz, queue, next_run) "
+                "values (?, ?, ?, ?, ?, ?) on conflict (name) do update set "
+                "next_run = case when spec = excluded.spec and tz is excluded.tz "
+                "then next_run else excluded.next_run end, spec = excluded.spec, "
+                "task = excluded.task, tz = excluded.tz, queue = excluded.queue",
+                (name, spec, call, tz, queue, next_run))
+
+    def delete_schedule(self, name):
+        with self.write() as conn:
+            conn.execute("delete from litetq_cron_fired where name = ?", (name,))
+            return conn.execute("delete from litetq_cron where name = ?", (name,)).rowcount > 0
+
+    def schedules(self):
+        return self.read("select name, spec, task, tz, queue, next_run, last_run "
+                         "from litetq_cron order by name")
+
+    @contextlib.contextmanager
+    def due_schedules(self, now):
+        """Inside one write transaction: the entries due at `now`, and a `fired` callback
+        that records one fire time exactly once (False if another process already did)."""
+        with self.write() as conn:
+            rows = conn.execute("select name, spec, task, tz, queue, next_run "
+                                "from litetq_cron where next_run <= ?", (now,)).fetchall()
+
+            def fired(name, fire_time, job_id, next_run):
+                done = conn.execute("insert or ignore into litetq_cron_fired values (?, ?, ?)",
+                                    (name, fire_time, job_id)).rowcount
+                conn.execute("update litetq_cron set next_run = ?, last_run = ? "
+                             "where name = ?", (next_run, fire_time, name))
+                return done > 0
+            yield conn, rows, fired
+
+    # Workers.
+
+    def register_worker(self, worker_id, queues, concurrency):
+        now = time.time()
+        with self.write() as conn:
+            conn.execute("insert or replace into litetq_workers values (?, ?, ?, ?, ?, ?, ?)",
+                         (worker_id, socket.gethostname(), os.getpid(), queues, concurrency,
+                          now, now))
+
+    def heartbeat(self, worker_id):
+        with self.write() as conn:
+            conn.execute("update litetq_workers set heartbeat = ? where id = ?",
+                         (time.time(), worker_id))
+
+    def unregister_worker(self, worker_id):
+        with self.write() as conn:
+            conn.execute("delete from litetq_workers where id = ?", (worker_id,))
+
+    def workers(self):
+        return self.read("select id, host, pid, queues, concurrency, started, heartbeat "
+                         "from litetq_workers order by started")
+
+
+# --- The queue API -----------------------------------------------------------
+
+class Queue:
+    """A durable job queue in one SQLite database (a file, or ":memory:" for tests).
+
+    `synchronous="FULL"` makes each commit survive power loss; the default "NORMAL"
+    survives application crashes. `lease` is how long a claimed step is ours without
+    renewal: a worker that dies is noticed this many seconds later.
+    """
+
+    def __init__(self, path, synchronous="NORMAL", *, lease=DEFAULT_LEASE):
+        self.path, self.lease = os.fspath(path), float(lease)
+        self.storage = Storage(self.path, synchronous)
+        self._changed = threading.Condition()  # wakes waiters in this process at once
+        self._claims = {}  # job id -> claim token of steps running in this process
+        self._keeper = None  # (pid, thread) renewing those claims' leases
+        self._closed = threading.Event()
+
+    def __repr__(self):
+        return f"<litetq.Queue {self.path!r}>"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def close(self):
+        self._closed.set()
+        self.storage.close()
+
+    @property
+    def worker_id(self):
+        return f"{socket.gethostname()}:{os.getpid()}"
+
+    # Enqueueing.
+
+    def enqueue(self, task, *, queue=None, priority=None, delay=None, at=None, ttl=None,
+                unique=None, conn=None):
+        """Durably add a call; returns its `Job`. With `conn`, the job is written in the
+        caller's open transaction on the same file and appears only if it commits."""
+        row = self._job_row(task, queue, priority, delay, at, ttl, unique)
+        return Job(self, self.storage.insert_jobs([row], conn)[0])
+
+    def enqueue_many(self, tasks, *, queue=None, priority=None, delay=None, at=None, ttl=None,
+                     unique=None, conn=None):
+        """Add many calls in one transaction; returns their `Job`s in order."""
+        rows = [self._job_row(t, queue, priority, delay, at, ttl, unique) for t in tasks]
+        if not rows:
+            return []
+        return [Job(self, job_id) for job_id in self.storage.insert_jobs(rows, conn)]
+
+    def _job_row(self, task, queue, priority, delay, at, ttl, unique, parent=None):
+        if not isinstance(task, Task):
+            raise TypeError(f"enqueue() takes a Task such as hello('world'), "
+                            f"not {type(task).__name__} {_short_repr(task)}")
+        call, rest = _flatten(task, [])
+        if call is None:
+            raise ValueError("an empty chain has nothing to run")
+        function = _registry.get(call.name)  # producers need not import every task
+        if queue is None:
+            queue = function.queue if function else "default"
+        if priority is None:
+            priority = function.priority if function else 0
+        if ttl is None and function:
+            ttl = function.ttl
+        now = time.time()
+        due = _due_time(now, delay, at)
+        return (queue, int(priority), call.name, _dumps_call(call),
+                _dumps(rest, "chain") if rest else None, due,
+                None if ttl is None else due + ttl, unique, parent, now)
+
+    # Reading jobs.
+
+    def job(self, job_id):
+        """The `Job` with this id; `NotFound` if there is none."""
+        self.storage.job_field(int(job_id), "id")
+        return Job(self, int(job_id))
+
+    def jobs(self, status=None, queue=None, task=None, limit=100):
+        """Jobs, newest first, filtered by status, queue name and task name."""
+        if isinstance(task, (Task, TaskFunction)):
+            task = task.name
+        return [Job(self, i) for i in self.storage.jobs(status, queue, task, limit)]
+
+    def stats(self):
+        """{queue name: {status: count}}."""
+        return self.storage.stats()
+
+    # Running work in this process.
+
+    def run_until_idle(self, max_steps=None):
+        """Run due steps here, one at a time in queue order, until nothing is due."""
+        self.storage.reap()
+        steps = 0
+        while (max_steps is None or steps < max_steps) and self._work_once():
+            steps += 1
+        return steps
+
+    def _work_once(self, queues=None):
+        """Run one due step or consumer message; False if there was none."""
+        claim = self.storage.claim(self.worker_id, self.lease, queues)
+        if claim is not None:
+            self._run_step(claim)
+            return True
+        return self._consume_one(queues)
+
+    def _run_step(self, claim):
+        """Run one claimed step and commit its outcome; returns the job's new status."""
+        job_id, token = claim[0], claim[6]
+        self._claims[job_id] = token
+        self._keep_leases()
+        try:
+            self._execute(claim)
+        finally:
+            self._claims.pop(job_id, None)
+            self._notify()
+
+    def _execute(self, claim):
+        job_id, name, args, rest, attempt, _, token, _ = claim
+        try:
+            function = _lookup_task(name)
+        except Error as exc:
+            self.storage.step_failed(job_id, token, str(exc), None)
+            return
+        context = Context(self, Job(self, job_id), attempt, function.atomic)
+        reset = _current.set(context)
+        try:
+            params, kwargs = loads(args)
+            result, call = _outcome(function.func(*params, **kwargs), rest and loads(rest))
+            if not self.storage.step_succeeded(job_id, token, result, call):
+                raise Error(f"job {job_id} lost its claim while running (lease expired)")
+        except Exception as exc:
+            context._end_transaction(commit=False)
+            self._fail_attempt(function, job_id, token, attempt, exc)
+        else:
+            context._end_transaction(commit=True)
+        finally:
+            _current.reset(reset)
+
+    def _fail_attempt(self, function, job_id, token, attempt, exc, tb=None):
+        """Queue the step again if retries are left, else fail the job."""
+        retry_at = None
+        if not isinstance(exc, Fatal) and attempt <= function.retries:
+            delay = exc.delay if isinstance(exc, Retry) and exc.delay is not None else min(
+                function.retry_delay * 2 ** (attempt - 1), MAX_RETRY_DELAY)
+            retry_at = time.time() + delay
+        error = str(exc) if isinstance(exc, Fatal) else f"{type(exc).__name__}: {exc}"
+        self.storage.step_failed(job_id, token, error, tb or traceback.format_exc(), retry_at)
+
+    def _keep_leases(self):
+        """Start, once per process, the thread that renews our running steps' leases."""
+        if self._keeper is None or self._keeper[0] != os.getpid():
+            thread = threading.Thread(target=self._renew_leases, daemon=True,
+                                      name="litetq-leases")
+            self._keeper = (os.getpid(), thread)
+            thread.start()
+
+    def _renew_leases(self):
+        while not self._closed.wait(self.lease / 3):
+            claims = list(self._claims.items())
+            if claims:
+                try:
+                    self.storage.renew_leases(claims, self.lease)
+                except (Error, sqlite3.Error):
+                    logger.exception("could not renew leases")
+
+    # Waiting.
+
+    def _notify(self):
+        with self._changed:
+            self._changed.notify_all()
+
+    def _wait_until(self, predicate, timeout=None):
+        """Wait for predicate() without a busy loop: woken at once by this process's
+        commits, and within WAIT_POLL of another process's (PRAGMA data_version)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        version = None
+        while True:
+            latest = self.storage.data_version()
+            if latest != version:
+                if predicate():
+                    return True
+                version = latest
+            remaining = WAIT_POLL if deadline is None else min(
+                WAIT_POLL, deadline - time.monotonic())
+            if remaining <= 0:
+                return predicate()
+            with self._changed:
+                if self._changed.wait(remaining):
+                    version = None
+
+    # Raw payload queues.
+
+    def put(self, queue_name, payload):
+        """Add a JSON payload to a raw queue; returns the message id."""
+        return self.storage.put(queue_name, _dumps(payload, "payload"))
+
+    def get(self, queue_name, timeout=0, visibility=30):
+        """The next message of a raw queue, or None after `timeout` seconds. A message
+        not acked within `visibility` seconds is delivered again."""
+        found = []
+
+        def take():
+            row = self.storage.get([queue_name], visibility)
+            if row:
+                found.append(Message(self, row[0], row[1], loads(row[2]), row[3]))
+            return bool(row)
+        self._wait_until(take, timeout)
+        return found[0] if found else None
+
+    def _consume_one(self, queues=None):
+        """Hand one message to its registered consumer; False if none was waiting."""
+        names = [name for name in _consumers if not queues or name in queues]
+        row = self.storage.get(names, max(30.0, self.lease * 3)) if names else None
+        if row is None:
+            return False
+        message = Message(self, row[0], row[1], loads(row[2]), row[3])
+        try:
+            _consumers[message.queue](message.payload)
+        except Exception:
+            logger.exception("consumer of %r failed on message %s", message.queue, message.id)
+            message.nack(delay=min(2.0 ** message.deliveries, MAX_RETRY_DELAY))
+        else:
+            message.ack()
+        return True
+
+    # The cron table.
+
+    def schedule(self, name, spec, task, tz=None, queue=None):
+        """Add (or change) a cron entry that enqueues `task` at each time `spec` names."""
+        cron = Cron(spec, tz)
+        if not isinstance(task, Task):
+            raise TypeError(f"schedule() takes a Task such as report(), not {task!r}")
+        next_run = cron.next(datetime.datetime.now(datetime.timezone.utc)).timestamp()
+        self.storage.save_schedule(name, spec, dumps(task), tz, queue, next_run)
+
+    def unschedule(self, name):
+        """Remove a cron entry; False if there was none."""
+        return self.storage.delete_schedule(name)
+
+    def schedules(self):
+        """The cron table: dicts of name, spec, task, tz, queue, next_run, last_run."""
+        keys = ("name", "spec", "task", "tz", "queue", "next_run", "last_run")
+        entries = [dict(zip(keys, row)) for row in self.storage.schedules()]
+        for entry in entries:
+            entry["task"] = loads(entry["task"])
+        return entries
+
+    def fire_due(self, now=None):
+        """Enqueue each cron entry due at `now`, exactly once per fire time, however many
+        processes call this at once. Missed fire times collapse into one job."""
+        if now is None:
+            now = time.time()
+        elif isinstance(now, datetime.datetime):
+            now = _aware(now).timestamp()
+        jobs = []
+        with self.storage.due_schedules(now) as (conn, rows, fired):
+            for name, spec, call, tz, queue, next_run in rows:
+                after = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
+                following = Cron(spec, tz).next(after).timestamp()
+                row = self._job_row(loads(call), queue, None, None, None, None, None)
+                job_id = self.storage.insert_jobs([row], conn)[0]
+                if fired(name, next_run, job_id, following):
+                    jobs.append(Job(self, job_id))
+                else:  # already fired by someone else: undo our copy
+                    conn.execute("delete from litetq_jobs where id = ?", (job_id,))
+        return jobs
+
+
+def _due_time(now, delay, at):
+    if delay is not None and at is not None:
+        raise TypeError("give delay= or at=, not both")
+    if delay is not None:
+        return now + float(delay)
+    if isinstance(at, datetime.datetime):
+        return at.timestamp()  # a naive datetime is local time, as datetime.timestamp() says
+    if at is not None:
+        return float(at)
+    return now
+
+
+def _aware(moment):
+    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)
+
+
+def _dumps_call(call):
+    """The stored form of a call's arguments; errors name `args[1]['when']` style paths."""
+    return "[%s,%s]" % (_dumps(list(call.args), "args"), _dumps(call.kwargs, "kwargs"))
+
+
+def _outcome(value, rest):
+    """What a step's return value means: (result JSON, None) when the job is done, or
+    (None, (name, args JSON, rest JSON)) for the continuation to run next."""
+    call, rest, value = _advance(value, rest or [])
+    if call is None:
+        try:
+            return _dumps(value, "result"), None
+        except TypeError as exc:
+            raise Fatal(str(exc)) from None
+    return None, (call.name, _dumps_call(call), _dumps(rest, "chain") if rest else None)
+
+
+_default = None
+_env_queues = {}
+_default_lock = threading.Lock()
+
+
+def use(queue):
+    """Make `queue` (a Queue or a database path) the default for `.delay()`."""
+    global _default
+    _default = queue if isinstance(queue, Queue) else Queue(queue)
+    return _default
+
+
+def _default_queue():
+    if _default is not None:
+        return _default
+    path = os.environ.get("LITETQ_DB")
+    if not path:
+        raise RuntimeError("no queue database: call litetq.use('app.sqlite') "
+                           "or set the LITETQ_DB environment variable")
+    with _default_lock:
+        if path not in _env_queues:
+            _env_queues[path] = Queue(path)
+        return _env_queues[path]
+
+
+class Job:
+    """A handle on one job; every attribute is read fresh from the database."""
+
+    __slots__ = ("queue", "id")
+
+    def __init__(self, queue, job_id):
+        self.queue, self.id = queue, job_id
+
+    def __repr__(self):
+        return f"<Job {self.id}>"
+
+    def __eq__(self, other):
+        return isinstance(other, Job) and (self.id, self.queue) == (other.id, other.queue)
+
+    def __hash__(self):
+        return hash(self.id)
+
+    def _field(self, column):
+        return self.queue.storage.job_field(self.id, column)
+
+    @property
+    def status(self):
+        return self._field("status")
+
+    @property
+    def task(self):
+        row = self.queue.storage.job(self.id)
+        args, kwargs = loads(row["args"])
+        return Task(row["name"], args, kwargs)
+
+    @property
+    def attempts(self):
+        return self._field("attempts")
+
+    @property
+    def steps(self):
+        return self._field("steps")
+
+    @property
+    def error(self):
+        return self._field("error")
+
+    @property
+    def progress(self):
+        value = self._field("progress")
+        return None if value is None else tuple(json.loads(value))
+
+    @property
+    def parent(self):
+        parent_id = self._field("parent_id")
+        return None if parent_id is None else Job(self.queue, parent_id)
+
+    def children(self):
+        """The subtasks this job spawned, oldest first."""
+        return [Job(self.queue, i) for i in self.queue.storage.jobs(parent=self.id, limit=-1)]
+
+    def logs(self):
+        """This job's log lines and its subtasks', oldest first."""
+        keys = ("time", "level", "message", "job_id")
+        return [dict(zip(keys, row)) for row in self.queue.storage.logs(self.id)]
+
+    def done(self):
+        return self.status in TERMINAL
+
+    def wait(self, timeout=None):
+        """Block until the job is terminal; returns the job."""
+        if not self.queue._wait_until(self.done, timeout):
+            raise TimeoutError(f"job {self.id} is still {self.status} after {timeout} s")
+        return self
+
+    def result(self, timeout=None):
+        """Block until terminal and return the final value, or raise what happened."""
+        row = self.wait(timeout).queue.storage.job(self.id)
+        status = row["status"]
+        if status == "complete":
+            return loads(row["result"]) if row["result"] is not None else None
+        if status == "failed":
+            raise TaskFailed(self.id, row["error"], row["traceback"])
+        if status == "cancelled":
+            raise Cancelled(f"job {self.id} was cancelled")
+        raise Expired(f"job {self.id} expired before it ran")
+
+    def cancel(self):
+        """Cancel a queued or waiting job; flag a running one. True if anything changed."""
+        changed = self.queue.storage.cancel(self.id)
+        self.queue._notify()
+        return changed
+
+    def retry(self):
+        """Queue a failed, cancelled or expired job again; True if it was one."""
+        changed = self.queue.storage.retry(self.id)
+        self.queue._notify()
+        return changed
+
+    def to_dict(self):
+        """Everything about the job as JSON-ready data (for the CLI and web page)."""
+        row = self.queue.storage.job(self.id)
+        args, kwargs = loads(row["args"])
+        call = Task(row["name"], args, kwargs)
+        info = {key: row[key] for key in (
+            "id", "queue", "priority", "status", "name", "attempts", "steps", "error",
+            "traceback", "created", "started", "finished", "due")}
+        info.update(task=repr(call), args=_encode(list(args)), kwargs=_encode(kwargs),
+                    parent_id=row["parent_id"],
+                    progress=json.loads(row["progress"]) if row["progress"] else None,
+                    result=json.loads(row["result"]) if row["result"] else None)
+        return info
+
+
+class Message:
+    """One delivery of a raw payload; `with q.get(...) as msg` acks or nacks it."""
+
+    def __init__(self, queue, message_id, queue_name, payload, deliveries):
+        self._queue, self.id, self.queue = queue, message_id, queue_name
+        self.payload, self.deliveries = payload, deliveries
+
+    def __repr__(self):
+        return f"<Message {self.id} on {self.queue!r}>"
+
+    def ack(self):
+        """Done with it: the message is deleted."""
+        self._queue.storage.ack(self.id)
+
+    def nack(self, delay=0):
+        """Not done: deliver it again after `delay` seconds."""
+        self._queue.storage.nack(self.id, delay)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.ack() if exc_type is None else self.nack()
+
+
+# --- Inside a task -----------------------------------------------------------
+
+_current = contextvars.ContextVar("litetq_current")
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+          "error": logging.ERROR, "critical": logging.CRITICAL}
+
+
+def current():
+    """The running step's `Context`; RuntimeError outside a task."""
+    context = _current.get(None)
+    if context is None:
+        raise RuntimeError("litetq.current() is only available inside a running task")
+    return context
+
+
+class Context:
+    """What a running step knows about itself. Without a queue (Task.run()), logs go to
+    `logging`, progress stays in memory, and spawn and db are unavailable."""
+
+    def __init__(self, queue=None, job=None, attempt=1, atomic=False):
+        self.job, self.attempt = job, attempt
+        self.last_progress = None
+        self._queue, self._atomic, self._db = queue, atomic, None
+
+    def log(self, message, level="info"):
+        """Store a log line on the job (and its parents' view) and send it to logging."""
+        if level not in LEVELS:
+            raise ValueError(f"level must be one of {', '.join(LEVELS)}, not {level!r}")
+        prefix = f"job {self.job.id}: " if self.job else ""
+        logger.log(LEVELS[level], "%s%s", prefix, message)
+        if self._queue:
+            self._queue.storage.add_log(self.job.id, level, str(message))
+
+    def progress(self, done, total=None):
+        """Report progress, readable as `job.progress`."""
+        self.last_progress = (done, total)
+        if self._queue:
+            self._queue.storage.set_progress(self.job.id, json.dumps([done, total]))
+
+    def spawn(self, task, **options):
+        """Enqueue a subtask: this job waits for it before it completes."""
+        queue = self._need_queue("spawn")
+        known = {"queue", "priority", "delay", "at", "ttl", "unique"}
+        if set(options) - known:
+            raise TypeError(f"spawn() got unknown options: {', '.join(set(options) - known)}")
+        row = queue._job_row(task, **{k: options.get(k) for k in known}, parent=self.job.id)
+        conn = self.db if self._atomic else None  # atomic: spawned iff the step commits
+        return Job(queue, queue.storage.insert_jobs([row], conn)[0])
+
+    @property
+    def cancelled(self):
+        """True once job.cancel() was called on this job."""
+        return bool(self._queue and self._queue.storage.job_field(self.job.id, "cancel"))
+
+    @property
+    def db(self):
+        """For @task(atomic=True): a connection inside this step's transaction."""
+        queue = self._need_queue("ctx.db")
+        if not self._atomic:
+            raise RuntimeError("ctx.db is only for tasks declared with @task(atomic=True)")
+        if self._db is None:
+            storage = queue.storage
+            storage.lock.acquire()  # ":memory:" shares one connection between threads
+            try:
+                storage.conn.execute("begin immediate")
+            except BaseException:
+                storage.lock.release()
+                raise
+            self._db = storage.conn
+        return self._db
+
+    def _need_queue(self, what):
+        if self._queue is None:
+            raise RuntimeError(f"{what} needs a queue: it works in a job run by a worker "
+                               f"or run_until_idle(), not under Task.run()")
+        return self._queue
+
+    def _end_transaction(self, commit):
+        if self._db is None:
+            return
+        try:
+            if self._db.in_transaction:
+                self._db.execute("commit" if commit else "rollback")
+        finally:
+            self._db = None
+            self._queue.storage.lock.release()
