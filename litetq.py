@@ -884,6 +884,11 @@ class Storage:
                 "returning id, queue, payload, deliveries",
                 (now + visibility, *queues, now)).fetchone()
 
+    def messages_due(self, queues):
+        marks = ", ".join("?" * len(queues))
+        return self.read_one(f"select 1 from litetq_messages where queue in ({marks}) "
+                             "and visible <= ? limit 1", (*queues, time.time())) is not None
+
     def ack(self, message_id):
         with self.lock:
             self.conn.execute("delete from litetq_messages where id = ?", (message_id,))
@@ -1094,15 +1099,23 @@ class Queue:
         finally:
             _current.reset(reset)
 
-    def _fail_attempt(self, function, job_id, token, attempt, exc, tb=None):
+    def _fail_attempt(self, function, job_id, token, attempt, exc, error=None, tb=None):
         """Queue the step again if retries are left, else fail the job."""
         retry_at = None
-        if not isinstance(exc, Fatal) and attempt <= function.retries:
+        if function and not isinstance(exc, Fatal) and attempt <= function.retries:
             delay = exc.delay if isinstance(exc, Retry) and exc.delay is not None else min(
                 function.retry_delay * 2 ** (attempt - 1), MAX_RETRY_DELAY)
             retry_at = time.time() + delay
-        error = str(exc) if isinstance(exc, Fatal) else f"{type(exc).__name__}: {exc}"
-        self.storage.step_failed(job_id, token, error, tb or traceback.format_exc(), retry_at)
+        if error is None:
+            error = str(exc) if isinstance(exc, Fatal) else f"{type(exc).__name__}: {exc}"
+        self.storage.step_failed(job_id, token, error,
+                                 traceback.format_exc() if tb is None else tb, retry_at)
+
+    def _fail_claim(self, job_id, token, message):
+        """Fail the attempt of a step whose process died or timed out (retries apply)."""
+        row = self.storage.job(job_id)
+        self._fail_attempt(_registry.get(row["name"]), job_id, token, row["attempts"],
+                           Error(message), error=message, tb="")
 
     def _keep_leases(self):
         """Start, once per process, the thread that renews our running steps' leases."""
@@ -1502,3 +1515,638 @@ class Context:
         finally:
             self._db = None
             self._queue.storage.lock.release()
+
+
+# --- Cron --------------------------------------------------------------------
+
+# (the Cron class is being written; see the cron section)
+
+
+# --- The worker --------------------------------------------------------------
+
+IDLE_POLL = 0.001  # seconds between PRAGMA data_version checks of an idle worker
+TICK = 0.05  # seconds between the supervisor's checks of its processes
+SLOT_JOB, SLOT_TOKEN, SLOT_DEADLINE, SLOT_TIMEOUT = range(4)  # a child's shared slot: what it runs
+
+
+def _import_modules(names):
+    for name in names:
+        importlib.import_module(name)
+
+
+class Worker:
+    """The supervisor of `python -m litetq worker`: runs `concurrency` worker processes,
+    replaces dead ones, kills steps over their timeout, runs the cron table and
+    requeues the steps of workers that vanished."""
+
+    def __init__(self, path, queues=None, concurrency=None, imports=(), burst=False,
+                 reload=False, cron=True, grace=30.0, lease=DEFAULT_LEASE,
+                 start_method=None, log_config=(None, "INFO")):
+        self.path, self.queues, self.imports = path, queues or None, list(imports)
+        self.concurrency = concurrency or os.cpu_count() or 1
+        self.burst, self.reload, self.cron, self.grace, self.lease = (
+            burst, reload, cron, grace, lease)
+        self.context = multiprocessing.get_context(start_method)
+        self.log_config = log_config
+        self.signals = 0  # set by the signal handlers, read by the loop
+        self.children = []  # [process, slot] per worker process
+
+    def run(self):
+        """Supervise until a signal (or, with burst, until nothing is due); returns 0."""
+        queue = Queue(self.path, lease=self.lease)
+        self.queue, self.worker_id = queue, f"{socket.gethostname()}:{os.getpid()}"
+        _import_modules(self.imports)
+        self._register_periodic()
+        watched = self._watched_files() if self.reload else {}
+        queue.storage.register_worker(self.worker_id, ",".join(self.queues or ["*"]),
+                                      self.concurrency)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        self.stop = self.context.Event()
+        self.children = [self._start_child(None) for _ in range(self.concurrency)]
+        logger.info("worker %s: %d processes on %s, queues %s", self.worker_id,
+                    self.concurrency, self.path, ",".join(self.queues or ["all"]))
+        try:
+            restart = self._supervise(watched)
+        finally:
+            self._shut_down()
+        if restart:
+            logger.info("source changed: restarting")
+            os.execv(sys.executable, [sys.executable, "-m", "litetq", *sys.argv[1:]])
+        return 0
+
+    def _on_signal(self, signum, frame):
+        self.signals += 1  # only a flag: logging or I/O here can deadlock
+
+    def _supervise(self, watched):
+        """The loop; returns True when a source change asks for a restart."""
+        next_second, idle_ticks = 0.0, 0
+        while not self.signals:
+            time.sleep(TICK)
+            self._check_children()
+            if time.monotonic() >= next_second:
+                next_second = time.monotonic() + 1.0
+                self._every_second()
+                if watched and self._watched_files() != watched:
+                    return True
+            if self.burst:
+                idle_ticks = idle_ticks + 1 if self._idle() else 0
+                if idle_ticks >= 2:
+                    logger.info("burst: nothing is due, exiting")
+                    return False
+        logger.info("signal received: finishing running steps (grace %g s)", self.grace)
+        return False
+
+    def _every_second(self):
+        storage = self.queue.storage
+        try:
+            storage.heartbeat(self.worker_id)
+            storage.reap()
+            if self.cron:
+                for job in self.queue.fire_due():
+                    logger.info("cron: enqueued job %s %r", job.id, job.task)
+        except (Error, sqlite3.Error) as exc:  # a locked or busy database: try next second
+            logger.warning("supervisor: %s", exc)
+
+    def _idle(self):
+        """Burst mode: nothing due in our queues and none of our processes busy."""
+        now = time.time()
+        next_due = self.queue.storage.next_due(self.queues)
+        busy = any(slot[SLOT_JOB] for _, slot in self.children)
+        return not busy and (next_due is None or next_due > now) and not self._messages_due()
+
+    def _messages_due(self):
+        names = [name for name in _consumers if not self.queues or name in self.queues]
+        return bool(names) and self.queue.storage.messages_due(names)
+
+    def _start_child(self, slot):
+        slot = slot or self.context.Array("d", 4, lock=False)
+        slot[SLOT_JOB] = 0
+        process = self.context.Process(
+            target=_worker_process, name="litetq-worker", daemon=True,
+            args=(self.path, self.queues, self.imports, self.lease, slot, self.stop,
+                  os.getpid(), self.log_config))
+        process.start()
+        return [process, slot]
+
+    def _check_children(self):
+        """Replace dead processes (failing the step they ran) and kill overdue steps."""
+        for child in self.children:
+            process, slot = child
+            job_id = int(slot[SLOT_JOB])
+            if not process.is_alive():
+                if job_id:
+                    self._fail_step(slot, _exit_message(process.exitcode))
+                child[:] = self._start_child(slot)
+            elif job_id and slot[SLOT_DEADLINE] and time.monotonic() > slot[SLOT_DEADLINE]:
+                process.kill()
+                process.join()
+                self._fail_step(slot, f"timed out after {slot[SLOT_TIMEOUT]:g} s")
+                child[:] = self._start_child(slot)
+
+    def _fail_step(self, slot, message):
+        job_id, token = int(slot[SLOT_JOB]), slot[SLOT_TOKEN]
+        logger.warning("job %s: %s", job_id, message)
+        self.queue._fail_claim(job_id, token, message)
+        self.queue._notify()
+
+    def _shut_down(self):
+        """Let running steps finish within the grace period, then requeue the rest."""
+        self.stop.set()
+        deadline = time.monotonic() + (self.grace if not self.burst else 0)
+        while any(p.is_alive() for p, _ in self.children) and self.signals < 2:
+            if time.monotonic() > deadline and not self.burst:
+                break
+            time.sleep(TICK)
+        for process, slot in self.children:
+            if process.is_alive():
+                process.kill()
+                process.join()
+                if slot[SLOT_JOB]:
+                    logger.info("job %d: requeued (worker stopping)", slot[SLOT_JOB])
+                    self.queue.storage.requeue(int(slot[SLOT_JOB]), slot[SLOT_TOKEN])
+        with contextlib.suppress(Error, sqlite3.Error):
+            self.queue.storage.unregister_worker(self.worker_id)
+        self.queue.close()
+
+    def _register_periodic(self):
+        for spec, name, tz, queue, function in _periodic:
+            self.queue.schedule(name, spec, function(), tz=tz, queue=queue)
+
+    def _watched_files(self):
+        """Modification times of the source files of the modules we imported."""
+        times = {}
+        for module in list(sys.modules.values()):
+            path = getattr(module, "__file__", None)
+            if path and not path.startswith((sys.prefix, sys.base_prefix)):
+                with contextlib.suppress(OSError):
+                    times[path] = os.stat(path).st_mtime
+        return times
+
+
+def _exit_message(code):
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"worker process killed by signal {-code} ({signal.Signals(-code).name})"
+    return f"worker process died with exit code {code}"
+
+
+def _worker_process(path, queues, imports, lease, slot, stop, supervisor, log_config):
+    """A worker process: claim a step, run it, record it; until told to stop."""
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the supervisor decides when we stop
+        signal.signal(sig, signal.SIG_IGN)
+    if multiprocessing.get_start_method() != "fork":
+        _configure_logging(*log_config)
+    _import_modules(imports)
+    queue = Queue(path, lease=lease)
+    worker_id = queue.worker_id
+    while not stop.is_set() and os.getppid() == supervisor:
+        claim = queue.storage.claim(worker_id, lease, queues)
+        if claim is not None:
+            _run_reported(queue, claim, slot)
+        elif not queue._consume_one(queues):
+            _sleep_until_work(queue, queues, stop)
+    queue.close()
+
+
+def _run_reported(queue, claim, slot):
+    """Run a claimed step, telling the supervisor what runs and until when it may."""
+    job_id, name, token = claim[0], claim[1], claim[6]
+    with contextlib.suppress(Error):  # an unknown task fails in _run_step, not here
+        function = None
+        function = _lookup_task(name)
+    started = time.monotonic()
+    timeout = function.timeout if function and function.timeout else 0
+    slot[SLOT_TOKEN], slot[SLOT_TIMEOUT] = token, timeout
+    slot[SLOT_DEADLINE] = started + timeout if timeout else 0
+    slot[SLOT_JOB] = job_id
+    queue._run_step(claim)
+    slot[SLOT_JOB] = 0
+    logger.info("job %s %s: %s in %.1f ms", job_id, name, queue.storage.job_field(
+        job_id, "status"), (time.monotonic() - started) * 1000)
+
+
+def _sleep_until_work(queue, queues, stop):
+    """Sleep until another connection commits (cheap PRAGMA data_version checks), the
+    next delayed job is due, or a second passes."""
+    storage = queue.storage
+    version = storage.data_version()
+    next_due = storage.next_due(queues)
+    wait = 1.0 if next_due is None else min(1.0, max(0.0, next_due - time.time()))
+    until = time.monotonic() + wait
+    while time.monotonic() < until and not stop.is_set():
+        time.sleep(IDLE_POLL)
+        if storage.data_version() != version:
+            return
+
+
+# --- The web page ------------------------------------------------------------
+
+# (the web page is being written; see the web section)
+
+
+# --- The command line --------------------------------------------------------
+
+class UsageError(Error):
+    """Bad command-line input: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line on stderr and exit 2, like every other bad input
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _duration(text):
+    """'90', '90s', '15m', '12h', '7d' -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    try:
+        if text[-1:] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 30s, 15m, 12h, 7d)")
+
+
+def _json_arg(text):
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"malformed JSON {text!r}: {exc}")
+
+
+def _job_ids(text):
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a job id: {text!r}")
+
+
+def build_parser():
+    parser = _Parser(prog="litetq", description="A durable task queue on SQLite.")
+    parser.add_argument("--version", action="version", version=f"litetq {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=_Parser)
+
+    def command(name, help, db=True):
+        sub = commands.add_parser(name, help=help, description=help)
+        if db:
+            sub.add_argument("db", metavar="DB", help="the SQLite database file")
+        return sub
+
+    worker = command("worker", "run worker processes until stopped")
+    worker.add_argument("--queues", help="comma-separated queues to consume (default: all)")
+    worker.add_argument("--concurrency", type=int, default=os.cpu_count() or 1,
+                        help="worker processes (default: CPU count)")
+    worker.add_argument("--import", dest="imports", nargs="+", action="extend", default=[],
+                        metavar="MOD", help="modules defining tasks, imported at start")
+    worker.add_argument("--burst", action="store_true", help="exit when nothing is due")
+    worker.add_argument("--reload", action="store_true",
+                        help="restart when an imported module's source changes")
+    worker.add_argument("--no-cron", dest="cron", action="store_false",
+                        help="do not run the cron table in this worker")
+    worker.add_argument("--logfile", help="log to this file instead of stderr")
+    worker.add_argument("--log-level", default="INFO", type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
+    worker.add_argument("--grace", type=_duration, default=30.0,
+                        help="seconds running steps get to finish on SIGTERM (default 30)")
+    worker.add_argument("--lease", type=_duration, default=DEFAULT_LEASE,
+                        help=f"seconds before a dead worker's step runs again "
+                             f"(default {DEFAULT_LEASE:g})")
+    worker.add_argument("--start-method", choices=multiprocessing.get_all_start_methods(),
+                        help="how worker processes start (default: the platform's)")
+
+    command("status", "counts per queue and status, oldest wait, live workers")
+    jobs = command("jobs", "list jobs, newest first")
+    jobs.add_argument("--status", choices=UNFINISHED + TERMINAL)
+    jobs.add_argument("--queue")
+    jobs.add_argument("--task", help="task name")
+    jobs.add_argument("--limit", type=int, default=50)
+    jobs.add_argument("--json", action="store_true", help="JSON lines for scripts")
+    show = command("show", "one job: arguments, status, error, traceback, logs, children")
+    show.add_argument("id", type=_job_ids)
+    show.add_argument("--json", action="store_true")
+    retry = command("retry", "queue failed, cancelled or expired jobs again")
+    retry.add_argument("ids", type=_job_ids, nargs="*", metavar="ID")
+    retry.add_argument("--failed", action="store_true", help="every failed job")
+    cancel = command("cancel", "cancel jobs (running ones when their step ends)")
+    cancel.add_argument("ids", type=_job_ids, nargs="+", metavar="ID")
+    purge = command("purge", "delete finished jobs")
+    purge.add_argument("--status", default=",".join(TERMINAL),
+                       help=f"comma-separated (default {','.join(TERMINAL)})")
+    purge.add_argument("--older-than", type=_duration, default=0.0,
+                       help="only jobs finished longer ago than this (e.g. 7d)")
+    enqueue = command("enqueue", "enqueue a call of a registered task")
+    enqueue.add_argument("task", metavar="TASK", help="task name, e.g. app.tasks.send")
+    enqueue.add_argument("args", nargs="?", type=_json_arg, default=[], metavar="ARGS_JSON",
+                         help="JSON list of positional arguments")
+    enqueue.add_argument("--kwargs", type=_json_arg, default={}, help="JSON object")
+    enqueue.add_argument("--queue")
+    enqueue.add_argument("--delay", type=_duration)
+
+    cron = command("cron", "the cron table: ls, add, rm")
+    actions = cron.add_subparsers(dest="action", required=True, metavar="ACTION",
+                                  parser_class=_Parser)
+    actions.add_parser("ls", help="list entries with next and last runs")
+    add = actions.add_parser("add", help="add or change an entry")
+    add.add_argument("name")
+    add.add_argument("spec", help="5 or 6 cron fields, quoted, or @daily etc.")
+    add.add_argument("task", metavar="TASK")
+    add.add_argument("args", nargs="?", type=_json_arg, default=[], metavar="ARGS_JSON")
+    add.add_argument("--tz", help="zoneinfo name, e.g. Europe/Berlin (default UTC)")
+    add.add_argument("--queue")
+    remove = actions.add_parser("rm", help="remove an entry")
+    remove.add_argument("name")
+
+    web = command("web", "serve the dashboard and JSON API")
+    web.add_argument("--host", default="127.0.0.1")
+    web.add_argument("--port", type=int, default=8765)
+    web.add_argument("--token", help="required as 'Authorization: Bearer T' for POSTs")
+    command("demo", "a tour on a temporary database, with real workers", db=False)
+    return parser
+
+
+def main(argv=None):
+    """The `litetq` command; returns the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "worker":
+            sys.path.insert(0, os.getcwd())  # so --import finds the user's modules
+            _configure_logging(args.logfile, args.log_level)
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        print(f"litetq: {exc}", file=sys.stderr)
+        return 2
+    except (Error, ValueError, TypeError) as exc:
+        print(f"litetq: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _configure_logging(logfile=None, level="INFO"):
+    handler = logging.FileHandler(logfile) if logfile else logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+
+
+def _open(path, create=False):
+    """The queue at `path`; admin commands refuse to create a database by mistake."""
+    if not create and path != ":memory:" and not os.path.exists(path):
+        raise UsageError(f"no database at {path!r}")
+    return Queue(path)
+
+
+def _cmd_worker(args):
+    queues = [q for q in (args.queues or "").split(",") if q] or None
+    worker = Worker(args.db, queues, args.concurrency, args.imports, args.burst, args.reload,
+                    args.cron, args.grace, args.lease, args.start_method,
+                    (args.logfile, args.log_level))
+    return worker.run()
+
+
+def _cmd_status(args):
+    with _open(args.db) as queue:
+        stats = queue.stats()
+        statuses = UNFINISHED + TERMINAL
+        rows = [[name, *(str(counts.get(s, 0)) for s in statuses)]
+                for name, counts in sorted(stats.items())]
+        _print_table(["queue", *statuses], rows or [["(no jobs)"] + [""] * len(statuses)])
+        wait = queue.storage.oldest_wait()
+        print(f"\noldest due job has waited {wait:.1f} s" if wait else "\nno job is waiting")
+        now = time.time()
+        workers = [[w[0], str(w[4]), w[3], "live" if now - w[6] < 10 else
+                    f"lost ({now - w[6]:.0f} s without heartbeat)"]
+                   for w in queue.storage.workers()]
+        print()
+        _print_table(["worker", "processes", "queues", "state"], workers or [["(none)"]])
+    return 0
+
+
+def _cmd_jobs(args):
+    with _open(args.db) as queue:
+        jobs = queue.jobs(args.status, args.queue, args.task, args.limit)
+        infos = [job.to_dict() for job in jobs]
+        if args.json:
+            for info in infos:
+                print(json.dumps(info))
+            return 0
+        _print_table(["id", "status", "queue", "task", "attempts", "steps", "age", "error"],
+                     [[str(i["id"]), i["status"], i["queue"], _cut(i["task"], 40),
+                       str(i["attempts"]), str(i["steps"]), _age(i["created"]),
+                       _cut(i["error"] or "", 40)] for i in infos])
+    return 0
+
+
+def _cmd_show(args):
+    with _open(args.db) as queue:
+        job = queue.job(args.id)
+        info = job.to_dict()
+        info["logs"] = job.logs()
+        info["children"] = [child.id for child in job.children()]
+        if args.json:
+            print(json.dumps(info, indent=2))
+            return 0
+        for key in ("id", "status", "queue", "priority", "task", "attempts", "steps",
+                    "progress", "parent_id", "children", "result", "error"):
+            if info[key] not in (None, []):
+                print(f"{key:>10}: {info[key]}")
+        for key in ("created", "started", "finished"):
+            if info[key]:
+                print(f"{key:>10}: {_when(info[key])}")
+        if info["traceback"]:
+            print("\ntraceback:\n" + info["traceback"].rstrip())
+        if info["logs"]:
+            print("\nlogs:")
+            for line in info["logs"]:
+                print(f"  {_when(line['time'])} [{line['job_id']}] {line['level']}: "
+                      f"{line['message']}")
+    return 0
+
+
+def _cmd_retry(args):
+    if not args.ids and not args.failed:
+        raise UsageError("give job ids or --failed")
+    with _open(args.db) as queue:
+        ids = args.ids + (queue.storage.jobs("failed", limit=-1) if args.failed else [])
+        jobs = [queue.job(i) for i in ids]  # every id is checked before anything changes
+        retried = [job.id for job in jobs if job.retry()]
+        print(f"queued again: {' '.join(map(str, retried)) or 'none'}")
+    return 0
+
+
+def _cmd_cancel(args):
+    with _open(args.db) as queue:
+        jobs = [queue.job(i) for i in args.ids]
+        cancelled = [job.id for job in jobs if job.cancel()]
+        print(f"cancelled: {' '.join(map(str, cancelled)) or 'none'}")
+    return 0
+
+
+def _cmd_purge(args):
+    statuses = [s for s in args.status.split(",") if s]
+    unknown = set(statuses) - set(TERMINAL)
+    if unknown:
+        raise UsageError(f"can only purge finished jobs ({', '.join(TERMINAL)}), "
+                         f"not {', '.join(sorted(unknown))}")
+    with _open(args.db) as queue:
+        count = queue.storage.purge(statuses, time.time() - args.older_than)
+        print(f"purged {count} jobs")
+    return 0
+
+
+def _cmd_enqueue(args):
+    if not isinstance(args.args, list) or not isinstance(args.kwargs, dict):
+        raise UsageError("ARGS_JSON must be a JSON list and --kwargs a JSON object")
+    sys.path.insert(0, os.getcwd())
+    _lookup_task(args.task)  # unknown tasks are refused here, not in the worker
+    with _open(args.db, create=True) as queue:
+        job = queue.enqueue(Task(args.task, args.args, args.kwargs), queue=args.queue,
+                            delay=args.delay)
+        print(job.id)
+    return 0
+
+
+def _cmd_cron(args):
+    with _open(args.db, create=args.action == "add") as queue:
+        if args.action == "add":
+            if not isinstance(args.args, list):
+                raise UsageError("ARGS_JSON must be a JSON list")
+            queue.schedule(args.name, args.spec, Task(args.task, args.args), tz=args.tz,
+                           queue=args.queue)
+            print(f"added {args.name}")
+        elif args.action == "rm":
+            if not queue.unschedule(args.name):
+                raise UsageError(f"no cron entry named {args.name!r}")
+            print(f"removed {args.name}")
+        else:
+            _print_table(["name", "spec", "tz", "task", "next run", "last run"],
+                         [[e["name"], e["spec"], e["tz"] or "UTC", _cut(repr(e["task"]), 40),
+                           _when(e["next_run"]), _when(e["last_run"])]
+                          for e in queue.schedules()] or [["(empty)"]])
+    return 0
+
+
+def _cmd_web(args):
+    with _open(args.db) as queue:
+        serve_web(queue, args.host, args.port, args.token)
+    return 0
+
+
+def _print_table(headers, rows):
+    widths = [max(len(str(r[i])) for r in [headers, *rows] if i < len(r))
+              for i in range(len(headers))]
+    for row in [headers, *rows]:
+        print("  ".join(str(cell).ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+
+
+def _cut(text, width):
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _when(epoch):
+    if epoch is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(epoch).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _age(epoch):
+    seconds = time.time() - epoch
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+DEMO_TASKS = '''\
+import litetq
+
+
+@litetq.task
+def hello(name):
+    return f"hello {name}!"
+
+
+@litetq.task
+def countdown(n):
+    litetq.current().log(f"{n}...")
+    return countdown(n - 1) if n else "liftoff"
+
+
+@litetq.task(retries=2, retry_delay=0.2)
+def flaky(x):
+    if litetq.current().attempt == 1:
+        raise ConnectionError("the network blinked")
+    return x * 2
+
+
+@litetq.task
+def square(x):
+    return x * x
+
+
+@litetq.task
+def fan_out(numbers):
+    for n in numbers:
+        litetq.current().spawn(square(n))
+    return total()  # a continuation: runs once every subtask has finished
+
+
+@litetq.task
+def total():
+    return sum(child.result() for child in litetq.current().job.children())
+'''
+
+
+def _cmd_demo(args):
+    """Start a real worker on a temporary database and show the classics complete."""
+    import subprocess
+    with tempfile.TemporaryDirectory(prefix="litetq-demo-") as folder:
+        with open(os.path.join(folder, "demo_tasks.py"), "w") as f:
+            f.write(DEMO_TASKS)
+        sys.path.insert(0, folder)
+        demo = importlib.import_module("demo_tasks")
+        db = os.path.join(folder, "demo.sqlite")
+        queue = use(Queue(db))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [os.path.dirname(os.path.abspath(__file__)), os.environ.get("PYTHONPATH", "")]))
+        command = [sys.executable, "-m", "litetq", "worker", db, "--import", "demo_tasks",
+                   "--concurrency", "2", "--log-level", "WARNING"]
+        print(f"litetq {__version__} demo on {db}\n"
+              f"$ python -m litetq worker demo.sqlite --import demo_tasks --concurrency 2\n")
+        worker = subprocess.Popen(command, cwd=folder, env=env)
+        try:
+            _demo_tour(demo, queue)
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            code = worker.wait(timeout=30)
+            print(f"\nworker stopped on SIGTERM, exit status {code}")
+            queue.close()
+    return code
+
+
+def _demo_tour(demo, queue):
+    started = time.monotonic()
+
+    def show(code, job, note=""):
+        value = job.result(timeout=20)
+        print(f"{code:<45} -> {value!r:<14} job {job.id}: {job.steps} step(s), "
+              f"{job.attempts} attempt(s){note and note(job)}  "
+              f"[{time.monotonic() - started:.2f} s]")
+    show('hello.delay("world")', demo.hello.delay("world"))
+    show("countdown.delay(3)", demo.countdown.delay(3))
+    show('chain(hello("a"), countdown(1), hello("b"))',
+         queue.enqueue(chain(demo.hello("a"), demo.countdown(1), demo.hello("b"))))
+    show("flaky.delay(21)", demo.flaky.delay(21), lambda job: ", the 1st raised")
+    show("fan_out.delay([1, 2, 3, 4])", demo.fan_out.delay([1, 2, 3, 4]),
+         lambda job: f", subtasks {[child.id for child in job.children()]}")
+
+
+COMMANDS = {"worker": _cmd_worker, "status": _cmd_status, "jobs": _cmd_jobs, "show": _cmd_show,
+            "retry": _cmd_retry, "cancel": _cmd_cancel, "purge": _cmd_purge,
+            "enqueue": _cmd_enqueue, "cron": _cmd_cron, "web": _cmd_web, "demo": _cmd_demo}
+
+
+if __name__ == "__main__":
+    # `python -m litetq` runs this file as __main__: hand over to the importable `litetq`
+    # module, so user modules doing `import litetq` share one task registry with us.
+    import litetq
+    sys.exit(litetq.main())
