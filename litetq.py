@@ -620,7 +620,10 @@ class Storage:
     # Claiming and finishing steps.
 
     def claim(self, worker, lease, queues=None):
-        """Take the next due step: (CLAIM_COLUMNS row) or None. Expired ones are marked."""
+        """Take the next due step: a CLAIM_COLUMNS row, or None. Expired ones are marked.
+
+        One UPDATE ... RETURNING in autocommit: a write statement takes the write lock
+        before it reads, so two workers can never claim the same row."""
         where = "status = 'queued' and due <= :now"
         names = {f"q{i}": name for i, name in enumerate(queues or ())}
         if names:
@@ -631,12 +634,13 @@ class Storage:
                f"order by priority desc, due, id limit 1) returning {CLAIM_COLUMNS}")
         while True:
             now = time.time()
+            with self.lock:
+                rows = self.conn.execute(sql, {"now": now, "worker": worker,
+                                               "lease": now + lease, **names}).fetchall()
+            if not rows or rows[0][5] is None or rows[0][5] >= now:
+                return rows[0] if rows else None
             with self.write() as conn:
-                row = conn.execute(sql, {"now": now, "worker": worker,
-                                         "lease": now + lease, **names}).fetchone()
-                if row is None or row[5] is None or row[5] >= now:
-                    return row
-                self._end(conn, row[0], "expired", now,
+                self._end(conn, rows[0][0], "expired", now, only_if="running",
                           error="expired: waited longer than its ttl")
 
     def next_due(self, queues=None):
@@ -655,17 +659,20 @@ class Storage:
 
     def step_succeeded(self, job_id, token, result=None, call=None):
         """Record a finished step: its `result` JSON, or the continuation `call`
-        (name, args JSON, rest JSON). Returns False if the claim was lost meanwhile."""
+        (name, args JSON, rest JSON). Returns the job's new status, or None if the
+        claim was lost meanwhile (another worker owns the step now)."""
         now = time.time()
+        if self._succeeded_alone(job_id, token, now, result, call):
+            return "complete" if call is None else "queued"
         with self.write() as conn:
-            row = conn.execute("select cancel, parent_id from litetq_jobs where id = ? "
+            row = conn.execute("select cancel from litetq_jobs where id = ? "
                                "and started = ? and status = 'running'",
                                (job_id, token)).fetchone()
             if row is None:
-                return False
+                return None
             if row[0]:
                 self._end(conn, job_id, "cancelled", now)
-                return True
+                return "cancelled"
             if call is not None:
                 conn.execute("update litetq_jobs set name = ?, args = ?, rest = ?, "
                              "steps = steps + 1, attempts = 0, lost = 0, error = null "
@@ -674,26 +681,48 @@ class Storage:
             conn.execute("update litetq_jobs set status = 'waiting', resume = ?, result = ?, "
                          "lease_until = null where id = ?", (resume, result, job_id))
             self._settle(conn, job_id, now)
-            return True
+            return conn.execute("select status from litetq_jobs where id = ?",
+                                (job_id,)).fetchone()[0]
 
-    def step_failed(self, job_id, token, error, tb, retry_at=None, count_attempt=True):
-        """Record a failed attempt: queued again at `retry_at`, or failed for good."""
+    def _succeeded_alone(self, job_id, token, now, result, call):
+        """The common case in one statement: no cancel flag, no subtasks of this step,
+        and (to complete) no parent to tell. False sends the caller the long way."""
+        no_subtasks = ("cancel = 0 and not exists (select 1 from litetq_jobs c "
+                       "where c.parent_id = :id and (c.status in "
+                       "('queued', 'running', 'waiting') or c.created >= :token))")
+        claimed = "id = :id and started = :token and status = 'running'"
+        params = {"id": job_id, "token": token, "now": now, "result": result}
+        if call is None:
+            sql = ("update litetq_jobs set status = 'complete', result = :result, "
+                   "finished = :now, error = null, traceback = null, lease_until = null "
+                   f"where {claimed} and parent_id is null and {no_subtasks}")
+        else:
+            sql = ("update litetq_jobs set status = 'queued', name = :name, args = :args, "
+                   "rest = :rest, steps = steps + 1, attempts = 0, lost = 0, error = null, "
+                   f"due = :now, lease_until = null where {claimed} and {no_subtasks}")
+            params.update(zip(("name", "args", "rest"), call))
+        with self.lock:
+            return self.conn.execute(sql, params).rowcount == 1
+
+    def step_failed(self, job_id, token, error, tb, retry_at=None):
+        """Record a failed attempt: queued again at `retry_at`, or failed for good.
+        Returns the job's new status, or None if the claim was lost meanwhile."""
         now = time.time()
         with self.write() as conn:
             row = conn.execute("select cancel from litetq_jobs where id = ? and started = ? "
                                "and status = 'running'", (job_id, token)).fetchone()
             if row is None:
-                return False
+                return None
             if row[0]:
                 self._end(conn, job_id, "cancelled", now, error=error, tb=tb)
-            elif retry_at is not None:
-                conn.execute("update litetq_jobs set status = 'queued', due = ?, error = ?, "
-                             "traceback = ?, lease_until = null, "
-                             "attempts = attempts - ? where id = ?",
-                             (retry_at, error, tb, 0 if count_attempt else 1, job_id))
-            else:
+                return "cancelled"
+            if retry_at is None:
                 self._end(conn, job_id, "failed", now, error=error, tb=tb)
-            return True
+                return "failed"
+            conn.execute("update litetq_jobs set status = 'queued', due = ?, error = ?, "
+                         "traceback = ?, lease_until = null where id = ?",
+                         (retry_at, error, tb, job_id))
+            return "queued"
 
     def reap(self):
         """Queue again the steps whose worker stopped renewing its lease; the
@@ -976,6 +1005,8 @@ class Queue:
         self._claims = {}  # job id -> claim token of steps running in this process
         self._keeper = None  # (pid, thread) renewing those claims' leases
         self._closed = threading.Event()
+        self._waiters = 0  # threads in _wait_until: nobody to notify saves a lock per step
+        self._worker_id = (None, None)
 
     def __repr__(self):
         return f"<litetq.Queue {self.path!r}>"
@@ -992,7 +1023,10 @@ class Queue:
 
     @property
     def worker_id(self):
-        return f"{socket.gethostname()}:{os.getpid()}"
+        """host:pid of this process, as stored on the jobs it claims."""
+        if self._worker_id[0] != os.getpid():
+            self._worker_id = (os.getpid(), f"{socket.gethostname()}:{os.getpid()}")
+        return self._worker_id[1]
 
     # Enqueueing.
 
@@ -1072,7 +1106,7 @@ class Queue:
         self._claims[job_id] = token
         self._keep_leases()
         try:
-            self._execute(claim)
+            return self._execute(claim)
         finally:
             self._claims.pop(job_id, None)
             self._notify()
@@ -1082,20 +1116,21 @@ class Queue:
         try:
             function = _lookup_task(name)
         except Error as exc:
-            self.storage.step_failed(job_id, token, str(exc), None)
-            return
+            return self.storage.step_failed(job_id, token, str(exc), None)
         context = Context(self, Job(self, job_id), attempt, function.atomic)
         reset = _current.set(context)
         try:
             params, kwargs = loads(args)
             result, call = _outcome(function.func(*params, **kwargs), rest and loads(rest))
-            if not self.storage.step_succeeded(job_id, token, result, call):
+            status = self.storage.step_succeeded(job_id, token, result, call)
+            if status is None:
                 raise Error(f"job {job_id} lost its claim while running (lease expired)")
         except Exception as exc:
             context._end_transaction(commit=False)
-            self._fail_attempt(function, job_id, token, attempt, exc)
+            return self._fail_attempt(function, job_id, token, attempt, exc)
         else:
             context._end_transaction(commit=True)
+            return status
         finally:
             _current.reset(reset)
 
@@ -1108,8 +1143,8 @@ class Queue:
             retry_at = time.time() + delay
         if error is None:
             error = str(exc) if isinstance(exc, Fatal) else f"{type(exc).__name__}: {exc}"
-        self.storage.step_failed(job_id, token, error,
-                                 traceback.format_exc() if tb is None else tb, retry_at)
+        return self.storage.step_failed(job_id, token, error,
+                                        traceback.format_exc() if tb is None else tb, retry_at)
 
     def _fail_claim(self, job_id, token, message):
         """Fail the attempt of a step whose process died or timed out (retries apply)."""
@@ -1137,8 +1172,9 @@ class Queue:
     # Waiting.
 
     def _notify(self):
-        with self._changed:
-            self._changed.notify_all()
+        if self._waiters:
+            with self._changed:
+                self._changed.notify_all()
 
     def _wait_until(self, predicate, timeout=None):
         """Wait for predicate() without a busy loop: woken at once by this process's
@@ -1156,8 +1192,12 @@ class Queue:
             if remaining <= 0:
                 return predicate()
             with self._changed:
-                if self._changed.wait(remaining):
-                    version = None
+                self._waiters += 1
+                try:
+                    if self._changed.wait(remaining):
+                        version = None
+                finally:
+                    self._waiters -= 1
 
     # Raw payload queues.
 
@@ -1255,7 +1295,9 @@ def _aware(moment):
 
 def _dumps_call(call):
     """The stored form of a call's arguments; errors name `args[1]['when']` style paths."""
-    return "[%s,%s]" % (_dumps(list(call.args), "args"), _dumps(call.kwargs, "kwargs"))
+    if not call.args and not call.kwargs:
+        return "[[],{}]"
+    return "[%s,%s]" % (_dumps(call.args, "args"), _dumps(call.kwargs, "kwargs"))
 
 
 def _outcome(value, rest):
@@ -1720,10 +1762,10 @@ def _run_reported(queue, claim, slot):
     slot[SLOT_TOKEN], slot[SLOT_TIMEOUT] = token, timeout
     slot[SLOT_DEADLINE] = started + timeout if timeout else 0
     slot[SLOT_JOB] = job_id
-    queue._run_step(claim)
+    status = queue._run_step(claim)
     slot[SLOT_JOB] = 0
-    logger.info("job %s %s: %s in %.1f ms", job_id, name, queue.storage.job_field(
-        job_id, "status"), (time.monotonic() - started) * 1000)
+    logger.info("job %s %s: %s in %.1f ms", job_id, name, status,
+                (time.monotonic() - started) * 1000)
 
 
 def _sleep_until_work(queue, queues, stop):
