@@ -9,20 +9,22 @@ nothing: its lease lapses and another worker runs the step again.
 """
 
 import argparse
+import base64
 import contextlib
 import contextvars
 import datetime
 import functools
+import hashlib
 import hmac
-import html
 import http.server
 import importlib
-import itertools
+import ipaddress
 import json
 import logging
 import math
 import multiprocessing
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -351,13 +353,19 @@ def _same_function(a, b):
 def _lookup_task(name):
     """The registered TaskFunction for `name`, importing its module on first use."""
     function = _registry.get(name)
+    problem = ""
     if function is None and "." in name:
         module = name.rpartition(".")[0]
-        with contextlib.suppress(ImportError):
+        try:
             importlib.import_module(module)
+        except ImportError:
+            pass  # not a module: the message below says what to do
+        except Exception as exc:  # a module that fails at import must not stop the worker
+            problem = f"; importing {module} raised {type(exc).__name__}: {exc}"
         function = _registry.get(name)
     if function is None:
-        raise Error(f"unregistered task {name!r} (start the worker with --import MODULE)")
+        raise Error(f"unregistered task {name!r} (start the worker with --import MODULE)"
+                    + problem)
     return function
 
 
@@ -472,7 +480,7 @@ create table if not exists litetq_workers (
 JOB_COLUMNS = ("id, queue, priority, status, name, args, rest, due, expires, unique_key, "
                "attempts, steps, lost, worker, lease_until, started, cancel, parent_id, "
                "resume, result, error, traceback, progress, created, finished")
-CLAIM_COLUMNS = "id, name, args, rest, attempts, expires, started, parent_id"
+CLAIM_COLUMNS = "id, name, args, rest, attempts, expires, started, priority, due"
 INSERT_JOB = ("insert into litetq_jobs (queue, priority, status, name, args, rest, due, "
               "expires, unique_key, parent_id, created) "
               "values (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)")
@@ -619,8 +627,9 @@ class Storage:
 
     # Claiming and finishing steps.
 
-    def claim(self, worker, lease, queues=None):
-        """Take the next due step: a CLAIM_COLUMNS row, or None. Expired ones are marked.
+    def claim(self, worker, lease, queues=None, limit=1):
+        """Take up to `limit` due steps, in queue order: a list of CLAIM_COLUMNS rows.
+        Steps whose ttl ran out are marked expired instead.
 
         One UPDATE ... RETURNING in autocommit: a write statement takes the write lock
         before it reads, so two workers can never claim the same row."""
@@ -630,18 +639,20 @@ class Storage:
             where += f" and queue in ({', '.join(':' + key for key in names)})"
         sql = (f"update litetq_jobs set status = 'running', worker = :worker, "
                f"lease_until = :lease, attempts = attempts + 1, started = :now "
-               f"where id = (select id from litetq_jobs where {where} "
-               f"order by priority desc, due, id limit 1) returning {CLAIM_COLUMNS}")
-        while True:
-            now = time.time()
-            with self.lock:
-                rows = self.conn.execute(sql, {"now": now, "worker": worker,
-                                               "lease": now + lease, **names}).fetchall()
-            if not rows or rows[0][5] is None or rows[0][5] >= now:
-                return rows[0] if rows else None
+               f"where id in (select id from litetq_jobs where {where} "
+               f"order by priority desc, due, id limit :limit) returning {CLAIM_COLUMNS}")
+        now = time.time()
+        with self.lock:
+            rows = self.conn.execute(sql, {"now": now, "worker": worker, "limit": limit,
+                                           "lease": now + lease, **names}).fetchall()
+        rows.sort(key=lambda row: (-row[7], row[8], row[0]))  # RETURNING has no order
+        expired = [row[0] for row in rows if row[5] is not None and row[5] < now]
+        if expired:
             with self.write() as conn:
-                self._end(conn, rows[0][0], "expired", now, only_if="running",
-                          error="expired: waited longer than its ttl")
+                for job_id in expired:
+                    self._end(conn, job_id, "expired", now, only_if="running",
+                              error="expired: waited longer than its ttl")
+        return [row for row in rows if row[0] not in expired]
 
     def next_due(self, queues=None):
         """The earliest due time of a queued step, or None."""
@@ -657,11 +668,11 @@ class Storage:
                 "and status = 'running'",
                 [(time.time() + lease, job_id, token) for job_id, token in claims])
 
-    def step_succeeded(self, job_id, token, result=None, call=None):
+    def step_succeeded(self, job_id, token, result=None, call=None, now=None):
         """Record a finished step: its `result` JSON, or the continuation `call`
         (name, args JSON, rest JSON). Returns the job's new status, or None if the
         claim was lost meanwhile (another worker owns the step now)."""
-        now = time.time()
+        now = now or time.time()
         if self._succeeded_alone(job_id, token, now, result, call):
             return "complete" if call is None else "queued"
         with self.write() as conn:
@@ -827,6 +838,13 @@ class Storage:
             conn.execute("update litetq_jobs set status = 'queued', attempts = attempts - 1, "
                          "lease_until = null where id = ? and started = ? "
                          "and status = 'running'", (job_id, token))
+
+    def release(self, worker):
+        """Give back, uncounted, the steps a stopped worker process still held."""
+        with self.write() as conn:
+            return conn.execute("update litetq_jobs set status = 'queued', "
+                                "attempts = attempts - 1, lease_until = null "
+                                "where worker = ? and status = 'running'", (worker,)).rowcount
 
     # Reading jobs.
 
@@ -1002,7 +1020,9 @@ class Queue:
         self.path, self.lease = os.fspath(path), float(lease)
         self.storage = Storage(self.path, synchronous)
         self._changed = threading.Condition()  # wakes waiters in this process at once
-        self._claims = {}  # job id -> claim token of steps running in this process
+        self._claims = {}  # job id -> claim token of steps claimed by this process
+        self._finished = []  # deferred successes, see _save_finished()
+        self._durations = {}  # task name -> typical seconds per step (workers batch quick ones)
         self._keeper = None  # (pid, thread) renewing those claims' leases
         self._closed = threading.Event()
         self._waiters = 0  # threads in _wait_until: nobody to notify saves a lock per step
@@ -1094,25 +1114,45 @@ class Queue:
 
     def _work_once(self, queues=None):
         """Run one due step or consumer message; False if there was none."""
-        claim = self.storage.claim(self.worker_id, self.lease, queues)
-        if claim is not None:
-            self._run_step(claim)
+        claims = self.storage.claim(self.worker_id, self.lease, queues)
+        if claims:
+            self._run_step(claims[0])
             return True
         return self._consume_one(queues)
 
-    def _run_step(self, claim):
-        """Run one claimed step and commit its outcome; returns the job's new status."""
+    def _run_step(self, claim, defer=False):
+        """Run one claimed step and commit its outcome; returns the job's new status.
+        With `defer`, a success is only noted, for _save_finished() to commit later."""
         job_id, token = claim[0], claim[6]
         self._claims[job_id] = token
         self._keep_leases()
         try:
-            return self._execute(claim)
+            return self._execute(claim, defer)
         finally:
-            self._claims.pop(job_id, None)
-            self._notify()
+            if not defer:
+                self._claims.pop(job_id, None)
+                self._notify()
 
-    def _execute(self, claim):
-        job_id, name, args, rest, attempt, _, token, _ = claim
+    def _save_finished(self):
+        """Commit the deferred successes together: one transaction for a batch of steps."""
+        finished, self._finished = self._finished, []
+        if not finished:
+            return
+        try:
+            with self.storage.write():
+                for job_id, token, result, call, now in finished:
+                    if self.storage.step_succeeded(job_id, token, result, call, now) is None:
+                        logger.warning("job %s lost its claim before its result was saved",
+                                       job_id)
+        except Error:
+            self._finished = finished + self._finished  # locked: keep them for next time
+            raise
+        for job_id, token, *_ in finished:
+            self._claims.pop(job_id, None)
+        self._notify()
+
+    def _execute(self, claim, defer=False):
+        job_id, name, args, rest, attempt, _, token = claim[:7]
         try:
             function = _lookup_task(name)
         except Error as exc:
@@ -1122,6 +1162,9 @@ class Queue:
         try:
             params, kwargs = loads(args)
             result, call = _outcome(function.func(*params, **kwargs), rest and loads(rest))
+            if defer and context._db is None:
+                self._finished.append((job_id, token, result, call, time.time()))
+                return "complete" if call is None else "queued"
             status = self.storage.step_succeeded(job_id, token, result, call)
             if status is None:
                 raise Error(f"job {job_id} lost its claim while running (lease expired)")
@@ -1149,8 +1192,11 @@ class Queue:
     def _fail_claim(self, job_id, token, message):
         """Fail the attempt of a step whose process died or timed out (retries apply)."""
         row = self.storage.job(job_id)
-        self._fail_attempt(_registry.get(row["name"]), job_id, token, row["attempts"],
-                           Error(message), error=message, tb="")
+        function = None
+        with contextlib.suppress(Error):
+            function = _lookup_task(row["name"])
+        self._fail_attempt(function, job_id, token, row["attempts"], Error(message),
+                           error=message, tb="")
 
     def _keep_leases(self):
         """Start, once per process, the thread that renews our running steps' leases."""
@@ -1568,7 +1614,10 @@ class Context:
 
 IDLE_POLL = 0.001  # seconds between PRAGMA data_version checks of an idle worker
 TICK = 0.05  # seconds between the supervisor's checks of its processes
-SLOT_JOB, SLOT_TOKEN, SLOT_DEADLINE, SLOT_TIMEOUT = range(4)  # a child's shared slot: what it runs
+SLOT_JOB, SLOT_TOKEN, SLOT_DEADLINE, SLOT_TIMEOUT = range(4)
+MAX_BATCH = 64  # steps a worker process claims at once when the queue is deep
+BATCH_TIME = 0.005  # seconds of work a batch may hold before its results are committed
+QUICK_STEP = 0.001  # seconds: a task usually this quick may have its result batched  # a child's shared slot: what it runs
 
 
 def _import_modules(names):
@@ -1679,12 +1728,19 @@ class Worker:
             if not process.is_alive():
                 if job_id:
                     self._fail_step(slot, _exit_message(process.exitcode))
-                child[:] = self._start_child(slot)
+                self._replace(child)
             elif job_id and slot[SLOT_DEADLINE] and time.monotonic() > slot[SLOT_DEADLINE]:
                 process.kill()
                 process.join()
                 self._fail_step(slot, f"timed out after {slot[SLOT_TIMEOUT]:g} s")
-                child[:] = self._start_child(slot)
+                self._replace(child)
+
+    def _replace(self, child):
+        """Start a new process in a dead one's place; give back the steps it had
+        claimed but not begun (not counted as attempts)."""
+        process, slot = child
+        self.queue.storage.release(f"{socket.gethostname()}:{process.pid}")
+        child[:] = self._start_child(slot)
 
     def _fail_step(self, slot, message):
         job_id, token = int(slot[SLOT_JOB]), slot[SLOT_TOKEN]
@@ -1706,7 +1762,7 @@ class Worker:
                 process.join()
                 if slot[SLOT_JOB]:
                     logger.info("job %d: requeued (worker stopping)", slot[SLOT_JOB])
-                    self.queue.storage.requeue(int(slot[SLOT_JOB]), slot[SLOT_TOKEN])
+                self.queue.storage.release(f"{socket.gethostname()}:{process.pid}")
         with contextlib.suppress(Error, sqlite3.Error):
             self.queue.storage.unregister_worker(self.worker_id)
         self.queue.close()
@@ -1741,14 +1797,37 @@ def _worker_process(path, queues, imports, lease, slot, stop, supervisor, log_co
         _configure_logging(*log_config)
     _import_modules(imports)
     queue = Queue(path, lease=lease)
-    worker_id = queue.worker_id
+    worker_id, batch = queue.worker_id, 1
     while not stop.is_set() and os.getppid() == supervisor:
-        claim = queue.storage.claim(worker_id, lease, queues)
-        if claim is not None:
-            _run_reported(queue, claim, slot)
+        claims = queue.storage.claim(worker_id, lease, queues, limit=batch)
+        if claims:
+            batch = _run_batch(queue, claims, slot, batch, stop)
         elif not queue._consume_one(queues):
             _sleep_until_work(queue, queues, stop)
     queue.close()
+
+
+def _run_batch(queue, claims, slot, batch, stop):
+    """Run claimed steps; quick ones have their results committed together. Returns
+    the next batch size: doubled while the queue is deep and steps are quick, so one
+    transaction claims many steps, never more than BATCH_TIME of work."""
+    started = time.monotonic()
+    for claim in claims:
+        queue._claims[claim[0]] = claim[6]
+    try:
+        for done, claim in enumerate(claims):
+            if stop.is_set():  # shutting down: give back the steps not begun
+                for job_id, token in [(c[0], c[6]) for c in claims[done:]]:
+                    queue.storage.requeue(job_id, token)
+                    queue._claims.pop(job_id, None)
+                break
+            _run_reported(queue, claim, slot)
+    finally:
+        queue._save_finished()
+    if len(claims) < batch:  # the queue ran dry
+        return len(claims)
+    per_step = (time.monotonic() - started) / len(claims)
+    return max(1, min(batch * 2, MAX_BATCH, int(BATCH_TIME / per_step)))
 
 
 def _run_reported(queue, claim, slot):
@@ -1757,15 +1836,21 @@ def _run_reported(queue, claim, slot):
     with contextlib.suppress(Error):  # an unknown task fails in _run_step, not here
         function = None
         function = _lookup_task(name)
-    started = time.monotonic()
     timeout = function.timeout if function and function.timeout else 0
+    expected = queue._durations.get(name)
+    # Results wait for the batch's commit only behind steps known to be quick, and
+    # never behind a step that may be killed.
+    if timeout or expected is None or expected > QUICK_STEP:
+        queue._save_finished()
+    started = time.monotonic()
     slot[SLOT_TOKEN], slot[SLOT_TIMEOUT] = token, timeout
     slot[SLOT_DEADLINE] = started + timeout if timeout else 0
     slot[SLOT_JOB] = job_id
-    status = queue._run_step(claim)
+    status = queue._run_step(claim, defer=True)
     slot[SLOT_JOB] = 0
-    logger.info("job %s %s: %s in %.1f ms", job_id, name, status,
-                (time.monotonic() - started) * 1000)
+    took = time.monotonic() - started
+    queue._durations[name] = took if expected is None else 0.8 * expected + 0.2 * took
+    logger.info("job %s %s: %s in %.1f ms", job_id, name, status, took * 1000)
 
 
 def _sleep_until_work(queue, queues, stop):
@@ -1783,8 +1868,640 @@ def _sleep_until_work(queue, queues, stop):
 
 
 # --- The web page ------------------------------------------------------------
+#
+# `python -m litetq web DB` serves one self-contained page and a small JSON
+# API with http.server. The page itself is static: all job data reaches it as
+# JSON and goes into the DOM as text nodes, so nothing a task stored (args,
+# errors, log lines, queue names) is ever parsed as HTML.
+#
+# Imports this section needs at the top of the module:
+#   import base64, hashlib, hmac, http.server, ipaddress, json, re, socket,
+#   urllib.parse
+# and from earlier sections: Error, NotFound, TERMINAL, UNFINISHED, logger.
 
-# (the web page is being written; see the web section)
+_WEB_STATUSES = UNFINISHED + TERMINAL
+_WEB_RETRYABLE = ("failed", "cancelled", "expired")
+_WEB_MAX_LIMIT = 1000
+_WEB_MAX_BODY = 64 * 1024
+
+
+class _WebError(Exception):
+    """An HTTP error answered as ``{"error": message}``."""
+
+    def __init__(self, status, message, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+def make_web_server(queue, host="127.0.0.1", port=8765, token=None):
+    """Return a ThreadingHTTPServer with the dashboard and JSON API for *queue*.
+
+    Binds *host* at once; call ``serve_forever()`` to answer (``port=0``
+    picks a free port, read it from ``server.server_port``). On any address
+    but loopback a *token* is required; given a token, every POST must carry
+    ``Authorization: Bearer TOKEN``.
+    """
+    loopback = _is_loopback(host)
+    if not loopback and not token:
+        raise ValueError(
+            f"refusing to serve the litetq web page on {host!r} without a "
+            "token: anyone who can reach that address could retry or cancel "
+            "jobs. Pass token=... (litetq web --token T) or bind 127.0.0.1.")
+    cls = _WebServer6 if ":" in host else http.server.ThreadingHTTPServer
+    server = cls((host, port), _WebHandler)
+    server.queue, server.token, server.loopback = queue, token, loopback
+    return server
+
+
+def serve_web(queue, host="127.0.0.1", port=8765, token=None):
+    """Serve the dashboard until Ctrl-C; this is ``python -m litetq web``."""
+    with make_web_server(queue, host, port, token) as server:
+        shown = f"[{host}]" if ":" in host else host or "0.0.0.0"
+        print(f"litetq web: http://{shown}:{server.server_port}/ "
+              "(Ctrl-C to stop)", flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+
+
+def _is_loopback(host):
+    """True for localhost and 127.0.0.0/8 / ::1 (with or without brackets)."""
+    host = (host or "").strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name, or "" (all interfaces): not loopback
+        return False
+
+
+class _WebServer6(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+def _is_digits(text):
+    # str.isdigit() alone also accepts "²" and other non-ASCII digits.
+    return text.isascii() and text.isdigit()
+
+
+# JSON API: each route maps (method, path pattern) to a function
+# f(queue, query, *groups) returning a JSON-ready value.
+
+def _api_stats(queue, query):
+    _query_params(query, ())
+    return queue.stats()
+
+
+def _api_jobs(queue, query):
+    params = _query_params(query, ("status", "queue", "task", "limit"))
+    status = params.get("status")
+    if status is not None and status not in _WEB_STATUSES:
+        raise _WebError(400, f"unknown status {status!r}; use one of "
+                             f"{', '.join(_WEB_STATUSES)}")
+    limit = _int_param(params.get("limit", "100"), "limit", 1, _WEB_MAX_LIMIT)
+    jobs = queue.jobs(status=status, queue=params.get("queue"),
+                      task=params.get("task"), limit=limit)
+    return [job.to_dict() for job in jobs]
+
+
+def _api_job(queue, query, job_id):
+    _query_params(query, ())
+    return _job_detail(queue.job(_job_id(job_id)))
+
+
+def _api_action(queue, query, job_id, action):
+    """POST /api/jobs/ID/retry|cancel: answer 409 when the state forbids it."""
+    job = queue.job(_job_id(job_id))
+    status = job.status
+    if action == "retry" and status not in _WEB_RETRYABLE:
+        raise _WebError(409, f"job {job.id} is {status}; only failed, "
+                             "cancelled or expired jobs can be retried")
+    if action == "cancel" and status in TERMINAL:
+        raise _WebError(409, f"job {job.id} is already {status}")
+    try:
+        changed = getattr(job, action)()
+    except NotFound:
+        raise
+    except Error as exc:
+        raise _WebError(409, str(exc)) from exc
+    if changed is False:  # a worker moved the job on since we looked
+        raise _WebError(409, f"job {job.id} is now {job.status}; nothing to {action}")
+    return job.to_dict()
+
+
+def _api_schedules(queue, query):
+    _query_params(query, ())
+    return [dict(entry, task=repr(entry["task"])) for entry in queue.schedules()]
+
+
+_WEB_ROUTES = (
+    ("GET", re.compile(r"/api/stats"), _api_stats),
+    ("GET", re.compile(r"/api/jobs"), _api_jobs),
+    ("GET", re.compile(r"/api/jobs/([^/]+)"), _api_job),
+    ("POST", re.compile(r"/api/jobs/([^/]+)/(retry|cancel)"), _api_action),
+    ("GET", re.compile(r"/api/schedules"), _api_schedules),
+)
+
+
+def _job_detail(job):
+    """to_dict() plus what only the detail view needs: logs and child ids."""
+    detail = job.to_dict()
+    detail["logs"] = job.logs()
+    detail["children"] = [child.id for child in job.children()]
+    return detail
+
+
+def _job_id(text):
+    if not _is_digits(text):
+        raise _WebError(400, f"job id must be a positive integer, not {text!r}")
+    return int(text)
+
+
+def _query_params(query, allowed):
+    """Parse a query string into {name: value}; blank values count as absent."""
+    try:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True,
+                                       strict_parsing=bool(query))
+    except ValueError:
+        raise _WebError(400, f"malformed query string {query!r}") from None
+    params = {}
+    for name, value in pairs:
+        if name not in allowed:
+            known = ", ".join(allowed) or "none"
+            raise _WebError(400, f"unknown parameter {name!r} (known: {known})")
+        if name in params:
+            raise _WebError(400, f"parameter {name!r} given twice")
+        if value != "":
+            params[name] = value
+    return params
+
+
+def _int_param(text, name, low, high):
+    if not _is_digits(text) or not low <= int(text) <= high:
+        raise _WebError(400, f"{name} must be an integer from {low} to "
+                             f"{high}, not {text!r}")
+    return int(text)
+
+
+def _route(method, path):
+    """Find the route for *path*; 404 if none, 405 if only other methods fit."""
+    allowed = []
+    for route_method, pattern, func in _WEB_ROUTES:
+        match = pattern.fullmatch(path)
+        if match and route_method == method:
+            return func, match.groups()
+        if match:
+            allowed.append(route_method)
+    if path == "/":
+        allowed.append("GET")
+    if allowed:
+        raise _WebError(405, f"{method} is not allowed on {path}; use "
+                             f"{' or '.join(allowed)}",
+                        {"Allow": ", ".join(allowed)})
+    raise _WebError(404, f"no such page or API route: {path}")
+
+
+class _WebHandler(http.server.BaseHTTPRequestHandler):
+    """Routes requests; every answer but the page is JSON."""
+
+    def do_GET(self):
+        self._dispatch()
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = do_GET
+
+    def version_string(self):
+        return "litetq"
+
+    def log_message(self, format, *args):
+        # Access logs go to the library logger at debug, not to stderr.
+        logger.debug("web %s " + format, self.address_string(), *args)
+
+    def _dispatch(self):
+        url = urllib.parse.urlsplit(self.path)
+        method = "GET" if self.command == "HEAD" else self.command  # _send drops the body
+        try:
+            self._check_host()
+            if url.path == "/" and method == "GET":
+                return self._send(200, _WEB_PAGE, "text/html; charset=utf-8",
+                                  _WEB_PAGE_HEADERS)
+            func, groups = _route(method, url.path)
+            if method == "POST":
+                self._check_post()
+            self._send_json(200, func(self.server.queue, url.query, *groups))
+        except _WebError as exc:
+            self._send_json(exc.status, {"error": exc.message}, exc.headers)
+        except NotFound as exc:
+            self._send_json(404, {"error": str(exc)})
+        except Exception as exc:  # keep serving; the log has the traceback
+            logger.exception("web: %s %s failed", self.command, self.path)
+            self._send_json(500, {"error": f"internal error: {exc}"})
+
+    def _check_host(self):
+        # DNS rebinding: a foreign site whose name resolves to 127.0.0.1
+        # would count as same-origin in the browser, so a loopback server
+        # answers only requests addressed to a loopback name.
+        host = self.headers.get("Host")
+        if self.server.loopback and host is not None:
+            name = urllib.parse.urlsplit("//" + host).hostname
+            if not _is_loopback(name):
+                raise _WebError(403, f"unexpected Host header {host!r}: this "
+                                     "server answers only to localhost")
+
+    def _check_post(self):
+        """Token first, then the cross-site request guards."""
+        self._read_body()
+        token = self.server.token
+        if token and not hmac.compare_digest(
+                self.headers.get("Authorization", "").encode(),
+                f"Bearer {token}".encode()):
+            raise _WebError(401, "POST needs the header 'Authorization: "
+                                 "Bearer TOKEN' with this server's token",
+                            {"WWW-Authenticate": 'Bearer realm="litetq"'})
+        if self._cross_site():
+            raise _WebError(403, "cross-site POST refused")
+        # A form on another site can send neither a JSON content type nor a
+        # custom header without a CORS preflight, which this server refuses.
+        ctype = self.headers.get("Content-Type", "").split(";")[0].strip()
+        if ctype != "application/json" and "X-Litetq" not in self.headers:
+            raise _WebError(403, "POST needs 'Content-Type: application/json' "
+                                 "or an 'X-Litetq: 1' header")
+
+    def _cross_site(self):
+        """True when the browser says the request comes from another origin."""
+        site = self.headers.get("Sec-Fetch-Site")
+        if site not in (None, "same-origin", "none"):
+            return True
+        origin = self.headers.get("Origin")
+        if origin is None:
+            return False  # not a browser, or a same-origin GET-like request
+        netloc = urllib.parse.urlsplit(origin).netloc.lower()
+        return netloc != self.headers.get("Host", "").lower()
+
+    def _read_body(self):
+        # The body is ignored, but reading it keeps the socket clean.
+        length = self.headers.get("Content-Length", "0")
+        if not _is_digits(length) or int(length) > _WEB_MAX_BODY:
+            raise _WebError(413, f"the request body must be at most "
+                                 f"{_WEB_MAX_BODY} bytes, not {length!r}")
+        self.rfile.read(int(length))
+
+    def _send_json(self, status, obj, headers=None):
+        body = json.dumps(obj, default=str).encode()
+        self._send(status, body, "application/json; charset=utf-8", headers)
+
+    def _send(self, status, body, ctype, headers=None):
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+
+_WEB_CSS = """
+:root { --fg:#1d2330; --muted:#6b7385; --line:#e3e6ec; --bg:#f6f7f9;
+  --card:#fff; --accent:#3563d6; }
+* { box-sizing: border-box; }
+body { margin:0; font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;
+  color:var(--fg); background:var(--bg); }
+header { display:flex; align-items:baseline; gap:1em; padding:14px 24px;
+  background:#1d2330; color:#fff; }
+header h1 { margin:0; font-size:20px; letter-spacing:.5px; }
+#status { color:#aab2c5; font-size:13px; }
+#status.bad { color:#ff9b8f; }
+main { max-width:1200px; margin:0 auto; padding:16px 24px 40px; }
+section { background:var(--card); border:1px solid var(--line);
+  border-radius:8px; margin:0 0 16px; padding:12px 16px; }
+h2 { font-size:15px; margin:0 0 8px; }
+h2 .count { color:var(--muted); font-weight:normal; }
+table { border-collapse:collapse; width:100%; }
+th, td { text-align:left; padding:5px 8px; border-bottom:1px solid var(--line);
+  vertical-align:middle; }
+th { font-size:12px; color:var(--muted); font-weight:600;
+  text-transform:uppercase; letter-spacing:.4px; }
+td.num, th.num { text-align:right; font-variant-numeric:tabular-nums; }
+td.zero { color:#c3c8d2; }
+.task { font-family:ui-monospace,Menlo,Consolas,monospace; font-size:13px;
+  max-width:420px; overflow:hidden; text-overflow:ellipsis; white-space:nowrap; }
+.muted, .empty { color:var(--muted); }
+.badge { display:inline-block; padding:0 7px; border-radius:9px; font-size:12px;
+  background:#eef0f4; color:#444; }
+.s-queued { background:#e8eefc; color:#2c4fa8; }
+.s-running { background:#e3f4fb; color:#0d6f96; }
+.s-waiting { background:#f1e9fb; color:#6a3fa8; }
+.s-complete { background:#e5f5e8; color:#237a36; }
+.s-failed { background:#fde8e6; color:#b3261e; }
+.s-cancelled, .s-expired { background:#efefef; color:#666; }
+.bar { width:160px; height:10px; background:#e9ecf1; border-radius:5px;
+  overflow:hidden; display:inline-block; vertical-align:middle; }
+.bar > div { height:100%; background:var(--accent); }
+.bar.unknown > div { width:100%; opacity:.35; }
+button { font:inherit; font-size:12px; padding:2px 10px; border-radius:5px;
+  border:1px solid #c9ceda; background:#fff; cursor:pointer; }
+button:hover { border-color:var(--accent); color:var(--accent); }
+button.danger:hover { border-color:#b3261e; color:#b3261e; }
+a.job { color:var(--accent); text-decoration:none; cursor:pointer; }
+.failure { border-top:1px solid var(--line); padding:8px 0; }
+.failure:first-of-type { border-top:0; }
+.failure .head, h2.title { display:flex; gap:10px; align-items:center; }
+h2.title > button { margin-left:auto; }
+.actions button + button { margin-left:4px; }
+.failure .error { color:#b3261e; margin:2px 0; white-space:pre-wrap;
+  word-break:break-word; }
+pre { background:#f3f4f7; border:1px solid var(--line); border-radius:6px;
+  padding:8px 10px; overflow:auto; max-height:320px; font-size:12px;
+  white-space:pre-wrap; word-break:break-word; }
+details summary { cursor:pointer; color:var(--muted); font-size:12px; }
+dialog { border:1px solid var(--line); border-radius:10px; padding:0;
+  width:min(900px,94vw); max-height:88vh; }
+dialog .inner { padding:14px 18px; }
+dialog dl { display:grid; grid-template-columns:110px 1fr; gap:3px 12px;
+  margin:0 0 10px; }
+dialog dt { color:var(--muted); }
+dialog dd { margin:0; word-break:break-word; }
+.toast { position:fixed; bottom:16px; right:16px; background:#1d2330;
+  color:#fff; padding:8px 14px; border-radius:6px; max-width:60vw; }
+"""
+
+_WEB_JS = r"""
+"use strict";
+// Everything below builds the DOM with createElement and text nodes: job
+// data is never handed to innerHTML, so stored markup stays inert text.
+const STATUSES = ["queued", "running", "waiting", "complete", "failed",
+                  "cancelled", "expired"];
+const openTracebacks = new Set();
+let token = sessionStorage.getItem("litetq-token");
+
+function el(tag, props, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props || {})) {
+    if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else node[key] = value;
+  }
+  for (const child of children.flat()) {
+    if (child !== null && child !== undefined) {
+      node.append(child instanceof Node ? child : String(child));
+    }
+  }
+  return node;
+}
+
+function fill(id, ...children) {
+  document.getElementById(id).replaceChildren(...children.flat());
+}
+
+function when(epoch) {
+  if (epoch === null || epoch === undefined) return el("span", {className: "muted"}, "—");
+  const secs = Math.round(epoch - Date.now() / 1000);
+  const abs = Math.abs(secs);
+  const text = abs < 60 ? abs + "s" : abs < 3600 ? Math.round(abs / 60) + "m"
+    : abs < 86400 ? Math.round(abs / 3600) + "h" : Math.round(abs / 86400) + "d";
+  return el("span", {title: new Date(epoch * 1000).toLocaleString()},
+            secs > 0 ? "in " + text : text + " ago");
+}
+
+function badge(status) {
+  return el("span", {className: "badge s-" + status}, status);
+}
+
+function jobLink(id) {
+  return el("a", {className: "job", href: "#job=" + Number(id)}, "#" + Number(id));
+}
+
+function taskCell(job) {
+  return el("td", {className: "task", title: job.task}, job.task);
+}
+
+function bar(progress) {
+  if (!progress) return el("span", {className: "muted"}, "—");
+  const [done, total] = progress;
+  if (!total) return el("span", {}, el("span", {className: "bar unknown"}, el("div")), " " + done);
+  const inner = el("div");
+  inner.style.width = Math.max(0, Math.min(100, 100 * done / total)) + "%";
+  return el("span", {}, el("span", {className: "bar"}, inner), ` ${done}/${total}`);
+}
+
+function actions(job, tag = "td") {
+  const buttons = [];
+  if (["queued", "waiting", "running"].includes(job.status)) {
+    buttons.push(el("button", {className: "danger", onclick: () => act(job.id, "cancel")},
+                    "Cancel"));
+  }
+  if (["failed", "cancelled", "expired"].includes(job.status)) {
+    buttons.push(el("button", {onclick: () => act(job.id, "retry")}, "Retry"));
+  }
+  return el(tag, {className: "actions"}, buttons);
+}
+
+function table(headers, rows, empty) {
+  // A header written with a leading space heads a right-aligned number column.
+  if (!rows.length) return el("p", {className: "empty"}, empty);
+  const head = el("tr", {}, headers.map(
+    h => el("th", {className: h.startsWith(" ") ? "num" : ""}, h.trim())));
+  return el("table", {}, el("thead", {}, head), el("tbody", {}, rows));
+}
+
+function toast(message) {
+  const node = el("div", {className: "toast"}, message);
+  document.body.append(node);
+  setTimeout(() => node.remove(), 4000);
+}
+
+async function api(path, options) {
+  const resp = await fetch(path, options);
+  const body = await resp.json().catch(() => ({error: resp.statusText}));
+  if (!resp.ok) {
+    throw Object.assign(new Error(body.error || resp.statusText), {status: resp.status});
+  }
+  return body;
+}
+
+async function act(id, action) {
+  // The JSON content type and the custom header make this a request that
+  // no other site can send here without a CORS preflight.
+  const headers = {"Content-Type": "application/json", "X-Litetq": "1"};
+  if (token) headers.Authorization = "Bearer " + token;
+  try {
+    await api(`/api/jobs/${Number(id)}/${action}`, {method: "POST", headers, body: "{}"});
+  } catch (err) {
+    if (err.status !== 401) return toast(err.message);
+    const given = prompt("This server needs its token to " + action + " jobs:");
+    if (!given) return;
+    token = given;
+    sessionStorage.setItem("litetq-token", token);
+    return act(id, action);
+  }
+  refresh();
+  const dialog = document.getElementById("detail");
+  if (dialog.open && dialog.dataset.job === String(id)) showJob(id);
+}
+
+function renderQueues(stats) {
+  const names = Object.keys(stats).sort();
+  const rows = names.map(name => {
+    const counts = stats[name];
+    const total = Object.values(counts).reduce((a, b) => a + b, 0);
+    return el("tr", {}, el("td", {}, name),
+      STATUSES.map(s => el("td", {className: "num" + (counts[s] ? "" : " zero")}, counts[s] || 0)),
+      el("td", {className: "num"}, total));
+  });
+  fill("queues", table(["queue", ...STATUSES.map(s => " " + s), " total"], rows, "No jobs yet."));
+}
+
+function renderRunning(jobs) {
+  document.getElementById("running-count").textContent = jobs.length ? `(${jobs.length})` : "";
+  const rows = jobs.map(job => el("tr", {}, el("td", {}, jobLink(job.id)), taskCell(job),
+    el("td", {}, job.queue), el("td", {}, bar(job.progress)),
+    el("td", {className: "num"}, job.attempts), el("td", {}, when(job.started)), actions(job)));
+  fill("running", table(["id", "task", "queue", "progress", " attempt", "started", ""], rows,
+                        "Nothing running."));
+}
+
+function renderFailures(jobs) {
+  document.getElementById("failures-count").textContent = jobs.length ? `(${jobs.length})` : "";
+  if (!jobs.length) return fill("failures", el("p", {className: "empty"}, "No failures."));
+  fill("failures", jobs.map(job => {
+    const details = el("details", {open: openTracebacks.has(job.id),
+      ontoggle: () => details.open ? openTracebacks.add(job.id) : openTracebacks.delete(job.id)},
+      el("summary", {}, "traceback"), el("pre", {}, job.traceback || "(none stored)"));
+    return el("div", {className: "failure"},
+      el("div", {className: "head"}, jobLink(job.id),
+         el("span", {className: "task", title: job.task}, job.task),
+         el("span", {className: "muted"}, job.queue), when(job.finished), actions(job, "span")),
+      el("div", {className: "error"}, job.error || ""), details);
+  }));
+}
+
+function renderRecent(jobs) {
+  const rows = jobs.map(job => el("tr", {}, el("td", {}, jobLink(job.id)),
+    el("td", {}, badge(job.status)), taskCell(job), el("td", {}, job.queue),
+    el("td", {}, bar(job.progress)), el("td", {className: "num"}, job.attempts),
+    el("td", {}, when(job.created)), actions(job)));
+  fill("recent", table(["id", "status", "task", "queue", "progress", " attempts", "created", ""],
+                       rows, "No jobs yet."));
+}
+
+function renderSchedules(entries) {
+  const rows = entries.map(e => el("tr", {}, el("td", {}, e.name),
+    el("td", {className: "task"}, e.spec), el("td", {className: "task", title: e.task}, e.task),
+    el("td", {}, e.queue ?? el("span", {className: "muted"}, "task's queue")),
+    el("td", {}, e.tz || "UTC"),
+    el("td", {}, when(e.next_run)), el("td", {}, when(e.last_run))));
+  fill("schedules", table(["name", "spec", "task", "queue", "tz", "next run", "last run"], rows,
+                          "No schedules."));
+}
+
+function field(name, value) {
+  return [el("dt", {}, name), el("dd", {}, value === null || value === undefined ? "—" : value)];
+}
+
+async function showJob(id) {
+  const dialog = document.getElementById("detail");
+  let job;
+  try { job = await api("/api/jobs/" + Number(id)); } catch (err) { return toast(err.message); }
+  const logs = job.logs.map(l => el("tr", {}, el("td", {}, when(l.time)), el("td", {}, l.level),
+    el("td", {}, l.job_id === job.id ? "" : "#" + l.job_id), el("td", {}, l.message)));
+  dialog.replaceChildren(el("div", {className: "inner"},
+    el("h2", {className: "title"}, "Job #" + job.id, badge(job.status), actions(job, "span"),
+       el("button", {onclick: () => dialog.close()}, "Close")),
+    el("dl", {}, field("task", el("span", {className: "task"}, job.task)),
+       field("queue", job.queue), field("priority", job.priority),
+       field("attempts", job.attempts), field("steps", job.steps),
+       field("progress", job.progress && bar(job.progress)),
+       field("created", when(job.created)), field("started", when(job.started)),
+       field("finished", when(job.finished)), field("due", when(job.due)),
+       field("parent", job.parent_id && jobLink(job.parent_id)),
+       field("children", job.children.length ? job.children.map(c => [jobLink(c), " "]) : null),
+       field("error", job.error),
+       field("result", job.result === null ? null : JSON.stringify(job.result))),
+    job.traceback ? [el("h2", {}, "Traceback"), el("pre", {}, job.traceback)] : [],
+    el("h2", {}, "Logs"), table(["time", "level", "job", "message"], logs, "No log lines.")));
+  dialog.dataset.job = job.id;
+  if (!dialog.open) dialog.showModal();
+}
+
+function fromHash() {
+  const match = /^#job=(\d+)$/.exec(location.hash);
+  if (match) showJob(match[1]);
+}
+
+async function refresh() {
+  try {
+    const [stats, running, failed, recent, schedules] = await Promise.all([
+      api("/api/stats"), api("/api/jobs?status=running&limit=50"),
+      api("/api/jobs?status=failed&limit=20"), api("/api/jobs?limit=30"),
+      api("/api/schedules")]);
+    renderQueues(stats); renderRunning(running); renderFailures(failed);
+    renderRecent(recent); renderSchedules(schedules);
+    setStatus("updated " + new Date().toLocaleTimeString(), false);
+  } catch (err) {
+    setStatus("cannot reach the server: " + err.message, true);
+  }
+}
+
+function setStatus(text, bad) {
+  const node = document.getElementById("status");
+  node.textContent = text;
+  node.className = bad ? "bad" : "";
+}
+
+async function loop() {
+  await refresh();
+  setTimeout(loop, 2000);  // chained, so slow answers never pile up
+}
+
+document.getElementById("detail").addEventListener("close", () => {
+  if (location.hash) history.replaceState(null, "", location.pathname);
+});
+window.addEventListener("hashchange", fromHash);
+fromHash();
+loop();
+"""
+
+_WEB_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>litetq</title><link rel="icon" href="data:,">
+<style>{css}</style></head>
+<body>
+<header><h1>litetq</h1><span id="status">loading…</span></header>
+<main>
+<section><h2>Queues</h2><div id="queues"></div></section>
+<section><h2>Running <span class="count" id="running-count"></span></h2>
+<div id="running"></div></section>
+<section><h2>Recent failures <span class="count" id="failures-count"></span></h2>
+<div id="failures"></div></section>
+<section><h2>Recent jobs</h2><div id="recent"></div></section>
+<section><h2>Cron table</h2><div id="schedules"></div></section>
+</main>
+<dialog id="detail"></dialog>
+<script>{js}</script>
+</body></html>
+"""
+
+
+def _csp_hash(text):
+    return "'sha256-%s'" % base64.b64encode(
+        hashlib.sha256(text.encode()).digest()).decode()
+
+
+_WEB_PAGE = _WEB_HTML.format(css=_WEB_CSS, js=_WEB_JS).encode()
+# The policy allows only this page's own script and style (by hash), so even
+# markup that slipped into the page could not run script or load anything.
+_WEB_PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        f"default-src 'none'; script-src {_csp_hash(_WEB_JS)}; "
+        f"style-src {_csp_hash(_WEB_CSS)}; connect-src 'self'; "
+        "img-src data:; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'"),
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
 
 
 # --- The command line --------------------------------------------------------
@@ -1816,6 +2533,19 @@ def _json_arg(text):
         raise argparse.ArgumentTypeError(f"malformed JSON {text!r}: {exc}")
 
 
+def _positive(kind, minimum=0.0, maximum=None):
+    """An argparse type: a number of `kind` in [minimum, maximum]."""
+    def parse(text):
+        value = _duration(text) if kind is float else kind(text)
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is out of range: must be at least {minimum:g}"
+                + (f" and at most {maximum:g}" if maximum is not None else ""))
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its error messages
+    return parse
+
+
 def _job_ids(text):
     try:
         return int(text)
@@ -1837,7 +2567,8 @@ def build_parser():
 
     worker = command("worker", "run worker processes until stopped")
     worker.add_argument("--queues", help="comma-separated queues to consume (default: all)")
-    worker.add_argument("--concurrency", type=int, default=os.cpu_count() or 1,
+    worker.add_argument("--concurrency", type=_positive(int, 1, 256),
+                        default=os.cpu_count() or 1,
                         help="worker processes (default: CPU count)")
     worker.add_argument("--import", dest="imports", nargs="+", action="extend", default=[],
                         metavar="MOD", help="modules defining tasks, imported at start")
@@ -1849,9 +2580,9 @@ def build_parser():
     worker.add_argument("--logfile", help="log to this file instead of stderr")
     worker.add_argument("--log-level", default="INFO", type=str.upper,
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
-    worker.add_argument("--grace", type=_duration, default=30.0,
+    worker.add_argument("--grace", type=_positive(float, 0), default=30.0,
                         help="seconds running steps get to finish on SIGTERM (default 30)")
-    worker.add_argument("--lease", type=_duration, default=DEFAULT_LEASE,
+    worker.add_argument("--lease", type=_positive(float, 0.1), default=DEFAULT_LEASE,
                         help=f"seconds before a dead worker's step runs again "
                              f"(default {DEFAULT_LEASE:g})")
     worker.add_argument("--start-method", choices=multiprocessing.get_all_start_methods(),
