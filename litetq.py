@@ -10,6 +10,8 @@ nothing: its lease lapses and another worker runs the step again.
 
 import argparse
 import base64
+import bisect
+import calendar
 import contextlib
 import contextvars
 import datetime
@@ -1605,19 +1607,353 @@ class Context:
             self._queue.storage.lock.release()
 
 
-# --- Cron --------------------------------------------------------------------
+# --- Cron ---
+#
+# Cron expressions in the Vixie/Debian dialect, evaluated without the database.
+# The search jumps field by field over wall-clock times (month, then day, then
+# the time of day), so even "0 0 29 2 *" is found in a few hundred steps; time
+# zones only come in at the end, to turn a wall-clock time into an instant.
+#
+# Daylight saving follows Debian cron (as the cronsim library does):
+#   * An entry with fixed minute and hour fields (no leading "*" in either) is
+#     a job "at a particular time". If that time is skipped by a spring-forward
+#     gap it fires once, at the first instant after the gap; in a repeated
+#     (fall-back) hour it fires once, at the first occurrence.
+#   * An entry with "*" leading the minute or hour field (including @hourly)
+#     follows the clock as it is: no times inside a gap, and the repeated hour
+#     runs twice.
 
-# (the Cron class is being written; see the cron section)
+_CRON_FIELDS = (  # name, lowest, highest; the order of a 6-field spec
+    ("second", 0, 59),
+    ("minute", 0, 59),
+    ("hour", 0, 23),
+    ("day-of-month", 1, 31),
+    ("month", 1, 12),
+    ("day-of-week", 0, 7),
+)
+_CRON_NAMES = {
+    "month": {name: number for number, name in enumerate(
+        "jan feb mar apr may jun jul aug sep oct nov dec".split(), 1)},
+    "day-of-week": {name: number for number, name in enumerate(
+        "sun mon tue wed thu fri sat".split())},
+}
+_CRON_ALIASES = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+_CRON_MONTH_DAYS = (0, 31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)  # leap Feb
+
+
+class Cron:
+    """A cron expression in a time zone: ``Cron("*/5 * * * *", tz="Europe/Berlin")``.
+
+    Five fields (minute hour day-of-month month day-of-week) or six with
+    seconds first; ``*``, ``a``, ``a-b``, ``*/n``, ``a-b/n``, ``a/n`` (a to the
+    end, every n) and lists ``a,b``; month names jan-dec and weekday names
+    sun-sat; 0 and 7 are Sunday; the @yearly, @annually, @monthly, @weekly,
+    @daily, @midnight and @hourly aliases. When both day fields are restricted
+    a day matching either one is enough; a field that starts with "*" (such as
+    "*/2") counts as unrestricted. ``tz`` is a zoneinfo name (default UTC).
+    A bad spec or zone raises ValueError.
+    """
+
+    def __init__(self, spec, tz=None):
+        if not isinstance(spec, str):
+            raise TypeError(f"cron spec must be a string, got {spec!r}")
+        self.spec = spec
+        self.tz = tz
+        self._zone = _cron_zone(tz)
+        fields, self._has_seconds = _cron_split(spec)
+        parsed = [_cron_field(spec, text, *field) for text, field in zip(fields, _CRON_FIELDS)]
+        self._seconds, self._minutes, self._hours = (sorted(values) for values in parsed[:3])
+        self._doms, self._months = parsed[3], parsed[4]
+        self._dows = {dow % 7 for dow in parsed[5]}  # 7 is Sunday too
+        # Vixie cron ORs the day fields only when neither starts with "*".
+        self._day_or = not (fields[3].startswith("*") or fields[5].startswith("*"))
+        # Debian cron's DST rules treat "a particular time" specially.
+        self._fixed_clock = not (fields[1].startswith("*") or fields[2].startswith("*"))
+        self._check_days_exist(fields[3])
+
+    def __repr__(self):
+        if self.tz is None:
+            return f"Cron({self.spec!r})"
+        return f"Cron({self.spec!r}, tz={self.tz!r})"
+
+    def __eq__(self, other):
+        if not isinstance(other, Cron):
+            return NotImplemented
+        return (self.spec, self.tz) == (other.spec, other.tz)
+
+    def __hash__(self):
+        return hash((self.spec, self.tz))
+
+    def next(self, after):
+        """Return the first fire time strictly later than `after`.
+
+        `after` is a datetime: a naive one is read in this Cron's zone, an
+        aware one is converted. The result is aware, in this Cron's zone.
+        """
+        try:
+            start = self._localize(after)
+            if self._fixed_clock:
+                return self._next_fixed(start)
+            return self._next_following_clock(start)
+        except OverflowError:
+            raise ValueError(
+                f"cron spec {self.spec!r} has no fire time after {after} "
+                "that a datetime can hold") from None
+
+    def matches(self, moment):
+        """Return True if this entry fires at `moment` (naive: in this Cron's zone).
+
+        `moment` is taken to the minute for a 5-field spec and to the second
+        for a 6-field one, so 12:00:30 matches "0 12 * * *".
+        """
+        # replace() keeps the fold, so a repeated hour's second pass is
+        # still told apart from its first.
+        local = self._localize(moment).replace(microsecond=0)
+        if not self._has_seconds:
+            local = local.replace(second=0)
+        instant = local.astimezone(datetime.timezone.utc)
+        fires = self.next(instant - datetime.timedelta(microseconds=1))
+        # Compare in UTC: == across zones is always False for an ambiguous time.
+        return fires.astimezone(datetime.timezone.utc) == instant
+
+    # The search, in wall-clock (naive) time.
+
+    def _check_days_exist(self, dom_text):
+        """Reject a spec whose day-of-month never falls in its months."""
+        longest = max(_CRON_MONTH_DAYS[month] for month in self._months)
+        if not self._day_or and min(self._doms) > longest:
+            raise ValueError(
+                f"bad day-of-month field {dom_text!r} in cron spec {self.spec!r}: "
+                f"none of the chosen months has a day {min(self._doms)}, "
+                "so it would never fire")
+
+    def _next_wall(self, start):
+        """Return the first matching wall-clock time at or after naive `start`."""
+        day = self._next_day(start.date())
+        clock = (start.hour, start.minute, start.second) if day == start.date() else (0, 0, 0)
+        found = self._next_clock(*clock)
+        while found is None:  # nothing left today: the first time of the next day
+            day = self._next_day(day + datetime.timedelta(days=1))
+            found = self._next_clock(0, 0, 0)
+        return datetime.datetime(day.year, day.month, day.day, *found)
+
+    def _next_clock(self, hour, minute, second):
+        """Return the first matching (h, m, s) at or after the given one, or None."""
+        for h in self._hours[bisect.bisect_left(self._hours, hour):]:
+            m_from = minute if h == hour else 0
+            for m in self._minutes[bisect.bisect_left(self._minutes, m_from):]:
+                s_from = second if (h, m) == (hour, minute) else 0
+                i = bisect.bisect_left(self._seconds, s_from)
+                if i < len(self._seconds):
+                    return h, m, self._seconds[i]
+        return None
+
+    def _next_day(self, day):
+        """Return the first allowed date on or after `day`."""
+        year, month, first = day.year, day.month, day.day
+        # The Gregorian calendar repeats every 400 years, so a spec that
+        # passed _check_days_exist always matches within that.
+        for _ in range(400 * 12 + 1):
+            if year > 9999:
+                raise OverflowError("past the last date a datetime can hold")
+            if month in self._months:
+                found = self._day_in_month(year, month, first)
+                if found is not None:
+                    return datetime.date(year, month, found)
+            year, month, first = year + month // 12, month % 12 + 1, 1
+        raise AssertionError(f"unreachable: no day matches cron spec {self.spec!r}")
+
+    def _day_in_month(self, year, month, first):
+        """Return the first allowed day of the month from day `first`, or None."""
+        weekday, last = calendar.monthrange(year, month)  # Monday is 0 here
+        for day in range(first, last + 1):
+            dom_ok = day in self._doms
+            dow_ok = (weekday + day) % 7 in self._dows  # cron's Sunday is 0
+            if (dom_ok or dow_ok) if self._day_or else (dom_ok and dow_ok):
+                return day
+        return None
+
+    # From wall-clock times to instants, with Debian cron's DST rules.
+
+    def _localize(self, moment):
+        """Return `moment` as a real (not skipped) aware time in this Cron's zone."""
+        if not isinstance(moment, datetime.datetime):
+            raise TypeError(f"expected a datetime, got {moment!r}")
+        if moment.utcoffset() is None:
+            moment = moment.replace(tzinfo=self._zone)
+        return moment.astimezone(datetime.timezone.utc).astimezone(self._zone)
+
+    def _next_fixed(self, after):
+        """Next fire time of an entry at a particular time of day."""
+        wall = after.replace(tzinfo=None)
+        if after.fold:
+            # The second pass of a repeated hour: the first pass already ran
+            # these clock times, so go on from the end of the repetition.
+            start = _cron_fold_end(self._zone, wall)
+        else:
+            start = wall.replace(microsecond=0) + datetime.timedelta(seconds=1)
+        found = self._next_wall(start)
+        if _cron_clock_kind(self._zone, found) == "skipped":
+            return _cron_transition(self._zone, found).astimezone(self._zone)
+        return found.replace(tzinfo=self._zone)  # fold=0: the first pass
+
+    def _next_following_clock(self, after):
+        """Next fire time of an entry with "*" in the minute or hour field: no times
+        inside a gap, and in a repeated hour each clock time once, on its first pass."""
+        wall = after.replace(tzinfo=None)
+        if after.fold:  # the second pass: its clock times already fired on the first
+            start = _cron_fold_end(self._zone, wall)
+        else:
+            start = wall.replace(microsecond=0) + datetime.timedelta(seconds=1)
+        return self._next_real(start)
+
+    def _next_real(self, start):
+        """Return the first matching wall time at or after `start` that exists."""
+        found = self._next_wall(start)
+        while _cron_clock_kind(self._zone, found) == "skipped":
+            resume = _cron_transition(self._zone, found).astimezone(self._zone)
+            found = self._next_wall(resume.replace(tzinfo=None))
+        return found.replace(tzinfo=self._zone)  # fold=0: a repeated time's first pass
+
+
+def _cron_zone(tz):
+    """Return the tzinfo for a Cron's `tz` argument (None means UTC)."""
+    if tz is None:
+        return datetime.timezone.utc
+    if not isinstance(tz, str):
+        raise TypeError(f"tz must be a zoneinfo name such as 'Europe/Berlin', got {tz!r}")
+    try:
+        return zoneinfo.ZoneInfo(tz)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"unknown time zone {tz!r}: use a zoneinfo name such as 'Europe/Berlin' "
+            "(on Windows, pip install tzdata)") from None
+
+
+def _cron_split(spec):
+    """Return the six field texts of `spec` (seconds first) and
+    whether the spec gave the seconds itself."""
+    text = spec.strip()
+    if text.startswith("@"):
+        if text.lower() not in _CRON_ALIASES:
+            raise ValueError(
+                f"unknown alias {text!r} in cron spec {spec!r}: use one of "
+                + ", ".join(_CRON_ALIASES))
+        text = _CRON_ALIASES[text.lower()]
+    fields = text.split()
+    if len(fields) not in (5, 6):
+        raise ValueError(
+            f"cron spec {spec!r} has {len(fields)} fields; it needs 5 (minute hour "
+            "day-of-month month day-of-week) or 6 (with seconds first)")
+    if len(fields) == 6:
+        return fields, True
+    return ["0", *fields], False
+
+
+def _cron_field(spec, text, name, low, high):
+    """Return the set of numbers a field's text allows."""
+    allowed = set()
+    for item in text.split(","):
+        try:
+            allowed.update(_cron_item(item, name, low, high))
+        except ValueError as exc:
+            raise ValueError(f"bad {name} field {text!r} in cron spec {spec!r}: {exc}") from None
+    return allowed
+
+
+def _cron_item(item, name, low, high):
+    """Return the numbers one list item ("*", "a", "a-b", any of them "/n") allows."""
+    if not item:
+        raise ValueError("empty item in list")
+    base, slash, step_text = item.partition("/")
+    step = _cron_step(step_text) if slash else 1
+    if base == "*":
+        first, last = low, high
+    else:
+        first_text, dash, last_text = base.partition("-")
+        first = _cron_number(first_text, name, low, high)
+        if dash:
+            last = _cron_number(last_text, name, low, high)
+        elif slash:
+            last = high  # "a/n" runs from a to the field's end, as in Vixie cron
+        else:
+            last = first
+        if last < first:
+            hint = " (a range through Sunday ends in 7)" if name == "day-of-week" else ""
+            raise ValueError(f"range {base} is reversed; write the smaller end first{hint}")
+    return range(first, last + 1, step)
+
+
+def _cron_step(text):
+    """Return the step after a "/", a whole number of at least 1."""
+    if not (text.isascii() and text.isdigit()) or int(text) == 0:
+        raise ValueError(f"step {text!r} must be a whole number of at least 1")
+    return int(text)
+
+
+def _cron_number(text, name, low, high):
+    """Return a field value given as a number or (month, weekday) a name."""
+    names = _CRON_NAMES.get(name, {})
+    if text.lower() in names:
+        return names[text.lower()]
+    if not (text.isascii() and text.isdigit()):
+        hint = f" or a name ({'jan-dec' if name == 'month' else 'sun-sat'})" if names else ""
+        raise ValueError(f"{text!r} is not a number{hint}")
+    if not low <= int(text) <= high:
+        raise ValueError(f"{text} is out of range {low}-{high}")
+    return int(text)
+
+
+def _cron_clock_kind(zone, wall):
+    """Say whether naive `wall` is "skipped", "repeated" or "normal" in `zone`."""
+    first = wall.replace(tzinfo=zone, fold=0)
+    if first.utcoffset() == first.replace(fold=1).utcoffset():
+        return "normal"
+    back = first.astimezone(datetime.timezone.utc).astimezone(zone).replace(tzinfo=None)
+    return "repeated" if back == wall else "skipped"
+
+
+def _cron_transition(zone, wall):
+    """Return the instant (UTC) of the offset change that skips or repeats `wall`."""
+    wall = wall.replace(microsecond=0)
+    # The two readings of `wall` (fold 0 and 1) fall either side of the change;
+    # zoneinfo does not expose transitions, so bisect between them.
+    low, high = sorted(wall.replace(tzinfo=zone, fold=fold).astimezone(
+        datetime.timezone.utc) for fold in (0, 1))
+    new_offset = high.astimezone(zone).utcoffset()
+    second = datetime.timedelta(seconds=1)
+    while high - low > second:  # tzdata transitions fall on whole seconds
+        middle = low + (high - low) // second // 2 * second
+        if middle.astimezone(zone).utcoffset() == new_offset:
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def _cron_fold_end(zone, wall):
+    """Return the first wall-clock time after the repeated stretch holding `wall`."""
+    change = _cron_transition(zone, wall)
+    old_offset = wall.replace(tzinfo=zone, fold=0).utcoffset()
+    return change.replace(tzinfo=None) + old_offset
 
 
 # --- The worker --------------------------------------------------------------
 
 IDLE_POLL = 0.001  # seconds between PRAGMA data_version checks of an idle worker
 TICK = 0.05  # seconds between the supervisor's checks of its processes
-SLOT_JOB, SLOT_TOKEN, SLOT_DEADLINE, SLOT_TIMEOUT = range(4)
+SLOT_JOB, SLOT_TOKEN, SLOT_DEADLINE, SLOT_TIMEOUT = range(4)  # a process's shared slot
 MAX_BATCH = 64  # steps a worker process claims at once when the queue is deep
 BATCH_TIME = 0.005  # seconds of work a batch may hold before its results are committed
-QUICK_STEP = 0.001  # seconds: a task usually this quick may have its result batched  # a child's shared slot: what it runs
+QUICK_STEP = 0.001  # seconds: a task usually this quick may have its result batched
 
 
 def _import_modules(names):
