@@ -222,7 +222,7 @@ def deserialize_task(obj):
     if isinstance(obj, (str, bytes)):
         obj = loads(obj)
     if isinstance(obj, dict) and obj.get(RESERVED) == "task":
-        obj = _decode_hook(obj)
+        obj = loads(json.dumps(obj))  # decodes the task references inside it too
     elif isinstance(obj, dict) and "name" in obj:  # a hand-made {"name", "args", "kwargs"}
         obj = Task(obj["name"], obj.get("args", ()), obj.get("kwargs") or {})
     if not isinstance(obj, Task):
@@ -498,6 +498,22 @@ def _after_fork():
 os.register_at_fork(after_in_child=_after_fork)
 
 
+class _NoLock:
+    """Stands in for the lock of ":memory:": file connections are per thread."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return False
+
+    def acquire(self):
+        return True
+
+    def release(self):
+        pass
+
+
 class Storage:
     """The SQLite backend: connections, transactions and every query litetq makes.
 
@@ -512,7 +528,7 @@ class Storage:
         self.memory = self.path == ":memory:"
         self._local = threading.local()
         self._connections = []
-        self.lock = threading.RLock() if self.memory else contextlib.nullcontext()
+        self.lock = threading.RLock() if self.memory else _NoLock()
         self._shared = self._connect() if self.memory else None
         self._create_schema()
 
@@ -643,18 +659,21 @@ class Storage:
                f"lease_until = :lease, attempts = attempts + 1, started = :now "
                f"where id in (select id from litetq_jobs where {where} "
                f"order by priority desc, due, id limit :limit) returning {CLAIM_COLUMNS}")
-        now = time.time()
-        with self.lock:
-            rows = self.conn.execute(sql, {"now": now, "worker": worker, "limit": limit,
-                                           "lease": now + lease, **names}).fetchall()
-        rows.sort(key=lambda row: (-row[7], row[8], row[0]))  # RETURNING has no order
-        expired = [row[0] for row in rows if row[5] is not None and row[5] < now]
-        if expired:
-            with self.write() as conn:
-                for job_id in expired:
-                    self._end(conn, job_id, "expired", now, only_if="running",
-                              error="expired: waited longer than its ttl")
-        return [row for row in rows if row[0] not in expired]
+        while True:  # until a claim holds a step that has not expired, or none is due
+            now = time.time()
+            with self.lock:
+                rows = self.conn.execute(sql, {"now": now, "worker": worker, "limit": limit,
+                                               "lease": now + lease, **names}).fetchall()
+            rows.sort(key=lambda row: (-row[7], row[8], row[0]))  # RETURNING has no order
+            expired = [row[0] for row in rows if row[5] is not None and row[5] < now]
+            if expired:
+                with self.write() as conn:
+                    for job_id in expired:
+                        self._end(conn, job_id, "expired", now, only_if="running",
+                                  error="expired: waited longer than its ttl")
+            live = [row for row in rows if row[0] not in expired]
+            if live or not rows:
+                return live
 
     def next_due(self, queues=None):
         """The earliest due time of a queued step, or None."""
