@@ -626,12 +626,19 @@ class Storage:
     def insert_jobs(self, rows, conn=None):
         """Insert job rows (see INSERT_JOB); return their ids. Through `conn`: no commit."""
         if conn is not None:
-            return [conn.execute(INSERT_JOB, row).lastrowid for row in rows]
-        if len(rows) == 1 and rows[0][7] is None:  # one plain row: autocommit is atomic
+            return [self._insert_unique(conn, row) for row in rows]
+        unique = any(row[7] is not None for row in rows)
+        if len(rows) == 1 and not unique:  # one plain row: autocommit is atomic
             with self.lock:
                 return [self.conn.execute(INSERT_JOB, rows[0]).lastrowid]
         with self.write() as conn:
-            return [self._insert_unique(conn, row) for row in rows]
+            if unique:
+                return [self._insert_unique(conn, row) for row in rows]
+            # Rows inserted in one write transaction get consecutive rowids, each the
+            # largest so far plus one (https://sqlite.org/autoinc.html).
+            conn.executemany(INSERT_JOB, rows)
+            last = conn.execute("select last_insert_rowid()").fetchone()[0]
+            return list(range(last - len(rows) + 1, last + 1))
 
     @staticmethod
     def _insert_unique(conn, row):
@@ -1081,16 +1088,19 @@ class Queue:
     def enqueue_many(self, tasks, *, queue=None, priority=None, delay=None, at=None, ttl=None,
                      unique=None, conn=None):
         """Add many calls in one transaction; returns their `Job`s in order."""
-        rows = [self._job_row(t, queue, priority, delay, at, ttl, unique) for t in tasks]
+        now = time.time()
+        rows = [self._job_row(t, queue, priority, delay, at, ttl, unique, now=now)
+                for t in tasks]
         if not rows:
             return []
         return [Job(self, job_id) for job_id in self.storage.insert_jobs(rows, conn)]
 
-    def _job_row(self, task, queue, priority, delay, at, ttl, unique, parent=None):
+    def _job_row(self, task, queue, priority, delay, at, ttl, unique, parent=None, now=None):
+        """The INSERT_JOB parameters for `task`; options default to the task's own."""
         if not isinstance(task, Task):
             raise TypeError(f"enqueue() takes a Task such as hello('world'), "
                             f"not {type(task).__name__} {_short_repr(task)}")
-        call, rest = _flatten(task, [])
+        call, rest = _flatten(task, []) if task.name == CHAIN else (task, None)
         if call is None:
             raise ValueError("an empty chain has nothing to run")
         function = _registry.get(call.name)  # producers need not import every task
@@ -1100,8 +1110,8 @@ class Queue:
             priority = function.priority if function else 0
         if ttl is None and function:
             ttl = function.ttl
-        now = time.time()
-        due = _due_time(now, delay, at)
+        now = now or time.time()
+        due = now if delay is None and at is None else _due_time(now, delay, at)
         return (queue, int(priority), call.name, _dumps_call(call),
                 _dumps(rest, "chain") if rest else None, due,
                 None if ttl is None else due + ttl, unique, parent, now)
