@@ -997,19 +997,28 @@ class Storage:
 
     @contextlib.contextmanager
     def due_schedules(self, now):
-        """Inside one write transaction: the entries due at `now`, and a `fired` callback
-        that records one fire time exactly once (False if another process already did)."""
+        """Inside one write transaction: the entries due at `now`, and a function
+        `fire(name, fire_time, job_row, next_run)` that enqueues the job of one fire
+        time unless it already has one (the primary key of litetq_cron_fired guards
+        this), and moves the entry on. `fire` returns the new job's id, or None."""
         with self.write() as conn:
             rows = conn.execute("select name, spec, task, tz, queue, next_run "
                                 "from litetq_cron where next_run <= ?", (now,)).fetchall()
 
-            def fired(name, fire_time, job_id, next_run):
-                done = conn.execute("insert or ignore into litetq_cron_fired values (?, ?, ?)",
-                                    (name, fire_time, job_id)).rowcount
+            def fire(name, fire_time, job_row, next_run):
                 conn.execute("update litetq_cron set next_run = ?, last_run = ? "
                              "where name = ?", (next_run, fire_time, name))
-                return done > 0
-            yield conn, rows, fired
+                if conn.execute("select 1 from litetq_cron_fired where name = ? "
+                                "and fire_time = ?", (name, fire_time)).fetchone():
+                    return None
+                job_id = conn.execute(INSERT_JOB, job_row).lastrowid
+                conn.execute("insert into litetq_cron_fired values (?, ?, ?)",
+                             (name, fire_time, job_id))
+                # The records only guard against a fire time being taken twice at once.
+                conn.execute("delete from litetq_cron_fired where name = ? and fire_time < ?",
+                             (name, fire_time - 86400))
+                return job_id
+            yield rows, fire
 
     # Workers.
 
@@ -1316,8 +1325,7 @@ class Queue:
     def schedule(self, name, spec, task, tz=None, queue=None):
         """Add (or change) a cron entry that enqueues `task` at each time `spec` names."""
         cron = Cron(spec, tz)
-        if not isinstance(task, Task):
-            raise TypeError(f"schedule() takes a Task such as report(), not {task!r}")
+        self._job_row(task, queue, None, None, None, None, None)  # bad tasks fail here
         next_run = cron.next(datetime.datetime.now(datetime.timezone.utc)).timestamp()
         self.storage.save_schedule(name, spec, dumps(task), tz, queue, next_run)
 
@@ -1341,16 +1349,14 @@ class Queue:
         elif isinstance(now, datetime.datetime):
             now = _aware(now).timestamp()
         jobs = []
-        with self.storage.due_schedules(now) as (conn, rows, fired):
+        after = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
+        with self.storage.due_schedules(now) as (rows, fire):
             for name, spec, call, tz, queue, next_run in rows:
-                after = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
                 following = Cron(spec, tz).next(after).timestamp()
                 row = self._job_row(loads(call), queue, None, None, None, None, None)
-                job_id = self.storage.insert_jobs([row], conn)[0]
-                if fired(name, next_run, job_id, following):
+                job_id = fire(name, next_run, row, following)
+                if job_id is not None:
                     jobs.append(Job(self, job_id))
-                else:  # already fired by someone else: undo our copy
-                    conn.execute("delete from litetq_jobs where id = ?", (job_id,))
         return jobs
 
 

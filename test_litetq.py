@@ -1,0 +1,3734 @@
+"""Tests for litetq, checked against SPEC.md section by section.
+
+Single-process tests run against ":memory:" (the ``q`` fixture); tests where
+persistence, threads or other processes matter use a temp file (``file_q``,
+``db_path``). Tasks used by tests are defined at module level, so their names
+are ``test_litetq.<name>``. Further down: the worker and CLI tests, which start real
+``python -m litetq worker`` processes on temp files, the web tests (a real HTTP server
+and, when installed, headless Chromium) and the cron tests.
+"""
+
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import logging
+import math
+import os
+import re
+import select
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import litetq
+
+HERE = os.path.dirname(os.path.abspath(litetq.__file__))
+
+# Module-level records the tasks below write into; reset before every test.
+ORDER = []          # execution order of record()/stepper() steps
+COUNTS = {}         # key -> number of calls
+FLAGS = {}          # key -> bool, read by tasks to decide whether to fail
+OBS = []            # observations made inside tasks
+STAMPS = []         # time.time() recorded inside tasks
+RECEIVED = []       # payloads seen by the consumer
+EVENTS = {}         # name -> threading.Event
+HTTP_LOG = []       # requests seen by the test HTTP server
+
+
+# ---------------------------------------------------------------------------
+# Helpers and fixtures
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def _reset_records():
+    for rec in (ORDER, OBS, STAMPS, RECEIVED, HTTP_LOG):
+        rec.clear()
+    COUNTS.clear()
+    FLAGS.clear()
+    EVENTS.clear()
+    yield
+
+
+@pytest.fixture
+def q():
+    """A queue on ":memory:", also the default for .delay()."""
+    queue = litetq.Queue(":memory:")
+    litetq.use(queue)
+    yield queue
+    queue.close()
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    return str(tmp_path / "app.sqlite")
+
+
+@pytest.fixture
+def file_q(db_path):
+    """A queue on a temp file, also the default for .delay()."""
+    queue = litetq.Queue(db_path)
+    litetq.use(queue)
+    yield queue
+    queue.close()
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """Shift wall-clock time (time.time) forward by clock['offset'] seconds,
+    so that long retry backoffs can be tested without sleeping."""
+    real = time.time
+    state = {"offset": 0.0}
+    monkeypatch.setattr(time, "time", lambda: real() + state["offset"])
+    return state
+
+
+def counts(queue):
+    """q.stats() without zero counts and empty queues."""
+    out = {}
+    for name, by_status in queue.stats().items():
+        nonzero = {s: n for s, n in by_status.items() if n}
+        if nonzero:
+            out[name] = nonzero
+    return out
+
+
+def run_python(code, *args, env=None, timeout=30):
+    """Run code in a fresh interpreter with litetq importable."""
+    full_env = dict(os.environ)
+    full_env.pop("LITETQ_DB", None)
+    full_env["PYTHONPATH"] = HERE + os.pathsep + full_env.get("PYTHONPATH", "")
+    if env:
+        full_env.update(env)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args],
+                          env=full_env, cwd=HERE, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def spawn_python(code, *args):
+    env = dict(os.environ)
+    env.pop("LITETQ_DB", None)
+    env["PYTHONPATH"] = HERE + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args],
+                            env=env, cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+# ---------------------------------------------------------------------------
+# Tasks used by the tests
+# ---------------------------------------------------------------------------
+
+@litetq.task
+def echo(value):
+    return value
+
+
+@litetq.task
+def echo_any(*args, **kwargs):
+    return {"args": list(args), "kwargs": kwargs}
+
+
+@litetq.task
+def hello(name, punct="!"):
+    return f"hello {name}{punct}"
+
+
+@litetq.task
+def add(a, b):
+    return a + b
+
+
+@litetq.task
+def record(tag):
+    ORDER.append(tag)
+    return tag
+
+
+@litetq.task(priority=5)
+def record_high(tag):
+    ORDER.append(tag)
+    return tag
+
+
+@litetq.task(queue="mail", priority=3, retries=2, retry_delay=0.5, timeout=30, ttl=600)
+def mail_task(to):
+    return f"mailed {to}"
+
+
+@litetq.task(name="custom.named_task")
+def custom_named():
+    return "custom"
+
+
+@litetq.task
+def stepper(tag, n, i=1):
+    ORDER.append(f"{tag}{i}")
+    if i < n:
+        return stepper(tag, n, i + 1)
+    return tag
+
+
+@litetq.task
+def countdown(n):
+    if n:
+        return countdown(n - 1)
+    return "done"
+
+
+@litetq.task(retries=3, retry_delay=0)
+def flaky(key, failures):
+    COUNTS[key] = COUNTS.get(key, 0) + 1
+    if COUNTS[key] <= failures:
+        raise ValueError(f"flaky {key} attempt {COUNTS[key]}")
+    return COUNTS[key]
+
+
+@litetq.task(retries=2, retry_delay=0.2)
+def slow_backoff(key):
+    COUNTS[key] = COUNTS.get(key, 0) + 1
+    raise ValueError("always")
+
+
+@litetq.task(retries=5, retry_delay=1000)
+def capped_backoff():
+    raise ValueError("always")
+
+
+@litetq.task(retries=5, retry_delay=0)
+def fatal_task():
+    COUNTS["fatal"] = COUNTS.get("fatal", 0) + 1
+    raise litetq.Fatal("no point trying again")
+
+
+@litetq.task(retries=1, retry_delay=0)
+def retry_later(key):
+    COUNTS[key] = COUNTS.get(key, 0) + 1
+    if COUNTS[key] == 1:
+        raise litetq.Retry(delay=0.2)
+    return "second time lucky"
+
+
+@litetq.task(retries=2, retry_delay=0)
+def retry_forever():
+    COUNTS["forever"] = COUNTS.get("forever", 0) + 1
+    raise litetq.Retry()
+
+
+@litetq.task
+def bad_value(n):
+    raise ValueError(f"bad value {n}")
+
+
+@litetq.task
+def unencodable_result():
+    return {"fine": [1, 2], "bad": {1, 2}}
+
+
+@litetq.task
+def cond_fail(key):
+    COUNTS[key] = COUNTS.get(key, 0) + 1
+    if FLAGS.get(key):
+        raise RuntimeError(f"flag {key} is set")
+    return "ran"
+
+
+@litetq.task(ttl=0.05)
+def short_lived(tag):
+    ORDER.append(tag)
+    return tag
+
+
+@litetq.task
+def self_cancel():
+    ctx = litetq.current()
+    before = ctx.cancelled
+    ctx.job.cancel()
+    OBS.append((before, ctx.cancelled))
+    return record("continuation-after-cancel")
+
+
+@litetq.task
+def spawn_then_cancel_self():
+    ctx = litetq.current()
+    ctx.spawn(record("orphan"))
+    ctx.job.cancel()
+    return "ignored"
+
+
+@litetq.task
+def wait_for_cancel():
+    ctx = litetq.current()
+    EVENTS["started"].set()
+    deadline = time.monotonic() + 3
+    while not ctx.cancelled and time.monotonic() < deadline:
+        time.sleep(0.01)
+    OBS.append(ctx.cancelled)
+    return "finished anyway"
+
+
+@litetq.task
+def ctx_probe():
+    ctx = litetq.current()
+    out = {"job": ctx.job, "attempt": ctx.attempt, "cancelled": ctx.cancelled}
+    ctx.log("probe message from ctx_probe")
+    ctx.progress(1, 2)
+    try:
+        ctx.spawn(echo(1))
+    except RuntimeError as exc:
+        out["spawn"] = str(exc)
+    try:
+        ctx.db
+    except RuntimeError as exc:
+        out["db"] = str(exc)
+    return out
+
+
+@litetq.task
+def attempt_probe():
+    ctx = litetq.current()
+    OBS.append((ctx.job.id, ctx.attempt))
+    return ctx.attempt
+
+
+@litetq.task(retries=2, retry_delay=0)
+def attempt_probe_flaky():
+    ctx = litetq.current()
+    OBS.append(ctx.attempt)
+    if ctx.attempt < 3:
+        raise ValueError("not yet")
+    return ctx.attempt
+
+
+@litetq.task
+def child_logger(n):
+    litetq.current().log(f"child {n} says hi")
+    return n
+
+
+@litetq.task
+def parent_logger():
+    ctx = litetq.current()
+    ctx.log("parent starts")
+    ctx.log("parent warns", level="warning")
+    ctx.spawn(child_logger(1))
+    return "parent done"
+
+
+@litetq.task
+def progress_task(done, total):
+    if total is None:
+        litetq.current().progress(done)
+    else:
+        litetq.current().progress(done, total)
+    return "progressed"
+
+
+@litetq.task
+def square(n):
+    return n * n
+
+
+@litetq.task
+def fan_out(n):
+    ctx = litetq.current()
+    for i in range(n):
+        ctx.spawn(square(i))
+    return fan_in()
+
+
+@litetq.task
+def fan_in():
+    children = litetq.current().job.children()
+    OBS.append(sorted(c.status for c in children))
+    return sum(c.result(timeout=0) for c in children)
+
+
+@litetq.task
+def spawn_then_value():
+    ctx = litetq.current()
+    ctx.spawn(record("child-a"))
+    ctx.spawn(record("child-b"))
+    return "parent value"
+
+
+@litetq.task
+def child_boom():
+    raise ValueError("child exploded")
+
+
+@litetq.task
+def spawn_failing():
+    litetq.current().spawn(child_boom())
+    return record("continuation-after-failed-child")
+
+
+@litetq.task
+def spawn_two_records():
+    ctx = litetq.current()
+    ctx.spawn(record("never-1"))
+    ctx.spawn(record("never-2"))
+    return "spawned"
+
+
+@litetq.task
+def spawn_elsewhere():
+    litetq.current().spawn(echo("side"), queue="side", priority=2)
+    return "spawned elsewhere"
+
+
+@litetq.task
+def independent_delay():
+    job = record.delay("independent")
+    return job.id
+
+
+@litetq.task(atomic=True)
+def write_note(text, fail):
+    db = litetq.current().db
+    db.execute("insert into notes (text) values (?)", (text,))
+    if fail:
+        raise ValueError("rolled back")
+    return text
+
+
+@litetq.task(atomic=True, retries=1, retry_delay=0)
+def write_note_flaky(text):
+    litetq.current().db.execute("insert into notes (text) values (?)", (text,))
+    COUNTS[text] = COUNTS.get(text, 0) + 1
+    if COUNTS[text] == 1:
+        raise ValueError("first attempt fails after writing")
+    return text
+
+
+@litetq.task(atomic=True)
+def write_mem_note(text, fail):
+    db = litetq.current().db
+    db.execute("create table if not exists mem_notes (text text)")
+    db.execute("insert into mem_notes (text) values (?)", (text,))
+    if fail:
+        raise ValueError("rolled back")
+    return text
+
+
+@litetq.task(atomic=True)
+def read_mem_notes():
+    db = litetq.current().db
+    return [r[0] for r in db.execute("select text from mem_notes order by rowid")]
+
+
+@litetq.task(atomic=True)
+def atomic_then_continue(text):
+    litetq.current().db.execute("insert into notes (text) values (?)", (text,))
+    return echo(text + " continued")
+
+
+@litetq.task
+def non_atomic_db():
+    try:
+        litetq.current().db
+    except Exception as exc:        # spec: ctx.db is only for atomic tasks
+        return type(exc).__name__
+    return "no error"
+
+
+@litetq.task
+def task_info(t):
+    return [isinstance(t, litetq.Task), t.name, list(t.args)]
+
+
+@litetq.task
+def run_given(t):
+    return t                                # a continuation handed in as argument
+
+
+@litetq.task
+def stamp():
+    STAMPS.append(time.time())
+    return "stamped"
+
+
+@litetq.task(name="test_litetq_env.ping")
+def env_ping(x):
+    return x * 2
+
+
+@litetq.consumer("test_litetq.inbox")
+def on_inbox(payload):
+    RECEIVED.append(payload)
+
+
+# ===========================================================================
+# §1. Tasks and task references
+# ===========================================================================
+
+def test_calling_a_task_returns_a_reference_and_runs_nothing():
+    ref = record("not run")
+    assert isinstance(ref, litetq.Task)
+    assert ORDER == []
+    assert ref.name == "test_litetq.record"
+    assert ref.args == ("not run",)
+    assert ref.kwargs == {}
+
+
+def test_task_values_equality_repr_and_codec():
+    assert hello("world") == hello("world")
+    assert hello("world") != hello("moon")
+    assert hello("world") != hello("world", punct="?")
+    assert hello("world") != echo("world")
+    assert repr(hello("world")).endswith("hello('world')")
+    assert str(hello("world")).endswith("hello('world')")
+    assert repr(hello("world", punct="?")).endswith("hello('world', punct='?')")
+    ref = hello("world", punct="?")
+    assert litetq.loads(litetq.dumps(ref)) == ref
+    json.loads(litetq.dumps(ref))            # real JSON text
+
+
+def test_run_once_and_run():
+    assert hello("world").run_once() == "hello world!"
+    assert add(2, 3).run_once() == 5
+    # run_once does not follow continuations, run() does
+    assert countdown(2).run_once() == countdown(1)
+    assert countdown(3).run() == "done"
+
+
+def test_task_name_default_and_custom():
+    assert hello("x").name == "test_litetq.hello"
+    assert custom_named().name == "custom.named_task"
+
+
+def test_duplicate_registration_of_different_function_raises():
+    def other(value):
+        return value
+    with pytest.raises(ValueError):
+        litetq.task(name="test_litetq.echo")(other)
+    with pytest.raises(ValueError):
+        litetq.task(name="custom.named_task")(other)
+    # the original is untouched
+    assert echo(4).run_once() == 4
+
+
+def test_unknown_task_option_raises_typeerror():
+    with pytest.raises(TypeError):
+        @litetq.task(retry=3)
+        def typo_option():
+            pass
+
+
+def test_task_options_apply_to_jobs(q):
+    job = mail_task.delay("bob")
+    assert counts(q) == {"mail": {"queued": 1}}
+    assert q.jobs(queue="mail")[0].id == job.id
+    assert q.run_until_idle() == 1
+    assert job.result(timeout=5) == "mailed bob"
+
+
+# --- §1 arguments and results are JSON -------------------------------------
+
+def test_dumps_loads_basics():
+    value = {"a": [1, 2.5, None, True, "x"], "t": (1, 2)}
+    s = litetq.dumps(value)
+    assert isinstance(s, str)
+    assert litetq.loads(s) == {"a": [1, 2.5, None, True, "x"], "t": [1, 2]}
+
+
+def test_tasks_at_any_depth_round_trip():
+    inner = hello("deep")
+    value = {"x": [1, {"y": [inner, (inner, 2)]}], "z": echo(echo(inner))}
+    back = litetq.loads(litetq.dumps(value))
+    assert back == {"x": [1, {"y": [inner, [inner, 2]]}], "z": echo(echo(inner))}
+    assert isinstance(back["x"][1]["y"][0], litetq.Task)
+
+
+def _reserved_keys():
+    encoded = json.loads(litetq.dumps(echo(1)))
+    assert isinstance(encoded, dict), "a Task should encode as a JSON object"
+    return sorted(encoded)
+
+
+def test_dict_that_looks_like_an_encoded_task_round_trips_unchanged():
+    lookalike = json.loads(litetq.dumps(echo(1)))    # a plain dict now
+    back = litetq.loads(litetq.dumps(lookalike))
+    assert back == lookalike
+    assert not isinstance(back, litetq.Task)
+    nested = {"outer": [lookalike, {"k": lookalike}]}
+    assert litetq.loads(litetq.dumps(nested)) == nested
+    # and a lookalike that carries a real task inside
+    mixed = dict(lookalike)
+    mixed[_reserved_keys()[0]] = echo(2)
+    assert litetq.loads(litetq.dumps(mixed)) == mixed
+
+
+def test_lookalike_dict_as_task_argument_arrives_unchanged(q):
+    lookalike = json.loads(litetq.dumps(echo(1)))
+    job = echo.delay(lookalike)
+    q.run_until_idle()
+    assert job.result(timeout=5) == lookalike
+
+
+def _normalize(value):
+    if isinstance(value, (list, tuple)):
+        return [_normalize(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _normalize(v) for k, v in value.items()}
+    if isinstance(value, litetq.Task):
+        return echo_any(*_normalize(list(value.args)), **_normalize(value.kwargs))
+    return value
+
+
+_RESERVED = None
+
+
+def _reserved_or_text():
+    global _RESERVED
+    if _RESERVED is None:
+        _RESERVED = _reserved_keys()
+    return st.one_of(st.sampled_from(_RESERVED), st.text(max_size=8))
+
+
+_identifiers = st.from_regex(r"[a-z_][a-z0-9_]{0,6}", fullmatch=True)
+_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(),
+    st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=10))
+
+
+def _containers(children):
+    return st.one_of(
+        st.lists(children, max_size=4),
+        st.lists(children, max_size=4).map(tuple),
+        st.dictionaries(st.deferred(_reserved_or_text), children, max_size=4),
+        st.builds(lambda a, k: echo_any(*a, **k),
+                  st.lists(children, max_size=3),
+                  st.dictionaries(_identifiers, children, max_size=3)),
+    )
+
+
+_json_values = st.recursive(_scalars, _containers, max_leaves=25)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_json_values)
+def test_codec_round_trip_hypothesis(value):
+    text = litetq.dumps(value)
+    assert isinstance(text, str)
+    json.loads(text)
+    assert litetq.loads(text) == _normalize(value)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_json_values)
+def test_values_round_trip_through_a_job_hypothesis(value):
+    with litetq.Queue(":memory:") as queue:
+        job = queue.enqueue(echo(value))
+        assert queue.job(job.id).task == echo(_normalize(value))
+        queue.run_until_idle(max_steps=1)
+        if isinstance(value, litetq.Task):
+            return                        # a returned Task is a continuation
+        assert job.result(timeout=5) == _normalize(value)
+
+
+@pytest.mark.parametrize("args,kwargs,type_name,where", [
+    ((1, {"when": dt.datetime(2024, 1, 1)}), {}, "datetime", "args[1]['when']"),
+    (([1, 2, b"x"],), {}, "bytes", "args[0][2]"),
+    (({1, 2},), {}, "set", "args[0]"),
+    ((), {"x": object()}, "object", "kwargs['x']"),
+    (({1: "int key"},), {}, "int", "args[0]"),
+    ((echo({"deep": [{1.5, 2.5}]}),), {}, "set", "['deep'][0]"),
+])
+def test_non_json_argument_typeerror_before_write(q, args, kwargs, type_name, where):
+    with pytest.raises(TypeError) as info:
+        echo_any.delay(*args, **kwargs)
+    message = str(info.value)
+    assert type_name in message
+    assert where in message
+    assert counts(q) == {}
+    assert q.jobs() == []
+
+
+def test_non_json_argument_typeerror_through_enqueue(q):
+    with pytest.raises(TypeError):
+        q.enqueue(echo_any(1, {"when": dt.date(2024, 1, 1)}))
+    assert q.jobs() == []
+
+
+def test_nan_is_refused_or_round_trips():
+    try:
+        text = litetq.dumps(float("nan"))
+    except TypeError as exc:
+        assert "float" in str(exc) or "nan" in str(exc).lower()
+    else:
+        assert math.isnan(litetq.loads(text))
+
+
+def test_unencodable_result_fails_job_and_runner_carries_on(q):
+    bad = unencodable_result.delay()
+    good = echo.delay("after")
+    q.run_until_idle()
+    assert bad.status == "failed"
+    assert "set" in bad.error and "['bad']" in bad.error
+    with pytest.raises(litetq.TaskFailed):
+        bad.result(timeout=5)
+    assert good.result(timeout=5) == "after"
+
+
+def test_enqueue_rejects_non_task(q):
+    with pytest.raises(TypeError):
+        q.enqueue("test_litetq.echo")
+    with pytest.raises(TypeError):
+        q.enqueue(echo)                     # the function, not a call
+    assert q.jobs() == []
+
+
+def test_unregistered_task_fails_and_runner_carries_on(q):
+    encoded = json.loads(litetq.dumps(echo(1)))
+    name_key = next(k for k, v in encoded.items() if v == "test_litetq.echo")
+    encoded[name_key] = "test_litetq.no_such_task"
+    ghost = q.enqueue(litetq.deserialize_task(encoded))
+    good = q.enqueue(echo("still fine"))
+    q.run_until_idle()
+    assert ghost.status == "failed"
+    assert "unregistered" in ghost.error and "test_litetq.no_such_task" in ghost.error
+    assert good.result(timeout=5) == "still fine"
+
+
+def test_task_references_in_arguments_arrive_as_tasks(q):
+    job = task_info.delay(echo(5))
+    q.run_until_idle()
+    assert job.result(timeout=5) == [True, "test_litetq.echo", [5]]
+    job2 = run_given.delay(hello("given"))
+    q.run_until_idle()
+    assert job2.result(timeout=5) == "hello given!"
+
+
+# ===========================================================================
+# §2. Jobs
+# ===========================================================================
+
+def test_delay_returns_job_and_lifecycle(q):
+    job = hello.delay("world")
+    assert isinstance(job.id, int)
+    assert job.status == "queued"
+    assert not job.done()
+    assert job.task == hello("world")
+    assert job.attempts == 0
+    assert job.error is None
+    assert job.parent is None
+    assert job.children() == []
+    assert job.progress is None
+    assert q.run_until_idle() == 1
+    assert job.status == "complete"
+    assert job.done()
+    assert job.result() == "hello world!"
+    assert job.wait() is not None and job.wait().id == job.id
+    assert job.steps == 1
+    assert job.attempts == 1
+    assert job.error is None
+
+
+def test_job_ids_are_unique(q):
+    ids = {echo.delay(i).id for i in range(20)}
+    assert len(ids) == 20
+
+
+def test_q_job_by_id_and_not_found(q):
+    job = echo.delay(1)
+    again = q.job(job.id)
+    assert again.id == job.id
+    assert again.task == echo(1)
+    with pytest.raises(litetq.NotFound):
+        q.job(987654321)
+
+
+def test_exception_hierarchy():
+    for exc in (litetq.TaskFailed, litetq.Cancelled, litetq.Expired, litetq.NotFound):
+        assert issubclass(exc, litetq.Error)
+
+
+def test_result_timeout_raises_timeouterror(q):
+    job = echo.delay(1)
+    start = time.monotonic()
+    cpu = time.process_time()
+    with pytest.raises(TimeoutError):
+        job.result(timeout=0.3)
+    elapsed = time.monotonic() - start
+    cpu_used = time.process_time() - cpu
+    assert 0.25 <= elapsed < 2.0
+    assert cpu_used < 0.2, f"waiting burned {cpu_used:.3f}s CPU in 0.3s: busy loop?"
+    with pytest.raises(TimeoutError):
+        job.wait(timeout=0.05)
+
+
+def test_wait_from_another_thread(file_q):
+    job = stamp.delay()
+    seen = {}
+
+    def waiter():
+        j = file_q.job(job.id).wait(timeout=5)
+        seen["time"] = time.time()
+        seen["status"] = j.status
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    time.sleep(0.2)
+    assert thread.is_alive()
+    assert file_q.run_until_idle() == 1
+    thread.join(5)
+    assert seen["status"] == "complete"
+    latency = seen["time"] - STAMPS[0]
+    print(f"thread waiter latency: {latency * 1000:.1f} ms")
+    assert latency < 0.15
+
+
+WAITER = """
+import sys, time, litetq
+q = litetq.Queue(sys.argv[1])
+for job_id in sys.argv[2:]:
+    job = q.job(int(job_id))
+    print("ready", flush=True)
+    value = job.result(timeout=10)
+    print(repr(time.time()), value, flush=True)
+"""
+
+
+def test_wait_from_another_process_sees_result_within_50ms(file_q, db_path):
+    jobs = [stamp.delay() for _ in range(3)]
+    proc = spawn_python(WAITER, db_path, *[str(j.id) for j in jobs])
+    latencies = []
+    try:
+        for _ in jobs:
+            line = proc.stdout.readline()
+            assert line.strip() == "ready", (line, proc.stderr.read() if not line else "")
+            time.sleep(0.3)          # let the waiter block
+            assert file_q.run_until_idle(max_steps=1) == 1
+            committed_before = time.time()
+            observed, value = proc.stdout.readline().split()
+            assert value == "stamped"
+            # upper bound: the commit happened after the task's stamp
+            latencies.append(float(observed) - STAMPS[-1])
+            assert float(observed) - committed_before < 0.15
+    finally:
+        proc.wait(10)
+    print("cross-process latencies (ms, upper bound):",
+          [round(x * 1000, 1) for x in latencies])
+    assert statistics.median(latencies) < 0.05, latencies
+    assert max(latencies) < 0.15, latencies
+
+
+# ===========================================================================
+# §3. The queue object
+# ===========================================================================
+
+def test_queue_context_manager_and_persistence(db_path):
+    with litetq.Queue(db_path) as q1:
+        job = q1.enqueue(hello("file"))
+        job_id = job.id
+    with litetq.Queue(db_path) as q2:
+        again = q2.job(job_id)
+        assert again.status == "queued"
+        assert again.task == hello("file")
+        assert q2.run_until_idle() == 1
+    with litetq.Queue(db_path) as q3:
+        assert q3.job(job_id).result(timeout=5) == "hello file!"
+        assert counts(q3) == {"default": {"complete": 1}}
+
+
+def test_queue_accepts_pathlike(tmp_path):
+    with litetq.Queue(tmp_path / "p.sqlite") as q1:
+        assert q1.enqueue(echo(1)).id
+    assert (tmp_path / "p.sqlite").exists()
+
+
+def test_queue_file_is_wal_and_tables_prefixed(db_path):
+    with litetq.Queue(db_path, synchronous="FULL"):
+        pass
+    con = sqlite3.connect(db_path)
+    try:
+        assert con.execute("pragma journal_mode").fetchone()[0].lower() == "wal"
+        tables = [r[0] for r in con.execute(
+            "select name from sqlite_master where type = 'table' "
+            "and name not like 'sqlite_%'")]
+    finally:
+        con.close()
+    assert tables
+    assert all(t.startswith("litetq_") for t in tables), tables
+
+
+def test_queue_lives_beside_app_tables(db_path):
+    con = sqlite3.connect(db_path)
+    con.execute("create table users (name text)")
+    con.execute("insert into users values ('ann')")
+    con.commit()
+    con.close()
+    with litetq.Queue(db_path) as q1:
+        q1.enqueue(echo(1))
+    con = sqlite3.connect(db_path)
+    assert con.execute("select name from users").fetchall() == [("ann",)]
+    con.close()
+
+
+def test_empty_existing_file_works(db_path):
+    open(db_path, "wb").close()
+    with litetq.Queue(db_path) as q1:
+        assert q1.enqueue(echo(1)).status == "queued"
+
+
+def test_corrupt_file_raises_litetq_error(db_path):
+    with open(db_path, "wb") as f:
+        f.write(b"this is not a sqlite database, just some text\n" * 200)
+    with pytest.raises(litetq.Error):
+        q1 = litetq.Queue(db_path)
+        q1.stats()
+
+
+def _bump_schema_version(path):
+    """Pretend a newer litetq wrote this file; returns a function that reads
+    the stored version back."""
+    con = sqlite3.connect(path)
+    bumped = []
+    user_version = con.execute("pragma user_version").fetchone()[0]
+    if user_version:
+        con.execute(f"pragma user_version = {user_version + 1000}")
+        bumped.append("user_version")
+    metas = [r[0] for r in con.execute(
+        "select name from sqlite_master where type = 'table' and name like 'litetq%meta%'")]
+    for table in metas:
+        cols = [r[1] for r in con.execute(f"pragma table_info({table})")]
+        key, value = cols[0], cols[1]
+        n = con.execute(
+            f"update {table} set {value} = cast({value} as integer) + 1000 "
+            f"where {key} like '%schema%' or {key} like '%version%'").rowcount
+        if n:
+            bumped.append(table)
+    con.commit()
+    con.close()
+    assert bumped, "found neither PRAGMA user_version nor a litetq meta table version"
+
+    def snapshot():
+        c = sqlite3.connect(path)
+        try:
+            out = [c.execute("pragma user_version").fetchone()[0]]
+            for table in metas:
+                out.append(c.execute(f"select * from {table}").fetchall())
+            return out
+        finally:
+            c.close()
+    return snapshot
+
+
+def test_newer_schema_version_raises_clear_error(db_path):
+    with litetq.Queue(db_path) as q1:
+        q1.enqueue(echo(1))
+    snapshot = _bump_schema_version(db_path)
+    before = snapshot()
+    with pytest.raises(litetq.Error) as info:
+        q2 = litetq.Queue(db_path)
+        q2.stats()
+    assert "version" in str(info.value).lower() or "newer" in str(info.value).lower()
+    assert snapshot() == before             # nothing was downgraded
+
+
+def test_unknown_enqueue_options_raise_typeerror(q):
+    with pytest.raises(TypeError):
+        q.enqueue(echo(1), bogus=1)
+    with pytest.raises(TypeError):
+        q.enqueue(echo(1), priorty=1)
+    with pytest.raises(TypeError):
+        q.enqueue_many([echo(1)], bogus=1)
+    assert q.jobs() == []
+
+
+USE_NOTHING = """
+import litetq
+@litetq.task(name="test_litetq_env.ping")
+def ping(x):
+    return x
+try:
+    ping.delay(1)
+except RuntimeError as exc:
+    print("RuntimeError:", exc)
+else:
+    print("no error")
+"""
+
+
+def test_no_use_and_no_env_raises_runtimeerror_saying_how():
+    out = run_python(USE_NOTHING)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("RuntimeError:"), out.stdout + out.stderr
+    assert "use(" in out.stdout and "LITETQ_DB" in out.stdout, out.stdout
+
+
+USE_ENV = """
+import litetq
+@litetq.task(name="test_litetq_env.ping")
+def ping(x):
+    return x
+print(ping.delay(21).id)
+"""
+
+
+def test_env_litetq_db_is_used(db_path):
+    out = run_python(USE_ENV, env={"LITETQ_DB": db_path})
+    assert out.returncode == 0, out.stderr
+    job_id = int(out.stdout.strip())
+    with litetq.Queue(db_path) as q1:
+        job = q1.job(job_id)
+        assert job.task.name == "test_litetq_env.ping"
+        assert job.task.args == (21,)
+        q1.run_until_idle()
+        assert job.result(timeout=5) == 42        # run here by env_ping
+
+
+def test_use_with_a_path(db_path):
+    litetq.use(db_path)
+    job = echo.delay("via path")
+    with litetq.Queue(db_path) as q1:
+        assert q1.job(job.id).task == echo("via path")
+
+
+def test_enqueue_overrides_task_options(q):
+    job = q.enqueue(mail_task("x"), queue="urgent", priority=9)
+    assert counts(q) == {"urgent": {"queued": 1}}
+    assert q.jobs(queue="urgent")[0].id == job.id
+
+
+def test_priority_then_fifo(q):
+    q.enqueue(record("low-1"))
+    record_high.delay("high-1")
+    q.enqueue(record("mid"), priority=2)
+    record_high.delay("high-2")
+    q.enqueue(record("low-2"))
+    q.enqueue(record("top"), priority=10)
+    q.enqueue(record("neg"), priority=-1)
+    assert q.run_until_idle() == 7
+    assert ORDER == ["top", "high-1", "high-2", "mid", "low-1", "low-2", "neg"]
+
+
+def test_delay_and_at(q):
+    soon = time.time() + 0.3
+    jobs = [
+        q.enqueue(record("delay"), delay=0.3),
+        q.enqueue(record("aware"), at=dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=0.3)),
+        q.enqueue(record("naive"), at=dt.datetime.now() + dt.timedelta(seconds=0.3)),
+        q.enqueue(record("epoch"), at=soon),
+        q.enqueue(record("far"), at=time.time() + 3600),
+        q.enqueue(record("past"), at=time.time() - 10),
+    ]
+    assert q.run_until_idle() == 1
+    assert ORDER == ["past"]
+    assert [j.status for j in jobs[:5]] == ["queued"] * 5
+    time.sleep(max(0, soon - time.time()) + 0.05)
+    assert q.run_until_idle() == 4
+    assert sorted(ORDER) == sorted(["past", "delay", "aware", "naive", "epoch"])
+    assert jobs[4].status == "queued"
+
+
+def test_ttl_expiry(q):
+    job = q.enqueue(record("too late"), ttl=0.1)
+    fresh = q.enqueue(record("in time"), ttl=60)
+    time.sleep(0.15)
+    q.run_until_idle()
+    assert job.status == "expired"
+    assert job.done()
+    with pytest.raises(litetq.Expired):
+        job.result(timeout=5)
+    assert fresh.result(timeout=5) == "in time"
+    assert ORDER == ["in time"]
+
+
+def test_ttl_from_task_option(q):
+    job = short_lived.delay("x")
+    time.sleep(0.1)
+    q.run_until_idle()
+    assert job.status == "expired"
+    assert ORDER == []
+
+
+def test_ttl_counts_from_due_time(q):
+    job = q.enqueue(record("delayed"), delay=0.3, ttl=0.2)
+    time.sleep(0.35)                  # past enqueue+ttl, within due+ttl
+    q.run_until_idle()
+    assert job.status == "complete"
+    assert ORDER == ["delayed"]
+
+
+def test_unique(q):
+    a = q.enqueue(echo(1), unique="k")
+    b = q.enqueue(echo(2), unique="k")
+    c = q.enqueue(echo(3), unique="other")
+    assert a.id == b.id
+    assert c.id != a.id
+    assert counts(q) == {"default": {"queued": 2}}
+    q.run_until_idle()
+    assert a.result(timeout=5) == 1
+    d = q.enqueue(echo(4), unique="k")   # the old one finished
+    assert d.id != a.id
+    q.run_until_idle()
+    assert d.result(timeout=5) == 4
+
+
+def test_enqueue_many_one_transaction(q):
+    jobs = q.enqueue_many([echo(i) for i in range(5)], queue="batch")
+    assert [j.task for j in jobs] == [echo(i) for i in range(5)]
+    assert len({j.id for j in jobs}) == 5
+    assert counts(q) == {"batch": {"queued": 5}}
+    with pytest.raises(TypeError):
+        q.enqueue_many([echo(1), echo({1, 2}), echo(3)])
+    assert counts(q) == {"batch": {"queued": 5}}      # nothing half-written
+    q.run_until_idle()
+    assert [j.result(timeout=5) for j in jobs] == list(range(5))
+
+
+def test_enqueue_many_file_all_or_nothing(file_q, db_path):
+    file_q.enqueue_many([echo(i) for i in range(3)])
+    with pytest.raises(TypeError):
+        file_q.enqueue_many([echo(10), echo(b"bytes")])
+    with litetq.Queue(db_path) as other:
+        assert counts(other) == {"default": {"queued": 3}}
+
+
+def test_jobs_filters_newest_first(q):
+    a = q.enqueue(echo(1), queue="x")
+    b = q.enqueue(echo(2))
+    c = q.enqueue(hello("c"))
+    d = q.enqueue(echo(4))
+    assert [j.id for j in q.jobs()] == [d.id, c.id, b.id, a.id]
+    assert [j.id for j in q.jobs(queue="x")] == [a.id]
+    assert [j.id for j in q.jobs(task="test_litetq.hello")] == [c.id]
+    assert [j.id for j in q.jobs(limit=2)] == [d.id, c.id]
+    q.run_until_idle(max_steps=1)            # runs a (oldest, all priority 0)
+    assert [j.id for j in q.jobs(status="complete")] == [a.id]
+    assert [j.id for j in q.jobs(status="queued")] == [d.id, c.id, b.id]
+    assert [j.id for j in q.jobs(status="queued", task="test_litetq.echo")] == [d.id, b.id]
+
+
+def test_stats_shape(q):
+    assert counts(q) == {}
+    q.enqueue(echo(1))
+    q.enqueue(echo(2))
+    q.enqueue(bad_value(1))
+    q.enqueue(echo(3), queue="other")
+    q.run_until_idle(max_steps=3)
+    stats = q.stats()
+    assert isinstance(stats, dict)
+    assert all(isinstance(v, dict) for v in stats.values())
+    assert all(isinstance(n, int) for v in stats.values() for n in v.values())
+    assert counts(q) == {"default": {"complete": 2, "failed": 1}, "other": {"queued": 1}}
+
+
+def test_run_until_idle_returns_steps_and_max_steps(q):
+    for i in range(3):
+        q.enqueue(echo(i))
+    assert q.run_until_idle(max_steps=2) == 2
+    assert q.run_until_idle() == 1
+    assert q.run_until_idle() == 0
+
+
+def test_thread_safety_many_threads_delay(file_q, db_path):
+    errors = []
+    ids = []
+    lock = threading.Lock()
+
+    def producer(n):
+        try:
+            for i in range(25):
+                job = echo.delay([n, i])
+                with lock:
+                    ids.append(job.id)
+        except Exception as exc:         # pragma: no cover - reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=producer, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    assert len(set(ids)) == 200
+    assert counts(file_q) == {"default": {"queued": 200}}
+    assert file_q.run_until_idle() == 200
+    with litetq.Queue(db_path) as other:
+        assert counts(other) == {"default": {"complete": 200}}
+
+
+PRODUCER = """
+import sys, litetq
+@litetq.task(name="test_litetq_env.ping")
+def ping(x):
+    return x
+q = litetq.Queue(sys.argv[1])
+for i in range(20):
+    q.enqueue(ping(i))
+print("ok")
+"""
+
+
+def test_concurrent_runners_run_each_step_once(file_q, db_path):
+    for i in range(100):
+        file_q.enqueue(record(i))
+    others = [litetq.Queue(db_path) for _ in range(3)]
+    threads = [threading.Thread(target=queue.run_until_idle) for queue in [file_q] + others]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for queue in others:
+        queue.close()
+    assert sorted(ORDER) == list(range(100))
+    assert counts(file_q) == {"default": {"complete": 100}}
+
+
+def test_many_processes_enqueue_to_one_file(file_q, db_path):
+    procs = [spawn_python(PRODUCER, db_path) for _ in range(3)]
+    for p in procs:
+        out, err = p.communicate(timeout=30)
+        assert p.returncode == 0, err
+    assert counts(file_q) == {"default": {"queued": 60}}
+    assert file_q.run_until_idle() == 60
+
+
+def test_transactional_enqueue_commit_and_rollback(file_q, db_path):
+    conn = sqlite3.connect(db_path, timeout=5)
+    conn.execute("create table orders (id integer primary key, item text)")
+    conn.commit()
+
+    conn.execute("insert into orders (item) values ('book')")
+    kept = file_q.enqueue(echo("kept"), conn=conn)
+    assert file_q.jobs() == []                # not visible before commit
+    conn.commit()
+    assert [j.id for j in file_q.jobs()] == [kept.id]
+    assert file_q.job(kept.id).status == "queued"
+
+    conn.execute("insert into orders (item) values ('pen')")
+    dropped = file_q.enqueue(echo("dropped"), conn=conn)
+    conn.rollback()
+    assert [j.id for j in file_q.jobs()] == [kept.id]
+    with pytest.raises(litetq.NotFound):
+        file_q.job(dropped.id)
+    assert conn.execute("select item from orders").fetchall() == [("book",)]
+    conn.close()
+    file_q.run_until_idle()
+    assert kept.result(timeout=5) == "kept"
+
+
+# ===========================================================================
+# §4. Continuations and chains
+# ===========================================================================
+
+def test_continuations_keep_job_id_and_interleave(q):
+    a = stepper.delay("A", 3)
+    b = stepper.delay("B", 3)
+    assert q.run_until_idle(max_steps=1) == 1
+    assert a.status == "queued"
+    assert a.task == stepper("A", 3, 2)
+    assert a.steps == 2                   # "1 + continuations taken" (SPEC §2)
+    assert q.run_until_idle() == 5
+    assert ORDER == ["A1", "B1", "A2", "B2", "A3", "B3"]
+    assert a.result(timeout=5) == "A" and b.result(timeout=5) == "B"
+    assert a.steps == 3 and b.steps == 3
+    assert [j.id for j in q.jobs()] == [b.id, a.id]      # no extra rows
+
+
+def test_countdown_result_is_last_step(q):
+    job = countdown.delay(4)
+    q.run_until_idle()
+    assert job.result(timeout=5) == "done"
+    assert job.steps == 5
+
+
+def test_crash_between_steps_resumes_at_last_step(db_path):
+    q1 = litetq.Queue(db_path)
+    job_id = q1.enqueue(stepper("C", 3)).id
+    assert q1.run_until_idle(max_steps=1) == 1
+    q1.close()
+    assert ORDER == ["C1"]
+    with litetq.Queue(db_path) as q2:
+        job = q2.job(job_id)
+        assert job.status == "queued"
+        assert job.steps == 2             # 1 + the continuation taken
+        assert job.task == stepper("C", 3, 2)
+        assert q2.run_until_idle() == 2
+        assert ORDER == ["C1", "C2", "C3"]
+        assert job.result(timeout=5) == "C"
+        assert job.steps == 3
+
+
+def test_chain_varargs_and_list(q):
+    j1 = q.enqueue(litetq.chain(record("a"), record("b"), record("c")))
+    q.run_until_idle()
+    assert ORDER == ["a", "b", "c"]
+    assert j1.result(timeout=5) == "c"
+    assert j1.steps >= 3
+    ORDER.clear()
+    j2 = q.enqueue(litetq.chain([record("x"), record("y")]))
+    q.run_until_idle()
+    assert ORDER == ["x", "y"]
+    assert j2.result(timeout=5) == "y"
+
+
+def test_chain_nested_and_with_continuations(q):
+    job = q.enqueue(litetq.chain(
+        record("a"),
+        litetq.chain(record("b"), litetq.chain([record("c")])),
+        stepper("S", 2),
+        record("d"),
+    ))
+    q.run_until_idle()
+    assert ORDER == ["a", "b", "c", "S1", "S2", "d"]
+    assert job.result(timeout=5) == "d"
+    assert len(q.jobs()) == 1
+
+
+def test_chain_result_last_and_runs_in_process():
+    assert litetq.chain(add(1, 2), countdown(2), add(3, 4)).run() == 7
+    assert litetq.chain(countdown(1)).run() == "done"
+
+
+def test_chain_interleaves_with_other_jobs(q):
+    q.enqueue(litetq.chain(record("c1"), record("c2"), record("c3")))
+    q.enqueue(stepper("S", 3))
+    q.run_until_idle()
+    chain_steps = [t for t in ORDER if t.startswith("c")]
+    assert chain_steps == ["c1", "c2", "c3"]
+    # the chain's steps queue behind due work, so S1 runs before c3
+    assert ORDER.index("S1") < ORDER.index("c3")
+
+
+def test_chain_is_durable_between_steps(db_path):
+    q1 = litetq.Queue(db_path)
+    job_id = q1.enqueue(litetq.chain(record("a"), record("b"), record("c"))).id
+    while "a" not in ORDER:
+        assert q1.run_until_idle(max_steps=1) == 1
+    q1.close()
+    with litetq.Queue(db_path) as q2:
+        q2.run_until_idle()
+        assert ORDER == ["a", "b", "c"]
+        assert q2.job(job_id).result(timeout=5) == "c"
+
+
+def test_deserialize_task():
+    ref = echo_any(1, [2, hello("x")], key={"k": (3,)})
+    assert litetq.deserialize_task(ref) is ref
+    encoded = litetq.dumps(ref)
+    assert litetq.deserialize_task(encoded) == echo_any(1, [2, hello("x")], key={"k": [3]})
+    assert litetq.deserialize_task(json.loads(encoded)) == echo_any(1, [2, hello("x")], key={"k": [3]})
+    assert isinstance(litetq.deserialize_task(json.loads(encoded)), litetq.Task)
+
+
+# ===========================================================================
+# §5. Failure, retry, timeout
+# ===========================================================================
+
+def test_failure_without_retries_taskfailed_error_and_traceback(q):
+    job = bad_value.delay(42)
+    q.run_until_idle()
+    assert job.status == "failed"
+    assert job.done()
+    assert "ValueError" in job.error and "bad value 42" in job.error
+    with pytest.raises(litetq.TaskFailed) as info:
+        job.result(timeout=5)
+    assert "ValueError" in info.value.error and "bad value 42" in info.value.error
+    assert "Traceback (most recent call last)" in info.value.traceback
+    assert "bad_value" in info.value.traceback
+    assert "bad value 42" in info.value.traceback
+
+
+def test_retries_with_zero_delay(q):
+    job = flaky.delay("k", 2)
+    q.run_until_idle()
+    assert job.result(timeout=5) == 3
+    assert COUNTS["k"] == 3
+    assert job.attempts == 3
+
+
+def test_retries_exhausted(q):
+    job = flaky.delay("z", 10)
+    q.run_until_idle()
+    assert job.status == "failed"
+    assert COUNTS["z"] == 4              # 1 + 3 retries
+    assert "flaky z attempt 4" in job.error
+
+
+def test_attempt_numbers_in_context(q):
+    job = attempt_probe_flaky.delay()
+    q.run_until_idle()
+    assert OBS == [1, 2, 3]
+    assert job.result(timeout=5) == 3
+
+
+def test_retry_backoff_timing(q):
+    job = slow_backoff.delay("b")
+    assert q.run_until_idle() == 1
+    assert job.status == "queued"
+    assert job.attempts == 1
+    assert q.run_until_idle() == 0        # first retry due after 0.2 s
+    time.sleep(0.25)
+    assert q.run_until_idle() == 1
+    assert job.status == "queued"
+    assert job.attempts == 2
+    time.sleep(0.25)                      # second retry due after 0.4 s
+    assert q.run_until_idle() == 0
+    time.sleep(0.3)
+    assert q.run_until_idle() == 1
+    assert job.status == "failed"
+    assert COUNTS["b"] == 3
+
+
+def test_retry_backoff_capped_at_one_hour(q, clock):
+    job = capped_backoff.delay()
+    delays = [1000, 2000, 3600, 3600, 3600]      # 4000 and 8000 capped
+    assert q.run_until_idle() == 1
+    for expected in delays:
+        clock["offset"] += expected - 5
+        assert q.run_until_idle() == 0, expected
+        clock["offset"] += 10
+        assert q.run_until_idle() == 1, expected
+    assert job.status == "failed"
+
+
+def test_fatal_fails_at_once(q):
+    job = fatal_task.delay()
+    q.run_until_idle()
+    assert job.status == "failed"
+    assert COUNTS["fatal"] == 1
+    assert "no point trying again" in job.error
+
+
+def test_retry_exception_with_delay(q):
+    job = retry_later.delay("r")
+    assert q.run_until_idle() == 1
+    assert job.status == "queued"
+    assert q.run_until_idle() == 0        # Retry(delay=0.2) beats retry_delay=0
+    time.sleep(0.25)
+    assert q.run_until_idle() == 1
+    assert job.result(timeout=5) == "second time lucky"
+
+
+def test_retry_exception_counts_against_retries(q):
+    job = retry_forever.delay()
+    q.run_until_idle()
+    assert job.status == "failed"
+    assert COUNTS["forever"] == 3
+
+
+def test_job_attempts_reset_on_new_step(q):
+    job = q.enqueue(litetq.chain(flaky("first", 1), echo("second")))
+    q.run_until_idle()
+    assert job.result(timeout=5) == "second"
+    assert job.attempts == 1
+
+
+# ===========================================================================
+# §2 cancel / retry
+# ===========================================================================
+
+def test_cancel_queued_job(q):
+    job = record.delay("never")
+    job.cancel()
+    assert job.status == "cancelled"
+    assert job.done()
+    assert q.run_until_idle() == 0
+    assert ORDER == []
+    with pytest.raises(litetq.Cancelled):
+        job.result(timeout=5)
+
+
+def test_cancel_running_job_from_inside(q):
+    job = self_cancel.delay()
+    q.run_until_idle()
+    assert OBS == [(False, True)]
+    assert job.status == "cancelled"
+    assert ORDER == []                    # the returned continuation never ran
+    with pytest.raises(litetq.Cancelled):
+        job.result(timeout=5)
+
+
+def test_cancel_running_job_from_another_thread(file_q, db_path):
+    EVENTS["started"] = threading.Event()
+    job = wait_for_cancel.delay()
+    runner = threading.Thread(target=file_q.run_until_idle)
+    runner.start()
+    assert EVENTS["started"].wait(5)
+    with litetq.Queue(db_path) as other:
+        assert other.job(job.id).status == "running"
+        other.job(job.id).cancel()
+    runner.join(10)
+    assert OBS == [True]
+    assert job.status == "cancelled"
+
+
+def test_cancel_parent_cancels_children(q):
+    parent = spawn_two_records.delay()
+    assert q.run_until_idle(max_steps=1) == 1
+    assert parent.status == "waiting"
+    children = parent.children()
+    assert len(children) == 2
+    assert all(c.status == "queued" for c in children)
+    parent.cancel()
+    assert parent.status == "cancelled"
+    assert [c.status for c in parent.children()] == ["cancelled", "cancelled"]
+    assert q.run_until_idle() == 0
+    assert ORDER == []
+
+
+def test_cancel_running_job_cancels_its_subtasks(q):
+    parent = spawn_then_cancel_self.delay()
+    q.run_until_idle()
+    assert parent.status == "cancelled"
+    assert [c.status for c in parent.children()] == ["cancelled"]
+    assert ORDER == []
+
+
+def test_retry_failed_cancelled_expired(q):
+    FLAGS["f"] = True
+    failed = cond_fail.delay("f")
+    q.run_until_idle()
+    assert failed.status == "failed"
+    FLAGS["f"] = False
+    failed.retry()
+    assert failed.status == "queued"
+    assert failed.attempts == 0
+    q.run_until_idle()
+    assert failed.result(timeout=5) == "ran"
+
+    cancelled = record.delay("was cancelled")
+    cancelled.cancel()
+    cancelled.retry()
+    assert cancelled.status == "queued"
+    q.run_until_idle()
+    assert cancelled.result(timeout=5) == "was cancelled"
+
+    expired = q.enqueue(record("was expired"), ttl=0.01)
+    time.sleep(0.05)
+    q.run_until_idle()
+    assert expired.status == "expired"
+    expired.retry()
+    assert expired.status == "queued"
+    q.run_until_idle()
+    assert expired.result(timeout=5) == "was expired"
+
+
+# ===========================================================================
+# §6. Inside a task
+# ===========================================================================
+
+def test_current_outside_task_raises():
+    with pytest.raises(RuntimeError):
+        litetq.current()
+
+
+def test_current_under_task_run(caplog):
+    caplog.set_level(logging.DEBUG)
+    out = ctx_probe().run()
+    assert out["job"] is None
+    assert out["cancelled"] is False
+    assert "needs a queue" in out["spawn"]
+    assert "needs a queue" in out["db"]
+    assert any("probe message from ctx_probe" in r.getMessage() for r in caplog.records)
+    with pytest.raises(RuntimeError):
+        litetq.current()                  # gone again afterwards
+
+
+def test_current_job_and_attempt(q):
+    job = attempt_probe.delay()
+    q.run_until_idle()
+    assert OBS == [(job.id, 1)]
+
+
+def test_logs_include_subtasks(q, caplog):
+    caplog.set_level(logging.DEBUG)
+    parent = parent_logger.delay()
+    q.run_until_idle()
+    assert parent.result(timeout=5) == "parent done"
+    child = parent.children()[0]
+    logs = parent.logs()
+    messages = [entry["message"] for entry in logs]
+    assert messages == ["parent starts", "parent warns", "child 1 says hi"]
+    for entry in logs:
+        assert set(entry) >= {"time", "level", "message", "job_id"}
+    assert [e["job_id"] for e in logs] == [parent.id, parent.id, child.id]
+    assert logs[0]["level"] == "info" and logs[1]["level"] == "warning"
+    assert [e["time"] for e in logs] == sorted(e["time"] for e in logs)
+    assert [e["message"] for e in child.logs()] == ["child 1 says hi"]
+    assert any("parent warns" in r.getMessage() for r in caplog.records)
+
+
+def test_progress(q):
+    a = progress_task.delay(3, 10)
+    b = progress_task.delay(5, None)
+    q.run_until_idle()
+    assert tuple(a.progress) == (3, 10)
+    assert tuple(b.progress) == (5, None)
+
+
+def test_spawn_fan_out_fan_in(q):
+    parent = fan_out.delay(4)
+    assert q.run_until_idle(max_steps=1) == 1
+    assert parent.status == "waiting"
+    assert not parent.done()
+    children = parent.children()
+    assert len(children) == 4
+    assert all(c.parent.id == parent.id for c in children)
+    q.run_until_idle()
+    assert OBS == [["complete"] * 4]
+    assert parent.result(timeout=5) == 0 + 1 + 4 + 9
+    assert parent.status == "complete"
+
+
+def test_spawn_parent_waits_then_completes_with_its_value(q):
+    parent = spawn_then_value.delay()
+    q.run_until_idle(max_steps=1)
+    assert parent.status == "waiting"
+    with pytest.raises(TimeoutError):
+        parent.result(timeout=0.05)
+    q.run_until_idle()
+    assert sorted(ORDER) == ["child-a", "child-b"]
+    assert parent.result(timeout=5) == "parent value"
+
+
+def test_failed_child_fails_parent_naming_it(q):
+    parent = spawn_failing.delay()
+    q.run_until_idle()
+    child = parent.children()[0]
+    assert child.status == "failed"
+    assert parent.status == "failed"
+    assert str(child.id) in parent.error or "child_boom" in parent.error, parent.error
+    assert ORDER == []                    # continuation not run
+
+
+def test_spawn_takes_enqueue_options(q):
+    parent = spawn_elsewhere.delay()
+    q.run_until_idle(max_steps=1)
+    child = parent.children()[0]
+    assert [j.id for j in q.jobs(queue="side")] == [child.id]
+    assert child.parent.id == parent.id
+    q.run_until_idle()
+    assert parent.status == "complete"
+    assert child.result(timeout=5) == "side"
+
+
+def test_plain_delay_inside_task_is_independent(q):
+    parent = independent_delay.delay()
+    q.run_until_idle(max_steps=1)
+    assert parent.status == "complete"
+    assert parent.children() == []
+    other = q.job(parent.result(timeout=5))
+    assert other.parent is None
+    q.run_until_idle()
+    assert other.result(timeout=5) == "independent"
+
+
+def test_ctx_db_only_for_atomic(q):
+    job = non_atomic_db.delay()
+    q.run_until_idle()
+    assert job.result(timeout=5) != "no error"
+
+
+@pytest.fixture
+def notes_db(db_path):
+    con = sqlite3.connect(db_path)
+    con.execute("create table notes (text text)")
+    con.commit()
+    con.close()
+    return db_path
+
+
+def _notes(path):
+    con = sqlite3.connect(path)
+    try:
+        return [r[0] for r in con.execute("select text from notes order by rowid")]
+    finally:
+        con.close()
+
+
+def test_atomic_commits_writes_with_completion(notes_db):
+    with litetq.Queue(notes_db) as q1:
+        job = q1.enqueue(write_note("kept", False))
+        q1.run_until_idle()
+        assert job.result(timeout=5) == "kept"
+    assert _notes(notes_db) == ["kept"]
+
+
+def test_atomic_exception_rolls_back_writes(notes_db):
+    with litetq.Queue(notes_db) as q1:
+        job = q1.enqueue(write_note("dropped", True))
+        q1.run_until_idle()
+        assert job.status == "failed"
+        assert "rolled back" in job.error
+    assert _notes(notes_db) == []
+
+
+def test_atomic_retry_writes_exactly_once(notes_db):
+    with litetq.Queue(notes_db) as q1:
+        job = q1.enqueue(write_note_flaky("once"))
+        q1.run_until_idle()
+        assert job.result(timeout=5) == "once"
+        assert job.attempts == 2
+    assert _notes(notes_db) == ["once"]
+
+
+def test_atomic_step_with_continuation(notes_db):
+    with litetq.Queue(notes_db) as q1:
+        job = q1.enqueue(atomic_then_continue("x"))
+        assert q1.run_until_idle(max_steps=1) == 1
+        assert _notes(notes_db) == ["x"]
+        assert job.task == echo("x continued")
+        q1.run_until_idle()
+        assert job.result(timeout=5) == "x continued"
+
+
+def test_atomic_in_memory(q):
+    ok = write_mem_note.delay("kept", False)
+    q.run_until_idle()
+    bad = write_mem_note.delay("dropped", True)
+    q.run_until_idle()
+    assert ok.result(timeout=5) == "kept"
+    assert bad.status == "failed"
+    reader = read_mem_notes.delay()
+    q.run_until_idle()
+    assert reader.result(timeout=5) == ["kept"]
+
+
+# ===========================================================================
+# §8. Raw payload queues
+# ===========================================================================
+
+def test_put_get_ack(q):
+    first = q.put("raw", {"n": 1})
+    second = q.put("raw", [1, "two", None])
+    assert isinstance(first, int) and first != second
+    msg = q.get("raw")
+    assert msg.id == first
+    assert msg.payload == {"n": 1}
+    msg.ack()
+    msg2 = q.get("raw")
+    assert msg2.payload == [1, "two", None]
+    msg2.ack()
+    assert q.get("raw") is None
+    assert q.get("other") is None
+
+
+def test_put_rejects_non_json(q):
+    with pytest.raises(TypeError):
+        q.put("raw", {"when": dt.datetime(2024, 1, 1)})
+    assert q.get("raw") is None
+
+
+def test_nack_redelivers(q):
+    q.put("raw", "again")
+    msg = q.get("raw")
+    msg.nack()
+    again = q.get("raw")
+    assert again.id == msg.id and again.payload == "again"
+    again.nack(delay=0.2)
+    assert q.get("raw") is None
+    time.sleep(0.25)
+    third = q.get("raw")
+    assert third.id == msg.id
+    third.ack()
+
+
+def test_visibility_timeout_redelivers(q):
+    q.put("raw", "lost")
+    msg = q.get("raw", visibility=0.2)
+    assert q.get("raw") is None
+    time.sleep(0.25)
+    again = q.get("raw")
+    assert again is not None and again.id == msg.id
+    again.ack()
+
+
+def test_get_timeout_waits(q):
+    start = time.monotonic()
+    assert q.get("raw", timeout=0) is None
+    assert time.monotonic() - start < 0.1
+    start = time.monotonic()
+    assert q.get("raw", timeout=0.2) is None
+    assert 0.15 <= time.monotonic() - start < 1.5
+
+
+def test_get_timeout_wakes_on_put(file_q, db_path):
+    def later():
+        time.sleep(0.15)
+        with litetq.Queue(db_path) as other:
+            other.put("raw", "late")
+    t = threading.Thread(target=later)
+    t.start()
+    start = time.monotonic()
+    msg = file_q.get("raw", timeout=5)
+    elapsed = time.monotonic() - start
+    t.join()
+    assert msg is not None and msg.payload == "late"
+    assert elapsed < 1.0
+    msg.ack()
+
+
+def test_message_context_manager(q):
+    q.put("raw", "ok")
+    with q.get("raw") as msg:
+        assert msg.payload == "ok"
+    assert q.get("raw") is None           # acked
+    q.put("raw", "boom")
+    with pytest.raises(ValueError):
+        with q.get("raw") as msg:
+            raise ValueError("handler failed")
+    again = q.get("raw")                   # nacked, delivered again
+    assert again is not None and again.payload == "boom"
+
+
+def test_messages_persist_in_file(db_path):
+    with litetq.Queue(db_path) as q1:
+        q1.put("raw", {"persist": True})
+    with litetq.Queue(db_path) as q2:
+        msg = q2.get("raw")
+        assert msg.payload == {"persist": True}
+        msg.ack()
+    with litetq.Queue(db_path) as q3:
+        assert q3.get("raw") is None
+
+
+def test_consumer_run_until_idle(q):
+    q.put("test_litetq.inbox", {"hello": 1})
+    q.put("test_litetq.inbox", {"hello": 2})
+    q.run_until_idle()
+    assert RECEIVED == [{"hello": 1}, {"hello": 2}]
+    assert q.get("test_litetq.inbox") is None
+
+
+# ===========================================================================
+# §9. Built-in tasks: chain (see §4) and http_post
+# ===========================================================================
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_POST(self):
+        length = int(self.headers.get("Content-Length", 0))
+        body = self.rfile.read(length)
+        HTTP_LOG.append({"path": self.path, "body": body, "headers": dict(self.headers)})
+        status, out = {
+            "/ok": (200, b'{"ok": true}'),
+            "/created": (201, b"made"),
+            "/big": (200, b"x" * (100 * 1024)),
+            "/fail": (500, b"server is sad"),
+            "/missing": (404, b"not here"),
+        }.get(self.path, (400, b"bad path"))
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_url():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_post_success(q, http_url):
+    job = q.enqueue(litetq.http_post(http_url + "/ok", {"a": [1, 2]},
+                                     headers={"X-Test": "yes"}, timeout=5))
+    q.run_until_idle()
+    assert job.result(timeout=5) == {"status": 200, "body": '{"ok": true}'}
+    request = HTTP_LOG[0]
+    assert json.loads(request["body"]) == {"a": [1, 2]}
+    headers = {k.lower(): v for k, v in request["headers"].items()}
+    assert headers["content-type"].startswith("application/json")
+    assert headers["x-test"] == "yes"
+
+
+def test_http_post_other_2xx_and_run_once(http_url):
+    assert litetq.http_post(http_url + "/created", None).run_once() == {"status": 201, "body": "made"}
+
+
+def test_http_post_body_cut_at_64k(q, http_url):
+    job = q.enqueue(litetq.http_post(http_url + "/big", {}))
+    q.run_until_idle()
+    result = job.result(timeout=5)
+    assert result["status"] == 200
+    assert result["body"] == "x" * 65536
+
+
+def test_http_post_non_2xx_fails_attempt_and_retries_5_times(q, http_url, clock):
+    job = q.enqueue(litetq.http_post(http_url + "/fail", {"n": 1}))
+    assert q.run_until_idle() == 1
+    assert job.status == "queued"         # retries left
+    assert job.attempts == 1
+    for _ in range(5):
+        clock["offset"] += 3600 * 2
+        assert q.run_until_idle() == 1
+    assert job.status == "failed"
+    assert len(HTTP_LOG) == 6             # 1 + 5 retries
+    assert "500" in job.error
+
+
+def test_http_post_404_fails_attempt(http_url):
+    with pytest.raises(Exception) as info:
+        litetq.http_post(http_url + "/missing", {}).run_once()
+    assert "404" in str(info.value)
+
+
+def test_http_post_network_error_fails_attempt(q):
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()                              # nothing listens there now
+    job = q.enqueue(litetq.http_post(f"http://127.0.0.1:{port}/x", {}, timeout=2))
+    assert q.run_until_idle() == 1
+    assert job.status == "queued"
+    assert job.attempts == 1
+
+
+# ===========================================================================
+# §7 cron, §10 worker/CLI, §11 web: tests added by their own issues below.
+# ===========================================================================
+
+
+# ===========================================================================
+# The worker and the command line (SPEC section 5, 10)
+# ===========================================================================
+
+W_LITETQ_DIR = os.path.dirname(os.path.abspath(litetq.__file__))
+W_LEASE = 1  # seconds: short leases make recovery after kill -9 take about a second
+
+
+# ---------------------------------------------------------------------------
+# Worker helpers
+# ---------------------------------------------------------------------------
+
+W_TASKS = '''\
+import os
+import time
+
+import litetq
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _mark(key):
+    """Count runs of `key`: creates runs/<key>.<n> holding this pid; returns n."""
+    folder = os.path.join(HERE, "runs")
+    os.makedirs(folder, exist_ok=True)
+    n = 1
+    while True:
+        try:
+            fd = os.open(os.path.join(folder, f"{key}.{n}"),
+                         os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            n += 1
+            continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return n
+
+
+def _body(key, first, later):
+    n = _mark(key)
+    time.sleep(first if n == 1 else later)
+    return {"key": key, "run": n, "attempt": litetq.current().attempt,
+            "pid": os.getpid(), "ppid": os.getppid()}
+
+
+@litetq.task
+def step(key, first=0.0, later=0.0):
+    return _body(key, first, later)
+
+
+@litetq.task(retries=1, retry_delay=0)
+def step_r1(key, first=0.0, later=0.0):
+    return _body(key, first, later)
+
+
+@litetq.task(timeout=1)
+def timed(key, first=0.0, later=0.0):
+    return _body(key, first, later)
+
+
+@litetq.task(timeout=1, retries=1, retry_delay=0)
+def timed_r1(key, first=0.0, later=0.0):
+    return _body(key, first, later)
+
+
+@litetq.task
+def die(key, code):
+    if _mark(key) == 1:
+        os._exit(code)
+    return "survived"
+
+
+@litetq.task(retries=1, retry_delay=0)
+def die_r1(key, code):
+    if _mark(key) == 1:
+        os._exit(code)
+    return "survived"
+
+
+@litetq.task
+def countdown(n):
+    return countdown(n - 1) if n else "liftoff"
+
+
+@litetq.task
+def fails(message):
+    raise ValueError(message)
+
+
+@litetq.task
+def echo(*args, **kwargs):
+    return [list(args), kwargs]
+
+
+def not_a_task(x):
+    return x
+
+
+@litetq.consumer("inbox")
+def handle(payload):
+    folder = os.path.join(HERE, "inbox")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, str(payload["n"])), "w") as f:
+        f.write(repr(payload))
+'''
+
+
+def w_env():
+    env = dict(os.environ)
+    env.pop("LITETQ_DB", None)
+    env["PYTHONPATH"] = W_LITETQ_DIR
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+def w_write(folder, name, source):
+    path = os.path.join(folder, name)
+    with open(path, "w") as f:
+        f.write(textwrap.dedent(source))
+    return path
+
+
+def w_wait_for(predicate, timeout, what):
+    """Poll predicate() until it returns something truthy; fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def w_children(pid):
+    """Worker processes of a supervisor (not multiprocessing's resource tracker)."""
+    found = []
+    for task_dir in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task_dir}/children") as f:
+            found += [int(p) for p in f.read().split()]
+    alive = []
+    for child in found:
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                cmdline = f.read()
+            with open(f"/proc/{child}/stat") as f:
+                state = f.read().rpartition(")")[2].split()[0]
+        except OSError:
+            continue
+        if b"resource_tracker" not in cmdline and state != "Z":
+            alive.append(child)
+    return sorted(alive)
+
+
+def w_pid_alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class W_WorkerProc:
+    """One `python -m litetq worker` subprocess in its own session (process group)."""
+
+    def __init__(self, folder, db, args, log):
+        self.folder, self.db, self.log = folder, db, log
+        self.out = open(log, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "litetq", "worker", db, *args], cwd=folder, env=w_env(),
+            stdout=self.out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.pid = self.proc.pid
+
+    def registered(self):
+        """True once the worker wrote its row in litetq_workers."""
+        with contextlib.closing(sqlite3.connect(self.db, timeout=5)) as conn:
+            try:
+                rows = conn.execute("select pid, started from litetq_workers").fetchall()
+            except sqlite3.OperationalError:
+                return None
+        return next((started for pid, started in rows if pid == self.pid), None)
+
+    def wait_ready(self, processes, timeout=15):
+        w_wait_for(lambda: self.registered() and len(w_children(self.pid)) >= processes,
+                   timeout, f"worker {self.pid} to start ({self.output()})")
+
+    def children(self):
+        return w_children(self.pid)
+
+    def signal(self, signum):
+        self.proc.send_signal(signum)
+
+    def kill_group(self):
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=10)
+
+    def wait(self, timeout):
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"worker {self.pid} still running after {timeout} s: {self.output()}")
+
+    def output(self):
+        self.out.flush()
+        with open(self.log) as f:
+            return f.read()[-3000:]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            w_suppress(os.killpg, self.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        else:  # orphans of a supervisor that exited must not outlive the test either
+            w_suppress(os.killpg, self.pid, signal.SIGKILL)
+        self.out.close()
+
+
+def w_suppress(func, *args):
+    try:
+        func(*args)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@pytest.fixture
+def wdir(tmp_path):
+    """tmp_path holding the tasks module `wtasks`."""
+    w_write(tmp_path, "wtasks.py", W_TASKS)
+    return tmp_path
+
+
+@pytest.fixture
+def wdb(wdir):
+    return str(wdir / "app.sqlite")
+
+
+@pytest.fixture
+def wq(wdb):
+    """A Queue on the worker's database, for the test process (enqueue by task name)."""
+    with litetq.Queue(wdb) as queue:
+        yield queue
+
+
+@pytest.fixture
+def worker(wdir, wdb):
+    """start(*extra_args, concurrency=2, imports=("wtasks",), ready=True) -> W_WorkerProc.
+    Every worker started is killed (whole process group) at teardown."""
+    started = []
+
+    def start(*extra, concurrency=2, imports=("wtasks",), lease=W_LEASE, ready=True, db=None):
+        args = ["--concurrency", str(concurrency), "--lease", str(lease)]
+        if imports:
+            args += ["--import", *imports]
+        proc = W_WorkerProc(str(wdir), db or wdb, [*args, *extra],
+                          str(wdir / f"worker-{len(started)}.log"))
+        started.append(proc)
+        if ready:
+            proc.wait_ready(concurrency)
+        return proc
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+def w_enqueue(q, name, *args, **options):
+    """Enqueue a call of wtasks.<name> by name (the test process never imports wtasks)."""
+    return q.enqueue(litetq.Task(f"wtasks.{name}", args), **options)
+
+
+def w_run_pid(folder, key, n, timeout=10):
+    """Wait for run n of `key` to start; returns the pid running it."""
+    path = os.path.join(folder, "runs", f"{key}.{n}")
+
+    def read():
+        try:
+            with open(path) as f:
+                text = f.read()
+        except FileNotFoundError:
+            return None
+        return int(text) if text else None
+    return w_wait_for(read, timeout, f"run {n} of {key}")
+
+
+def w_runs(folder, key):
+    folder = os.path.join(folder, "runs")
+    return len([n for n in os.listdir(folder) if n.startswith(key + ".")]) if os.path.isdir(
+        folder) else 0
+
+
+def w_row(queue, job):
+    return queue.storage.job(job.id)
+
+
+# ---------------------------------------------------------------------------
+# Jobs complete under a worker
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_worker_concurrency_2_completes_jobs(worker, wq, wdir, method):
+    proc = worker("--start-method", method, concurrency=2)
+    children = proc.children()
+    assert len(children) == 2
+    jobs = [w_enqueue(wq, "step", f"k{i}", 0.3) for i in range(6)]
+    chained = w_enqueue(wq, "countdown", 3)
+    results = [job.result(timeout=20) for job in jobs]
+    assert [r["key"] for r in results] == [f"k{i}" for i in range(6)]
+    assert all(r["run"] == 1 and r["attempt"] == 1 for r in results)
+    assert all(r["ppid"] == proc.pid for r in results)  # run by the supervisor's children
+    assert {r["pid"] for r in results} == set(children)  # both processes took work
+    assert chained.result(timeout=10) == "liftoff"
+    assert chained.steps == 4
+    assert wq.stats() == {"default": {"complete": 7}}
+
+
+# ---------------------------------------------------------------------------
+# kill -9: of one child, of the whole worker group
+# ---------------------------------------------------------------------------
+
+def test_kill_child_is_replaced_attempt_fails_with_signal_and_retry_applies(worker, wq, wdir):
+    proc = worker(concurrency=2)
+    before = proc.children()
+    doomed = w_enqueue(wq, "step", "doomed", 30)          # retries=0
+    retried = w_enqueue(wq, "step_r1", "retried", 30, 0)  # retries=1
+    pid_doomed = w_run_pid(wdir, "doomed", 1)
+    pid_retried = w_run_pid(wdir, "retried", 1)
+    assert {pid_doomed, pid_retried} == set(before)
+    os.kill(pid_doomed, signal.SIGKILL)
+    os.kill(pid_retried, signal.SIGKILL)
+
+    with pytest.raises(litetq.TaskFailed) as failed:
+        doomed.result(timeout=10)
+    assert "signal 9" in failed.value.error and "SIGKILL" in failed.value.error
+    assert doomed.attempts == 1
+    result = retried.result(timeout=10)
+    assert result["run"] == 2 and result["attempt"] == 2
+    assert retried.attempts == 2
+
+    # the supervisor replaced both processes, and the new ones take work
+    after = w_wait_for(lambda: len(proc.children()) == 2 and proc.children(), 5,
+                       "replacement processes")
+    assert not set(after) & set(before)
+    assert result["pid"] in after
+    assert w_enqueue(wq, "echo", 1).result(timeout=10) == [[1], {}]
+    assert proc.proc.poll() is None
+
+
+def test_child_exit_code_is_in_the_error_and_retry_applies(worker, wq, wdir):
+    worker(concurrency=1)
+    dead = w_enqueue(wq, "die", "dead", 3)
+    with pytest.raises(litetq.TaskFailed) as failed:
+        dead.result(timeout=10)
+    assert "exit code 3" in failed.value.error
+    survived = w_enqueue(wq, "die_r1", "again", 4)
+    assert survived.result(timeout=10) == "survived"
+    assert survived.attempts == 2
+    assert w_enqueue(wq, "echo", "after").result(timeout=10) == [["after"], {}]
+
+
+def test_kill_whole_worker_group_mid_step_nothing_lost(worker, wq, wdir):
+    proc = worker(concurrency=2)
+    jobs = [w_enqueue(wq, "step", f"g{i}", 30 if i < 2 else 0.2, 0.1) for i in range(6)]
+    w_run_pid(wdir, "g0", 1)
+    w_run_pid(wdir, "g1", 1)
+    assert w_row(wq, jobs[0])["status"] == "running"
+    killed_at = time.monotonic()
+    proc.kill_group()
+    doomed = (w_run_pid(wdir, "g0", 1), w_run_pid(wdir, "g1", 1))
+    w_wait_for(lambda: not any(w_pid_alive(p) for p in doomed), 5, "the children to die")
+    assert [job.status for job in jobs] == ["running", "running"] + ["queued"] * 4
+
+    worker(concurrency=2)
+    ready = time.monotonic() - killed_at
+    recovered = [job.result(timeout=15) for job in jobs[:2]]
+    recovery = time.monotonic() - killed_at
+    rest = [job.result(timeout=15) for job in jobs[2:]]
+    print(f"\n[measured] kill -9 of the worker group -> new worker ready {ready:.2f} s -> "
+          f"both lost steps done {recovery:.2f} s after the kill (lease {W_LEASE} s; the "
+          f"4 due jobs, 0.2 s each, ran first)")
+    assert [r["run"] for r in recovered] == [2, 2]  # run again, from the start of the step
+    assert [r["attempt"] for r in recovered] == [1, 1]  # a lost worker is no failed attempt
+    assert all(r["run"] == 1 for r in rest)
+    assert recovery < 6
+    assert wq.stats() == {"default": {"complete": 6}}
+    assert [w_row(wq, job)["lost"] for job in jobs[:2]] == [1, 1]
+
+
+def test_third_worker_loss_fails_step_as_worker_lost(worker, wq, wdir):
+    job = w_enqueue(wq, "step", "lost", 60, 60)
+    for n in (1, 2, 3):
+        proc = worker(concurrency=1)
+        w_run_pid(wdir, "lost", n, timeout=10)
+        proc.kill_group()
+        assert job.status == "running"
+    worker(concurrency=1)
+    with pytest.raises(litetq.TaskFailed) as failed:
+        job.result(timeout=10)
+    assert "worker lost" in failed.value.error
+    assert w_runs(wdir, "lost") == 3
+
+
+# ---------------------------------------------------------------------------
+# Timeouts
+# ---------------------------------------------------------------------------
+
+def test_step_over_timeout_is_killed_and_fails_timed_out(worker, wq, wdir):
+    proc = worker(concurrency=1)
+    started = time.monotonic()
+    job = w_enqueue(wq, "timed", "slow", 30)
+    pid = w_run_pid(wdir, "slow", 1)
+    with pytest.raises(litetq.TaskFailed) as failed:
+        job.result(timeout=10)
+    elapsed = time.monotonic() - started
+    assert failed.value.error == "timed out after 1 s"
+    assert 0.9 < elapsed < 4
+    w_wait_for(lambda: not w_pid_alive(pid), 2, "the step's process to be killed")
+    w_wait_for(lambda: len(proc.children()) == 1, 5, "a replacement process")
+    assert pid not in proc.children()
+    assert w_enqueue(wq, "echo", 2).result(timeout=10) == [[2], {}]
+
+
+def test_timed_out_step_is_retried_when_retries_remain(worker, wq, wdir):
+    worker(concurrency=1)
+    job = w_enqueue(wq, "timed_r1", "slow", 30, 0)
+    result = job.result(timeout=10)
+    assert result["run"] == 2 and result["attempt"] == 2
+    assert job.attempts == 2
+
+
+def test_timeout_retry_applies_to_an_auto_imported_task(worker, wq, wdir):
+    """The task module is not given with --import: the worker imports it on first use.
+    Its timeout kill must still honour its retries (SPEC §5: retries apply)."""
+    worker(concurrency=1, imports=())
+    job = w_enqueue(wq, "timed_r1", "auto", 30, 0)
+    result = job.result(timeout=10)
+    assert result["run"] == 2 and result["attempt"] == 2
+
+
+def test_child_kill_retry_applies_to_an_auto_imported_task(worker, wq, wdir):
+    worker(concurrency=1, imports=())
+    job = w_enqueue(wq, "die_r1", "auto-die", 5)
+    assert job.result(timeout=10) == "survived"
+
+
+# ---------------------------------------------------------------------------
+# Signals
+# ---------------------------------------------------------------------------
+
+def test_sigterm_lets_running_step_finish_and_exits_0(worker, wq, wdir):
+    proc = worker("--grace", "10", concurrency=1)
+    running = w_enqueue(wq, "step", "finishing", 1.0)
+    waiting = w_enqueue(wq, "step", "waiting", 0)
+    w_run_pid(wdir, "finishing", 1)
+    signalled = time.monotonic()
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(timeout=8) == 0
+    assert time.monotonic() - signalled < 4  # exits when the step ends, not after the grace
+    assert running.status == "complete" and running.result()["run"] == 1
+    assert waiting.status == "queued" and waiting.attempts == 0  # not taken after the signal
+    assert wq.storage.workers() == []  # unregistered
+    worker("--burst", concurrency=1, ready=False).wait(15)
+    assert waiting.result(timeout=1)["run"] == 1
+
+
+def test_sigterm_step_longer_than_grace_is_requeued_without_counting(worker, wq, wdir):
+    proc = worker("--grace", "0.5", concurrency=1)
+    job = w_enqueue(wq, "step", "long", 30, 0)
+    w_run_pid(wdir, "long", 1)
+    signalled = time.monotonic()
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(timeout=8) == 0
+    assert time.monotonic() - signalled < 4
+    row = w_row(wq, job)
+    assert (row["status"], row["attempts"], row["lost"]) == ("queued", 0, 0)
+    worker(concurrency=1)
+    result = job.result(timeout=10)
+    assert result["run"] == 2 and result["attempt"] == 1
+    assert job.attempts == 1
+
+
+def test_second_sigterm_stops_at_once(worker, wq, wdir):
+    proc = worker("--grace", "30", concurrency=1)
+    job = w_enqueue(wq, "step", "stubborn", 30, 0)
+    w_run_pid(wdir, "stubborn", 1)
+    proc.signal(signal.SIGTERM)
+    time.sleep(0.3)  # two standard signals sent back to back may merge into one
+    assert proc.proc.poll() is None  # still within the grace period
+    signalled = time.monotonic()
+    proc.signal(signal.SIGTERM)
+    code = proc.wait(timeout=5)
+    assert time.monotonic() - signalled < 2
+    assert code >= 0  # exited, not killed
+    row = w_row(wq, job)
+    assert (row["status"], row["attempts"]) == ("queued", 0)
+    assert not w_pid_alive(w_run_pid(wdir, "stubborn", 1))  # the step's process is gone
+
+
+def test_sigint_behaves_like_sigterm(worker, wq, wdir):
+    proc = worker("--grace", "5", concurrency=1)
+    job = w_enqueue(wq, "step", "int", 0.5)
+    w_run_pid(wdir, "int", 1)
+    proc.signal(signal.SIGINT)
+    assert proc.wait(timeout=8) == 0
+    assert job.status == "complete"
+
+
+def test_sigterm_past_grace_leaves_no_step_running(worker, wq, wdir):
+    """Quick steps make a worker process claim steps in batches. When the grace period
+    ends inside a batch, every step of it must be given back, not left 'running'."""
+    before = wq.enqueue_many([litetq.Task("wtasks.echo", [i]) for i in range(200)])
+    slow = w_enqueue(wq, "step", "batched", 30, 0)
+    after = wq.enqueue_many([litetq.Task("wtasks.echo", [i]) for i in range(40)])
+    proc = worker("--grace", "0.5", concurrency=1)
+    w_run_pid(wdir, "batched", 1)
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(timeout=8) == 0
+    rows = wq.storage.read("select status, attempts, lost, count(*) from litetq_jobs "
+                           "where status != 'complete' group by status, attempts, lost")
+    assert [r for r in rows if r[0] == "running"] == [], rows  # SPEC §10: requeue the rest
+    assert all(r[:3] == ("queued", 0, 0) for r in rows), rows
+    worker(concurrency=1)
+    slow.wait(timeout=15)
+    for job in before + after:
+        job.wait(timeout=15)
+    assert wq.stats() == {"default": {"complete": 241}}
+
+
+def test_quick_results_are_not_held_back_by_a_slow_step_in_the_same_batch(worker, wq, wdir):
+    """A step that has returned is done: its result must not wait, uncommitted, until an
+    unrelated slow step claimed in the same batch ends (SPEC §2: a waiter sees a result
+    within 50 ms of commit; §5: each step is committed before the next begins)."""
+    quick = wq.enqueue_many([litetq.Task("wtasks.echo", [i]) for i in range(200)])
+    w_enqueue(wq, "step", "slowpoke", 5, 0)
+    worker(concurrency=1)
+    w_run_pid(wdir, "slowpoke", 1)  # every quick job ran before this step began
+    time.sleep(0.5)
+    stuck = [job.id for job in quick if job.status != "complete"]
+    assert stuck == [], f"{len(stuck)} finished steps not committed while a slow step runs"
+
+
+def test_task_module_that_raises_on_import_fails_the_job_and_worker_carries_on(
+        worker, wq, wdir):
+    w_write(wdir, "brokentasks.py", """\
+        raise RuntimeError("configuration missing")
+        """)
+    worker(concurrency=1)
+    broken = wq.enqueue(litetq.Task("brokentasks.x"))
+    fine = w_enqueue(wq, "echo", "after")
+    assert fine.result(timeout=10) == [["after"], {}]
+    with pytest.raises(litetq.TaskFailed) as failed:
+        broken.result(timeout=5)
+    assert "brokentasks" in failed.value.error
+
+
+# ---------------------------------------------------------------------------
+# --burst, task lookup, consumers, --queues, --reload
+# ---------------------------------------------------------------------------
+
+def test_burst_exits_0_when_idle_and_leaves_delayed_jobs(worker, wq, wdir):
+    jobs = [w_enqueue(wq, "step", f"b{i}", 0.05) for i in range(4)]
+    later = w_enqueue(wq, "echo", "later", delay=60)
+    proc = worker("--burst", concurrency=2, ready=False)
+    assert proc.wait(15) == 0
+    assert [job.status for job in jobs] == ["complete"] * 4
+    row = w_row(wq, later)
+    assert (row["status"], row["attempts"]) == ("queued", 0)
+    assert wq.storage.workers() == []
+
+
+def test_burst_on_an_empty_queue_exits_0_quickly(worker, wq, wdir):
+    started = time.monotonic()
+    assert worker("--burst", concurrency=1, ready=False).wait(15) == 0
+    assert time.monotonic() - started < 5
+
+
+def test_unregistered_task_fails_clearly_and_worker_carries_on(worker, wq, wdir):
+    worker(concurrency=1)
+    missing = wq.enqueue(litetq.Task("nosuchmodule.x", [1]))
+    plain = w_enqueue(wq, "not_a_task", 1)
+    builtin = wq.enqueue(litetq.Task("os.system", ["touch pwned"]))
+    fine = w_enqueue(wq, "echo", "next")
+    assert fine.result(timeout=10) == [["next"], {}]
+    for job, name in ((missing, "nosuchmodule.x"), (plain, "wtasks.not_a_task"),
+                      (builtin, "os.system")):
+        with pytest.raises(litetq.TaskFailed) as failed:
+            job.result(timeout=5)
+        assert failed.value.error == (f"unregistered task {name!r} "
+                                      f"(start the worker with --import MODULE)")
+    assert not os.path.exists(os.path.join(wdir, "pwned"))
+
+
+def test_task_module_not_given_with_import_is_auto_imported(worker, wq, wdir):
+    w_write(wdir, "autotasks.py", """\
+        import litetq
+
+        @litetq.task
+        def double(x):
+            return x * 2
+        """)
+    worker(concurrency=1, imports=())
+    job = wq.enqueue(litetq.Task("autotasks.double", [21]))
+    assert job.result(timeout=10) == 42
+
+
+def test_main_pitfall_user_module_shares_the_workers_registry(worker, wq, wdir):
+    w_write(wdir, "maintasks.py", """\
+        import sys
+        import litetq
+
+        @litetq.task
+        def probe():
+            ctx = litetq.current()   # the worker's context, seen through `import litetq`
+            ctx.log("probe ran")
+            return {"job": ctx.job.id, "registered": "maintasks.probe" in litetq._registry,
+                    "main_is_litetq_file": sys.modules["__main__"].__file__ == litetq.__file__}
+        """)
+    worker(concurrency=1, imports=("maintasks",))
+    job = wq.enqueue(litetq.Task("maintasks.probe"))
+    result = job.result(timeout=10)
+    assert result["job"] == job.id
+    assert result["registered"] is True
+    assert [line["message"] for line in job.logs()] == ["probe ran"]
+
+
+def test_consumer_messages_are_processed_and_acked(worker, wq, wdir):
+    worker(concurrency=2)
+    ids = [wq.put("inbox", {"n": n}) for n in range(5)]
+    wq.put("elsewhere", {"n": 99})  # no consumer: left alone
+    inbox = os.path.join(wdir, "inbox")
+    w_wait_for(lambda: os.path.isdir(inbox) and len(os.listdir(inbox)) == 5, 10,
+               "5 consumed messages")
+    assert sorted(os.listdir(inbox)) == [str(n) for n in range(5)]
+
+    def remaining():
+        return wq.storage.read("select id, queue from litetq_messages")
+    w_wait_for(lambda: remaining() == [(max(ids) + 1, "elsewhere")], 5, "acks")
+
+
+def test_burst_worker_consumes_messages_then_exits(worker, wq, wdir):
+    for n in range(3):
+        wq.put("inbox", {"n": n})
+    assert worker("--burst", concurrency=1, ready=False).wait(15) == 0
+    assert sorted(os.listdir(os.path.join(wdir, "inbox"))) == ["0", "1", "2"]
+    assert wq.storage.read("select count(*) from litetq_messages") == [(0,)]
+
+
+def test_queues_option_restricts_consumed_queues(worker, wq, wdir):
+    a = w_enqueue(wq, "echo", "a", queue="a")
+    b = w_enqueue(wq, "echo", "b", queue="b")
+    c = w_enqueue(wq, "echo", "c", queue="c")
+    d = w_enqueue(wq, "echo", "d")
+    assert worker("--queues", "a,b", "--burst", concurrency=1, ready=False).wait(15) == 0
+    assert (a.status, b.status, c.status, d.status) == ("complete", "complete", "queued",
+                                                        "queued")
+    proc = worker("--queues", "c", concurrency=1)
+    assert wq.storage.workers()[0][3] == "c"
+    assert c.result(timeout=10) == [["c"], {}]
+    time.sleep(0.3)
+    assert d.status == "queued"
+    assert proc.proc.poll() is None
+
+
+def test_reload_restarts_when_module_source_changes(worker, wq, wdir):
+    path = w_write(wdir, "reloadtasks.py", """\
+        import litetq
+
+        @litetq.task
+        def value():
+            return 1
+        """)
+    proc = worker("--reload", concurrency=1, imports=("reloadtasks",))
+    first_start = proc.registered()
+    assert wq.enqueue(litetq.Task("reloadtasks.value")).result(timeout=10) == 1
+    with open(path, "w") as f:
+        f.write("import litetq\n\n@litetq.task\ndef value():\n    return 2\n")
+    later = time.time() + 5
+    os.utime(path, (later, later))
+    w_wait_for(lambda: (proc.registered() or 0) > first_start, 15, "the worker to restart")
+    assert proc.proc.poll() is None  # restarted in place (same pid, same process group)
+    assert wq.enqueue(litetq.Task("reloadtasks.value")).result(timeout=10) == 2
+
+
+# ---------------------------------------------------------------------------
+# Waiting from another process, the log file
+# ---------------------------------------------------------------------------
+
+W_WAITER = """\
+import json, sys, time
+import litetq
+q = litetq.Queue(sys.argv[1])
+jobs = [q.job(int(i)) for i in sys.argv[2:]]
+print("ready", flush=True)
+for job in jobs:
+    value = job.result(timeout=30)
+    print(json.dumps({"id": job.id, "seen": time.time()}), flush=True)
+"""
+
+
+def test_waiter_in_another_process_sees_results_promptly(worker, wq, wdir, wdb):
+    jobs = [w_enqueue(wq, "step", f"w{i}", 0.3) for i in range(5)]
+    waiter = subprocess.Popen([sys.executable, "-c", W_WAITER, wdb, *[str(j.id) for j in jobs]],
+                              env=w_env(), cwd=wdir, stdout=subprocess.PIPE, text=True)
+    try:
+        assert waiter.stdout.readline().strip() == "ready"
+        worker(concurrency=1)
+        out, _ = waiter.communicate(timeout=30)
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+    seen = [json.loads(line) for line in out.splitlines()]
+    assert [s["id"] for s in seen] == [j.id for j in jobs]
+    latencies = [s["seen"] - w_row(wq, job)["finished"] for s, job in zip(seen, jobs)]
+    print(f"\n[measured] waiter latency after commit (ms): "
+          f"{', '.join(f'{x * 1000:.1f}' for x in latencies)}")
+    assert all(x >= 0 for x in latencies)
+    assert statistics.median(latencies) < 0.05  # SPEC §2: within 50 ms of commit
+    assert max(latencies) < 0.25
+
+
+def test_logfile_has_one_line_per_step(worker, wq, wdir):
+    logfile = str(wdir / "worker.log")
+    quick = w_enqueue(wq, "echo", "x")
+    steps3 = w_enqueue(wq, "countdown", 2)
+    bad = w_enqueue(wq, "fails", "nope")
+    proc = worker("--burst", "--logfile", logfile, concurrency=1, ready=False)
+    assert proc.wait(15) == 0
+    with open(logfile) as f:
+        text = f.read()
+    lines = re.findall(r"job (\d+) (\S+): (\w+) in ([\d.]+) ms", text)
+    by_job = {}
+    for job_id, name, status, ms in lines:
+        by_job.setdefault(int(job_id), []).append((name, status))
+        assert float(ms) >= 0
+    assert by_job[quick.id] == [("wtasks.echo", "complete")]
+    assert by_job[steps3.id] == [("wtasks.countdown", "queued")] * 2 + [
+        ("wtasks.countdown", "complete")]
+    assert by_job[bad.id] == [("wtasks.fails", "failed")]
+    assert len(lines) == 5
+
+
+# ---------------------------------------------------------------------------
+# The command line, in-process through litetq.main([...])
+# ---------------------------------------------------------------------------
+
+@litetq.task(name="wt_cli.ok")
+def wt_cli_ok(x=None, **kwargs):
+    return x
+
+
+@litetq.task(name="wt_cli.boom")
+def wt_cli_boom(message):
+    raise ValueError(message)
+
+
+@litetq.task(name="wt_cli.parent")
+def wt_cli_parent(n):
+    ctx = litetq.current()
+    ctx.log("spawning children")
+    for i in range(n):
+        ctx.spawn(wt_cli_ok(i))
+    return "parent done"
+
+
+W_COMMANDS = ["worker", "status", "jobs", "show", "retry", "cancel", "purge", "enqueue",
+              "cron", "web", "demo"]
+
+
+def w_snapshot(db):
+    """Everything in the database, to show that bad input changes nothing."""
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        tables = [r[0] for r in conn.execute(
+            "select name from sqlite_master where type = 'table' order by name")]
+        return {t: conn.execute(f"select * from {t} order by rowid").fetchall()
+                for t in tables if t != "litetq_workers"}
+
+
+def w_main(capsys, *argv):
+    code = litetq.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def w_usage_error(capsys, *argv, db=None):
+    """Run main(argv): exit 2, nothing on stdout, exactly one line on stderr, and the
+    database (if given) unchanged. Returns the error line."""
+    before = w_snapshot(db) if db and os.path.exists(db) else None
+    code, out, err = w_main(capsys, *argv)
+    assert code == 2, (argv, out, err)
+    assert out == ""
+    assert len(err.splitlines()) == 1 and err.endswith("\n"), (argv, err)
+    assert err.startswith("litetq:")
+    if before is not None:
+        assert w_snapshot(db) == before
+    return err.strip()
+
+
+@pytest.fixture
+def w_cli_db(tmp_path):
+    """A file database with a complete, a failed (with traceback), a parent with logs
+    and children, and a queued job."""
+    db = str(tmp_path / "cli.sqlite")
+    with litetq.Queue(db) as queue:
+        ok = queue.enqueue(wt_cli_ok(1))
+        boom = queue.enqueue(wt_cli_boom("kaboom"))
+        parent = queue.enqueue(wt_cli_parent(2))
+        queue.run_until_idle()
+        queued = queue.enqueue(wt_cli_ok("q"), queue="other")
+        ids = {"ok": ok.id, "boom": boom.id, "parent": parent.id, "queued": queued.id,
+               "children": [c.id for c in parent.children()]}
+        assert (ok.status, boom.status, parent.status) == ("complete", "failed", "complete")
+    return db, ids
+
+
+def test_cli_help_for_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        litetq.main(["--help"])
+    assert exit_.value.code == 0
+    top = capsys.readouterr().out
+    for name in W_COMMANDS:
+        assert re.search(rf"^\s+{name}\s+\S", top, re.M), f"no help line for {name}"
+    for name in W_COMMANDS:
+        with pytest.raises(SystemExit) as exit_:
+            litetq.main([name, "--help"])
+        assert exit_.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: litetq {name}"), out
+        assert len(out.splitlines()) > 2
+    with pytest.raises(SystemExit):
+        litetq.main(["worker", "--help"])
+    worker_help = capsys.readouterr().out
+    for option in ("--queues", "--concurrency", "--import", "--burst", "--reload",
+                   "--no-cron", "--logfile", "--log-level", "--grace"):
+        assert option in worker_help
+
+
+def test_cli_status_counts_and_live_workers(capsys, worker, wq, wdb):
+    proc = worker(concurrency=1)
+    assert w_enqueue(wq, "echo", 1).result(timeout=10) == [[1], {}]
+    w_enqueue(wq, "echo", 2, queue="later", delay=60)
+    code, out, err = w_main(capsys, "status", wdb)
+    assert code == 0 and err == ""
+    lines = out.splitlines()
+    header = lines[0].split()
+    assert header[:2] == ["queue", "queued"]
+    default = next(line.split() for line in lines if line.startswith("default"))
+    assert default[header.index("complete")] == "1"
+    later = next(line.split() for line in lines if line.startswith("later"))
+    assert later[header.index("queued")] == "1"
+    worker_line = next(line for line in lines if f":{proc.pid}" in line)
+    assert "live" in worker_line
+
+
+def test_cli_jobs_table_json_and_filters(capsys, w_cli_db):
+    db, ids = w_cli_db
+    code, out, err = w_main(capsys, "jobs", db)
+    assert code == 0 and err == ""
+    table_ids = [int(line.split()[0]) for line in out.splitlines()[1:]]
+    every = sorted([ids["ok"], ids["boom"], ids["parent"], ids["queued"], *ids["children"]])
+    assert table_ids == every[::-1]  # newest first
+    assert "kaboom" in out
+
+    code, out, _ = w_main(capsys, "jobs", db, "--json")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["id"] for r in rows] == every[::-1]
+    boom = next(r for r in rows if r["id"] == ids["boom"])
+    assert (boom["status"], boom["queue"], boom["name"]) == ("failed", "default", "wt_cli.boom")
+    assert boom["error"] == "ValueError: kaboom"
+
+    def listed(*options):
+        code, out, _ = w_main(capsys, "jobs", db, "--json", *options)
+        assert code == 0
+        return [json.loads(line)["id"] for line in out.splitlines()]
+    assert listed("--status", "failed") == [ids["boom"]]
+    assert listed("--queue", "other") == [ids["queued"]]
+    assert listed("--task", "wt_cli.parent") == [ids["parent"]]
+    assert listed("--task", "wt_cli.ok", "--status", "complete") == sorted(
+        [ids["ok"], *ids["children"]], reverse=True)
+    assert listed("--limit", "2") == every[::-1][:2]
+    assert listed("--status", "cancelled") == []
+
+
+def test_cli_show_text_and_json(capsys, w_cli_db):
+    db, ids = w_cli_db
+    code, out, err = w_main(capsys, "show", db, ids["boom"])
+    assert code == 0 and err == ""
+    assert re.search(r"status: failed", out)
+    assert "ValueError: kaboom" in out
+    assert "traceback:" in out and "Traceback (most recent call last)" in out
+    assert "wt_cli_boom" in out  # the frame of the task function
+
+    code, out, _ = w_main(capsys, "show", db, ids["parent"])
+    assert code == 0
+    assert "spawning children" in out
+    assert str(ids["children"]) in out
+
+    code, out, _ = w_main(capsys, "show", db, ids["parent"], "--json")
+    info = json.loads(out)
+    assert info["id"] == ids["parent"] and info["status"] == "complete"
+    assert info["children"] == ids["children"]
+    assert info["result"] == "parent done"
+    assert [line["message"] for line in info["logs"]] == ["spawning children"]
+    assert info["args"] == [2] and info["kwargs"] == {}
+
+    code, out, _ = w_main(capsys, "show", db, ids["boom"], "--json")
+    info = json.loads(out)
+    assert info["error"] == "ValueError: kaboom"
+    assert "raise ValueError(message)" in info["traceback"]
+
+
+def test_cli_retry_ids_and_failed(capsys, tmp_path):
+    db = str(tmp_path / "retry.sqlite")
+    with litetq.Queue(db) as queue:
+        fails = [queue.enqueue(wt_cli_boom(f"b{i}")) for i in range(3)]
+        ok = queue.enqueue(wt_cli_ok(1))
+        queue.run_until_idle()
+        code, out, err = w_main(capsys, "retry", db, fails[0].id)
+        assert code == 0 and err == ""
+        assert out.strip() == f"queued again: {fails[0].id}"
+        assert fails[0].status == "queued" and fails[0].attempts == 0 and fails[0].error is None
+        assert fails[1].status == "failed"
+        code, out, _ = w_main(capsys, "retry", db, "--failed")
+        assert code == 0
+        assert sorted(out.split(":")[1].split()) == sorted(str(f.id) for f in fails[1:])
+        assert [f.status for f in fails] == ["queued"] * 3
+        code, out, _ = w_main(capsys, "retry", db, ok.id)  # a complete job: nothing to do
+        assert code == 0 and out.strip() == "queued again: none"
+        assert ok.status == "complete"
+
+
+def test_cli_cancel(capsys, tmp_path):
+    db = str(tmp_path / "cancel.sqlite")
+    with litetq.Queue(db) as queue:
+        a, b = queue.enqueue(wt_cli_ok(1)), queue.enqueue(wt_cli_ok(2))
+        code, out, err = w_main(capsys, "cancel", db, a.id, b.id)
+        assert code == 0 and err == ""
+        assert out.strip() == f"cancelled: {a.id} {b.id}"
+        assert (a.status, b.status) == ("cancelled", "cancelled")
+        code, out, _ = w_main(capsys, "cancel", db, a.id)
+        assert code == 0 and out.strip() == "cancelled: none"
+
+
+def test_cli_purge_status_and_older_than(capsys, tmp_path):
+    db = str(tmp_path / "purge.sqlite")
+    with litetq.Queue(db) as queue:
+        done = [queue.enqueue(wt_cli_ok(i)) for i in range(3)]
+        failed = queue.enqueue(wt_cli_boom("x"))
+        queue.run_until_idle()
+        queued = queue.enqueue(wt_cli_ok("q"))
+        queue.storage.add_log(done[0].id, "info", "old log")
+        with queue.storage.write() as conn:  # job 0 finished two days ago
+            conn.execute("update litetq_jobs set finished = ? where id = ?",
+                         (time.time() - 2 * 86400, done[0].id))
+        code, out, err = w_main(capsys, "purge", db, "--older-than", "1d")
+        assert (code, out.strip(), err) == (0, "purged 1 jobs", "")
+        remaining = {j.id for j in queue.jobs()}
+        assert remaining == {done[1].id, done[2].id, failed.id, queued.id}
+        assert queue.storage.read("select count(*) from litetq_logs") == [(0,)]
+        code, out, _ = w_main(capsys, "purge", db, "--status", "complete", "--older-than", "1h")
+        assert out.strip() == "purged 0 jobs"
+        code, out, _ = w_main(capsys, "purge", db, "--status", "complete")
+        assert out.strip() == "purged 2 jobs"
+        assert {j.id for j in queue.jobs()} == {failed.id, queued.id}
+        code, out, _ = w_main(capsys, "purge", db)
+        assert out.strip() == "purged 1 jobs"
+        assert [j.id for j in queue.jobs()] == [queued.id]  # unfinished jobs are never purged
+
+
+def test_cli_enqueue_args_kwargs_queue_delay(capsys, tmp_path):
+    db = str(tmp_path / "enqueue.sqlite")
+    code, out, err = w_main(capsys, "enqueue", db, "wt_cli.ok", '[1]', "--kwargs", '{"k": [2]}')
+    assert code == 0 and err == ""
+    with litetq.Queue(db) as queue:
+        job = queue.job(int(out))
+        assert job.task == wt_cli_ok(1, k=[2])
+        assert w_row(queue, job)["queue"] == "default"
+        before = time.time()
+        code, out, _ = w_main(capsys, "enqueue", db, "wt_cli.ok", "--queue", "slow",
+                              "--delay", "2m")
+        assert code == 0
+        job = queue.job(int(out))
+        row = w_row(queue, job)
+        assert row["queue"] == "slow" and job.task == wt_cli_ok()
+        assert before + 119 < row["due"] < time.time() + 121
+        code, out, _ = w_main(capsys, "enqueue", db, "wt_cli.ok", '["a"]')
+        assert queue.job(int(out)).task == wt_cli_ok("a")
+        queue.run_until_idle()
+        assert queue.job(int(out)).result() == "a"
+        assert queue.stats() == {"default": {"complete": 2}, "slow": {"queued": 1}}
+
+
+def test_cli_enqueue_auto_imports_task_module_from_cwd(capsys, tmp_path, monkeypatch):
+    w_write(tmp_path, "wt_cli_mod_enqueue.py", """\
+        import litetq
+
+        @litetq.task
+        def hi(name):
+            return "hi " + name
+        """)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    db = str(tmp_path / "e.sqlite")
+    code, out, err = w_main(capsys, "enqueue", db, "wt_cli_mod_enqueue.hi", '["bo"]')
+    assert code == 0 and err == "", err
+    with litetq.Queue(db) as queue:
+        queue.run_until_idle()
+        assert queue.job(int(out)).result() == "hi bo"
+
+
+def test_cli_bad_input_exit_2_one_line_changes_nothing(capsys, w_cli_db, tmp_path):
+    db, ids = w_cli_db
+    failed_id, queued_id = ids["boom"], ids["queued"]
+    for argv in (
+        ["show", db, 999999],
+        ["show", db, "abc"],
+        ["show", db],
+        ["retry", db, failed_id, 999999],      # one unknown id: nothing is retried
+        ["retry", db],
+        ["cancel", db, queued_id, 999999],     # one unknown id: nothing is cancelled
+        ["cancel", db, "x"],
+        ["enqueue", db, "wt_cli.ok", "[1,"],    # malformed JSON
+        ["enqueue", db, "wt_cli.ok", '{"a": 1}'],  # not a list
+        ["enqueue", db, "wt_cli.ok", '"text"'],
+        ["enqueue", db, "wt_cli.ok", "--kwargs", "[1]"],
+        ["enqueue", db, "wt_cli.ok", "--kwargs", "{bad"],
+        ["enqueue", db, "no_such_module_xyz.task", "[]"],
+        ["enqueue", db, "wt_cli.ok", "--delay", "soon"],
+        ["enqueue", db],
+        ["jobs", db, "--status", "bogus"],
+        ["jobs", db, "--limit", "many"],
+        ["purge", db, "--older-than", "7x"],
+        ["purge", db, "--status", "running"],
+        ["purge", db, "--status", "queued"],
+        ["worker", db, "--concurrency", "abc"],
+        ["worker", db, "--grace", "soon"],
+        ["worker", db, "--log-level", "LOUD"],
+        ["worker", db, "--start-method", "teleport"],
+        ["status", db, "extra"],
+        ["nosuchcommand", db],
+        [],
+    ):
+        w_usage_error(capsys, *argv, db=db)
+    assert litetq.Queue(db).job(failed_id).status == "failed"
+    assert litetq.Queue(db).job(queued_id).status == "queued"
+
+
+def test_cli_error_messages_say_what_is_wrong(capsys, w_cli_db):
+    db, _ = w_cli_db
+    assert "999999" in w_usage_error(capsys, "show", db, 999999, db=db)
+    assert "7x" in w_usage_error(capsys, "purge", db, "--older-than", "7x", db=db)
+    assert "abc" in w_usage_error(capsys, "worker", db, "--concurrency", "abc", db=db)
+    assert "no_such_module_xyz.task" in w_usage_error(
+        capsys, "enqueue", db, "no_such_module_xyz.task", db=db)
+    assert "JSON" in w_usage_error(capsys, "enqueue", db, "wt_cli.ok", "[1,", db=db)
+
+
+def test_cli_missing_database_exit_2_and_not_created(capsys, tmp_path):
+    missing = str(tmp_path / "missing.sqlite")
+    for argv in (["status", missing], ["jobs", missing], ["show", missing, 1],
+                 ["retry", missing, "--failed"], ["cancel", missing, 1], ["purge", missing],
+                 ["enqueue", missing, "no_such_module_xyz.task"]):
+        line = w_usage_error(capsys, *argv)
+        assert "missing.sqlite" in line or "no_such_module_xyz" in line
+        assert not os.path.exists(missing)
+
+
+def test_cli_non_sqlite_file_exit_2_and_file_untouched(capsys, tmp_path):
+    garbage = tmp_path / "garbage.sqlite"
+    content = os.urandom(64) + b"this is not a database" * 200
+    garbage.write_bytes(content)
+    for argv in (["status", garbage], ["jobs", garbage], ["show", garbage, 1],
+                 ["retry", garbage, "--failed"], ["cancel", garbage, 1], ["purge", garbage],
+                 ["enqueue", garbage, "wt_cli.ok", "[1]"]):
+        line = w_usage_error(capsys, *argv)
+        assert "garbage.sqlite" in line
+        assert garbage.read_bytes() == content
+    assert sorted(os.listdir(tmp_path)) == ["garbage.sqlite"]
+
+
+@pytest.mark.parametrize("args", [["--concurrency", "-1"], ["--concurrency", "0"],
+                                  ["--lease", "0"], ["--lease", "-5"], ["--grace", "-1"]],
+                         ids=lambda a: " ".join(a))
+def test_worker_rejects_nonsense_numbers(tmp_path, args):
+    """--concurrency -1 starts no process at all and --lease 0 makes every lease lapse at
+    once: like any bad input, such values get one line on stderr and exit status 2."""
+    db = str(tmp_path / "n.sqlite")
+    proc = subprocess.Popen([sys.executable, "-m", "litetq", "worker", db, "--burst", *args],
+                            cwd=tmp_path, env=w_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=10)
+    finally:
+        w_suppress(os.killpg, proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == 2, f"accepted {' '.join(args)}: exit {proc.returncode}, {err!r}"
+    assert len(err.splitlines()) == 1, err
+
+
+# ---------------------------------------------------------------------------
+# The command line through a real `python -m litetq` process
+# ---------------------------------------------------------------------------
+
+def w_cli(folder, *argv, timeout=20):
+    return subprocess.run([sys.executable, "-m", "litetq", *map(str, argv)], cwd=folder,
+                          env=w_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_subprocess_every_command(worker, wq, wdir, wdb):
+    proc = worker(concurrency=1)
+    # enqueue: the task module is found from the current directory
+    r = w_cli(wdir, "enqueue", wdb, "wtasks.echo", '[1, "two"]', "--kwargs", '{"k": 3}')
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    job = wq.job(int(r.stdout))
+    assert job.result(timeout=10) == [[1, "two"], {"k": 3}]
+    r = w_cli(wdir, "enqueue", wdb, "wtasks.fails", '["bad"]', "--queue", "q2")
+    failing = wq.job(int(r.stdout))
+    with pytest.raises(litetq.TaskFailed):
+        failing.result(timeout=10)
+    r = w_cli(wdir, "enqueue", wdb, "wtasks.echo", "--delay", "1h")
+    delayed = wq.job(int(r.stdout))
+    assert delayed.status == "queued"
+
+    r = w_cli(wdir, "status", wdb)
+    assert r.returncode == 0
+    assert re.search(rf":{proc.pid}\s+1\s+\*\s+live", r.stdout), r.stdout
+
+    r = w_cli(wdir, "jobs", wdb, "--json", "--status", "failed")
+    assert [json.loads(line)["id"] for line in r.stdout.splitlines()] == [failing.id]
+    r = w_cli(wdir, "jobs", wdb)
+    assert r.returncode == 0 and str(failing.id) in r.stdout
+
+    r = w_cli(wdir, "show", wdb, failing.id)
+    assert r.returncode == 0 and "ValueError: bad" in r.stdout and "Traceback" in r.stdout
+    r = w_cli(wdir, "show", wdb, failing.id, "--json")
+    assert json.loads(r.stdout)["queue"] == "q2"
+
+    r = w_cli(wdir, "retry", wdb, "--failed")
+    assert r.returncode == 0 and r.stdout.strip() == f"queued again: {failing.id}"
+    with pytest.raises(litetq.TaskFailed):  # it runs again (and fails again)
+        failing.result(timeout=10)
+
+    r = w_cli(wdir, "cancel", wdb, delayed.id)
+    assert r.returncode == 0 and delayed.status == "cancelled"
+
+    r = w_cli(wdir, "purge", wdb, "--status", "cancelled")
+    assert r.returncode == 0 and r.stdout.strip() == "purged 1 jobs"
+    with pytest.raises(litetq.NotFound):
+        wq.job(delayed.id)
+
+    before = w_snapshot(wdb)
+    for argv in (["show", wdb, 424242], ["enqueue", wdb, "wtasks.echo", "{"],
+                 ["enqueue", wdb, "wtasks.nope"], ["purge", wdb, "--older-than", "7x"]):
+        r = w_cli(wdir, *argv)
+        assert r.returncode == 2 and r.stdout == "", argv
+        assert len(r.stderr.splitlines()) == 1, (argv, r.stderr)
+    assert w_snapshot(wdb) == before
+
+    for name in W_COMMANDS:
+        r = w_cli(wdir, name, "--help")
+        assert r.returncode == 0 and r.stdout.startswith(f"usage: litetq {name}"), name
+
+
+# ===========================================================================
+# The web page and JSON API (SPEC section 11)
+# ===========================================================================
+
+XSS_SCRIPT = "<script>window.__xss=1;document.documentElement.dataset.xss='script'</script>"
+XSS_IMG = "<img src=x onerror=\"window.__xss=2;document.documentElement.dataset.xss='img'\">"
+XSS_SVG = "<svg onload=\"document.documentElement.dataset.xss='svg'\"></svg>"
+
+
+# --- tasks --------------------------------------------------------------
+
+@litetq.task
+def web_add(a, b):
+    return a + b
+
+
+@litetq.task
+def web_boom(message):
+    raise ValueError(message)
+
+
+@litetq.task
+def web_parent():
+    ctx = litetq.current()
+    ctx.log("spawning one child")
+    ctx.spawn(web_add(1, 2))
+    ctx.progress(1, 2)
+    return "parent done"
+
+
+@litetq.task
+def web_echo(*args, **kwargs):
+    litetq.current().log(f"echo {args!r}")
+    return list(args)
+
+
+SLOW_STARTED = threading.Event()
+SLOW_GATE = threading.Event()
+
+
+@litetq.task
+def web_slow():
+    litetq.current().progress(3, 10)
+    SLOW_STARTED.set()
+    SLOW_GATE.wait(20)
+    return "slow done"
+
+
+# --- helpers ------------------------------------------------------------
+
+@pytest.fixture
+def web_q(tmp_path):
+    queue = litetq.Queue(str(tmp_path / "web.sqlite"))
+    yield queue
+    queue.close()
+
+
+def start(queue, **options):
+    """Run make_web_server in a daemon thread; return (server, base_url)."""
+    server = litetq.make_web_server(queue, port=0, **options)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return server, f"http://127.0.0.1:{server.server_port}"
+
+
+def stop(server):
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def web(web_q):
+    server, base = start(web_q)
+    yield base
+    stop(server)
+
+
+def call(base, path, method="GET", headers=None, body=None):
+    """Return (status, headers, parsed JSON or text) without raising."""
+    data = body.encode() if isinstance(body, str) else body
+    if method == "POST" and data is None:
+        data = b"{}"
+    request = urllib.request.Request(base + path, data=data, method=method,
+                                     headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            status, hdrs, raw = resp.status, resp.headers, resp.read()
+    except urllib.error.HTTPError as err:
+        status, hdrs, raw = err.code, err.headers, err.read()
+    if hdrs.get("Content-Type", "").startswith("application/json"):
+        return status, hdrs, json.loads(raw)
+    return status, hdrs, raw.decode()
+
+
+def post(base, path, headers=None, **kw):
+    return call(base, path, "POST",
+                {"Content-Type": "application/json", **(headers or {})}, **kw)
+
+
+def make_jobs(web_q):
+    """One complete, one failed, one queued job; a parent with a child."""
+    done = web_q.enqueue(web_add(2, 3))
+    failed = web_q.enqueue(web_boom("kaput"))
+    parent = web_q.enqueue(web_parent(), queue="batch")
+    web_q.run_until_idle()
+    queued = web_q.enqueue(web_add(10, 20))
+    return {"done": done, "failed": failed, "parent": parent, "queued": queued}
+
+
+# --- routes -------------------------------------------------------------
+
+def test_page_is_self_contained_and_locked_down(web):
+    status, headers, page = call(web, "/")
+    assert status == 200
+    assert headers["Content-Type"] == "text/html; charset=utf-8"
+    assert "<script>" in page and "/api/stats" in page
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # no external assets
+    assert not re.search(r"\.(inner|outer)HTML|insertAdjacentHTML|document\.write", page)
+    csp = headers["Content-Security-Policy"]
+    assert "script-src 'sha256-" in csp and "frame-ancestors 'none'" in csp
+    assert headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_api_stats_matches_queue(web_q, web):
+    make_jobs(web_q)
+    status, _, stats = call(web, "/api/stats")
+    assert status == 200
+    assert stats == json.loads(json.dumps(web_q.stats()))
+    assert stats["default"]["failed"] == 1 and stats["batch"]["complete"] == 1
+
+
+def test_api_jobs_lists_newest_first_with_filters(web_q, web):
+    jobs = make_jobs(web_q)
+    _, _, everything = call(web, "/api/jobs")
+    ids = [j["id"] for j in everything]
+    assert ids == sorted(ids, reverse=True) and jobs["queued"].id == ids[0]
+    _, _, failed = call(web, "/api/jobs?status=failed")
+    assert [j["id"] for j in failed] == [jobs["failed"].id]
+    assert "kaput" in failed[0]["error"] and "ValueError" in failed[0]["traceback"]
+    _, _, batch = call(web, "/api/jobs?queue=batch")
+    assert [j["id"] for j in batch] == [jobs["parent"].id]
+    _, _, one = call(web, "/api/jobs?limit=1")
+    assert len(one) == 1
+    status, _, blank = call(web, "/api/jobs?status=&queue=&limit=")
+    assert status == 200 and len(blank) == len(everything)
+
+
+@pytest.mark.parametrize("query", [
+    "status=bogus", "limit=0", "limit=abc", "limit=-1", "limit=100000",
+    "colour=red", "status=failed&status=queued", "a&&b=", "limit=%C2%B2",
+])
+def test_api_jobs_rejects_bad_parameters(web, query):
+    status, _, body = call(web, "/api/jobs?" + query)
+    assert status == 400 and body["error"]
+
+
+def test_api_job_detail_has_logs_children_and_traceback(web_q, web):
+    jobs = make_jobs(web_q)
+    status, _, parent = call(web, f"/api/jobs/{jobs['parent'].id}")
+    assert status == 200
+    assert parent["status"] == "complete" and parent["queue"] == "batch"
+    assert parent["children"] == [c.id for c in jobs["parent"].children()]
+    assert len(parent["children"]) == 1
+    assert "spawning one child" in [line["message"] for line in parent["logs"]]
+    assert parent["progress"] == [1, 2]
+    _, _, child = call(web, f"/api/jobs/{parent['children'][0]}")
+    assert child["parent_id"] == parent["id"] and child["result"] == 3
+    _, _, failed = call(web, f"/api/jobs/{jobs['failed'].id}")
+    assert failed["error"] and "kaput" in failed["traceback"]
+    assert failed["task"] == repr(jobs["failed"].task) and failed["args"] == ["kaput"]
+
+
+def test_unknown_job_and_route_are_json_404s(web):
+    for path in ("/api/jobs/999999", "/nope", "/api", "/api/jobs/1/explode"):
+        status, headers, body = call(web, path)
+        assert status == 404, path
+        assert headers["Content-Type"].startswith("application/json")
+        assert body["error"]
+    status, _, body = post(web, "/api/jobs/999999/retry")
+    assert status == 404 and "999999" in body["error"]
+
+
+def test_malformed_job_id_is_400(web):
+    for path in ("/api/jobs/abc", "/api/jobs/-1", "/api/jobs/1.5", "/api/jobs/%C2%B2"):
+        status, _, body = call(web, path)
+        assert status == 400 and "job id" in body["error"]
+
+
+@pytest.mark.parametrize("method,path", [
+    ("POST", "/api/stats"), ("POST", "/"), ("GET", "/api/jobs/1/retry"),
+    ("DELETE", "/api/jobs/1"), ("PUT", "/api/jobs/1/cancel"), ("PATCH", "/api/schedules"),
+])
+def test_wrong_method_is_405(web_q, web, method, path):
+    web_q.enqueue(web_add(1, 1))
+    status, headers, body = call(web, path, method,
+                                 {"Content-Type": "application/json"},
+                                 b"{}" if method != "GET" else None)
+    assert status == 405 and headers["Allow"] and body["error"]
+
+
+def test_head_is_get_without_a_body(web):
+    for path in ("/", "/api/stats"):
+        request = urllib.request.Request(web + path, method="HEAD")
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            assert resp.status == 200 and resp.read() == b""
+            assert int(resp.headers["Content-Length"]) > 0
+            assert resp.headers["Server"] == "litetq"
+
+
+def test_cors_preflight_is_never_granted(web):
+    status, headers, _ = call(web, "/api/jobs/1/cancel", "OPTIONS",
+                              {"Origin": "https://evil.example",
+                               "Access-Control-Request-Method": "POST"})
+    assert status == 405
+    assert "Access-Control-Allow-Origin" not in headers
+
+
+def test_retry_failed_and_cancel_queued(web_q, web):
+    jobs = make_jobs(web_q)
+    status, _, body = post(web, f"/api/jobs/{jobs['failed'].id}/retry")
+    assert status == 200 and body["status"] == "queued"
+    assert jobs["failed"].status == "queued"
+    status, _, body = post(web, f"/api/jobs/{jobs['queued'].id}/cancel")
+    assert status == 200 and body["status"] == "cancelled"
+    assert jobs["queued"].status == "cancelled"
+    web_q.run_until_idle()
+    assert jobs["queued"].status == "cancelled"  # never ran
+    assert jobs["failed"].status == "failed" and jobs["failed"].attempts == 1
+
+
+def test_actions_refused_by_state_are_409(web_q, web):
+    jobs = make_jobs(web_q)
+    status, _, body = post(web, f"/api/jobs/{jobs['done'].id}/retry")
+    assert status == 409 and "complete" in body["error"]
+    status, _, body = post(web, f"/api/jobs/{jobs['done'].id}/cancel")
+    assert status == 409 and "complete" in body["error"]
+    assert jobs["done"].status == "complete"
+
+
+def test_running_job_shows_progress_and_can_be_cancelled(web_q, web):
+    SLOW_STARTED.clear()
+    SLOW_GATE.clear()
+    job = web_q.enqueue(web_slow())
+    runner = threading.Thread(target=web_q.run_until_idle, daemon=True)
+    runner.start()
+    try:
+        assert SLOW_STARTED.wait(10)
+        _, _, running = call(web, "/api/jobs?status=running")
+        assert [(j["id"], j["progress"]) for j in running] == [(job.id, [3, 10])]
+        status, _, body = post(web, f"/api/jobs/{job.id}/cancel")
+        assert status == 200 and body["status"] in ("running", "cancelled")
+    finally:
+        SLOW_GATE.set()
+        runner.join(20)
+    assert job.status == "cancelled"
+
+
+def test_api_schedules(web_q, web):
+    web_q.schedule("nightly", "0 3 * * *", web_add(1, 2), tz="Europe/Berlin")
+    status, _, entries = call(web, "/api/schedules")
+    assert status == 200 and len(entries) == 1
+    entry = entries[0]
+    assert entry["name"] == "nightly" and entry["spec"] == "0 3 * * *"
+    assert entry["task"] == repr(web_add(1, 2)) and entry["tz"] == "Europe/Berlin"
+    assert isinstance(entry["next_run"], float) and entry["last_run"] is None
+
+
+def test_internal_error_is_json_500_and_server_survives(web_q, web, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+    monkeypatch.setattr(web_q, "stats", broken)
+    status, _, body = call(web, "/api/stats")
+    assert status == 500 and "disk on fire" in body["error"]
+    assert call(web, "/api/schedules")[0] == 200
+
+
+def test_oversized_post_body_is_413(web_q, web):
+    job = web_q.enqueue(web_add(1, 1))
+    status, _, _ = post(web, f"/api/jobs/{job.id}/cancel", body=b"x" * 100_000)
+    assert status == 413
+    assert job.status == "queued"
+
+
+def test_access_log_goes_to_litetq_logger_at_debug(web, caplog, capsys):
+    with caplog.at_level(logging.DEBUG, logger="litetq"):
+        call(web, "/api/stats")
+    assert any("/api/stats" in r.getMessage() and r.levelno == logging.DEBUG
+               for r in caplog.records if r.name == "litetq")
+    assert "/api/stats" not in capsys.readouterr().err
+
+
+# --- security -------------------------------------------------------------
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "", "::", "192.0.2.10", "example.com"])
+def test_public_address_needs_a_token(web_q, host):
+    with pytest.raises(ValueError, match="token"):
+        litetq.make_web_server(web_q, host=host, port=0)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "127.0.0.2", "::1"])
+def test_loopback_addresses_need_no_token(web_q, host):
+    try:
+        server = litetq.make_web_server(web_q, host=host, port=0)
+    except OSError as err:  # e.g. no IPv6 in this sandbox
+        pytest.skip(f"cannot bind {host}: {err}")
+    server.server_close()
+
+
+def test_token_is_required_on_every_post(web_q):
+    job = web_q.enqueue(web_add(1, 1))
+    server, base = start(web_q, token="s3cret")
+    try:
+        assert call(base, "/api/stats")[0] == 200  # reading needs no token
+        status, headers, body = post(base, f"/api/jobs/{job.id}/cancel")
+        assert status == 401 and "Bearer" in headers["WWW-Authenticate"]
+        assert "Authorization" in body["error"]
+        for wrong in ("Bearer nope", "s3cret", "Bearer s3cret ", "Basic czNjcmV0",
+                      "Bearer s3cr\xe9t"):
+            assert post(base, f"/api/jobs/{job.id}/cancel",
+                        {"Authorization": wrong})[0] == 401, wrong
+        assert job.status == "queued"
+        status, _, body = post(base, f"/api/jobs/{job.id}/cancel",
+                               {"Authorization": "Bearer s3cret"})
+        assert status == 200 and job.status == "cancelled"
+    finally:
+        stop(server)
+
+
+def test_all_interfaces_with_token(web_q):
+    job = web_q.enqueue(web_add(1, 1))
+    server = litetq.make_web_server(web_q, host="0.0.0.0", port=0, token="t0k")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    try:
+        assert post(base, f"/api/jobs/{job.id}/cancel")[0] == 401
+        assert post(base, f"/api/jobs/{job.id}/cancel",
+                    {"Authorization": "Bearer t0k"})[0] == 200
+    finally:
+        stop(server)
+
+
+def test_post_needs_json_content_type_or_custom_header(web_q, web):
+    job = web_q.enqueue(web_add(1, 1))
+    path = f"/api/jobs/{job.id}/cancel"
+    # What an HTML form on another site could send: refused.
+    for ctype in (None, "text/plain", "application/x-www-form-urlencoded",
+                  "multipart/form-data; boundary=x"):
+        headers = {"Content-Type": ctype} if ctype else {}
+        status, _, body = call(web, path, "POST", headers, b"a=b")
+        assert status == 403 and "Content-Type" in body["error"], ctype
+    assert job.status == "queued"
+    assert call(web, path, "POST", {"X-Litetq": "1"})[0] == 200
+    assert job.status == "cancelled"
+
+
+def test_cross_origin_posts_are_refused(web_q, web):
+    job = web_q.enqueue(web_add(1, 1))
+    path = f"/api/jobs/{job.id}/cancel"
+    netloc = urllib.parse.urlsplit(web).netloc
+    for headers in ({"Origin": "https://evil.example"},
+                    {"Origin": "null"},
+                    {"Origin": "http://localhost:1"},
+                    {"Sec-Fetch-Site": "cross-site"},
+                    {"Sec-Fetch-Site": "same-site"}):
+        status, _, body = post(web, path, headers)
+        assert status == 403, headers
+    assert job.status == "queued"
+    status, _, _ = post(web, path, {"Origin": f"http://{netloc}",
+                                    "Sec-Fetch-Site": "same-origin"})
+    assert status == 200 and job.status == "cancelled"
+
+
+def test_foreign_host_header_is_refused(web):
+    # DNS rebinding: evil.example resolving to 127.0.0.1 must not read jobs.
+    for host in ("evil.example", "evil.example:8765", "127.0.0.1.evil.example"):
+        status, _, body = call(web, "/api/jobs", headers={"Host": host})
+        assert status == 403 and "Host" in body["error"], host
+    port = urllib.parse.urlsplit(web).port
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"):
+        assert call(web, "/api/stats", headers={"Host": host})[0] == 200, host
+
+
+def test_serve_web_prints_url_and_stops_on_ctrl_c(tmp_path):
+    src = os.path.dirname(os.path.abspath(litetq.__file__))
+    code = ("import litetq; web_q = litetq.Queue(%r); litetq.serve_web(web_q, port=0)"
+            % str(tmp_path / "serve.sqlite"))
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=src,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"http://127\.0\.0\.1:\d+/", line).group(0)
+        assert call(url.rstrip("/"), "/api/stats")[0] == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# --- the page in a real browser -------------------------------------------
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu",
+                  "--disable-dev-shm-usage", "--no-first-run")
+
+
+def chromium_exe():
+    """Debian's chromium (or another Chrome) on PATH; skip the test if none."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    pytest.skip("chromium is not installed (apt-get install chromium)")
+
+
+def chromium(tmp_path, *args):
+    """Run headless Chromium once with *args*; return what it printed."""
+    cmd = [chromium_exe(), *CHROMIUM_FLAGS,
+           f"--user-data-dir={tmp_path / 'chromium-profile'}", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def dump_dom(tmp_path, url):
+    # The virtual time budget lets the page's fetches and rendering finish.
+    return chromium(tmp_path, "--virtual-time-budget=5000", "--dump-dom", url)
+
+
+def assert_no_xss(dom):
+    assert "data-xss" not in dom, "an injected payload ran"
+    body = dom.split("<body", 1)[1]
+    assert len(re.findall(r"<script\b", body)) == 1  # only the page's own
+    assert not re.search(r"<img\b", body) and not re.search(r"<svg\b", body)
+
+
+def test_xss_detector_works(tmp_path):
+    """Control: the same payload put into innerHTML does run and is seen."""
+    page = ("<html><body><div id=d></div><script>document.getElementById('d')"
+            ".innerHTML = %s;</script></body></html>" % json.dumps(XSS_IMG))
+    dom = dump_dom(tmp_path, "data:text/html," + urllib.parse.quote(page))
+    assert 'data-xss="img"' in dom
+
+
+def test_dashboard_renders_job_data_as_text(web_q, web, tmp_path):
+    payloads = [XSS_SCRIPT, XSS_IMG, XSS_SVG]
+    web_q.enqueue(web_echo(*payloads, note=XSS_IMG))
+    web_q.enqueue(web_boom(XSS_SCRIPT + XSS_IMG))
+    web_q.enqueue(web_add(1, 2), queue=XSS_SVG)
+    web_q.run_until_idle()
+    web_q.enqueue(web_echo(XSS_IMG))  # stays queued: shows a Cancel button
+    web_q.schedule(XSS_SCRIPT, "*/5 * * * *", web_echo(XSS_IMG))
+    dom = dump_dom(tmp_path, web + "/")
+    assert_no_xss(dom)
+    # The page did render the data, as text (the serializer escapes < and >).
+    assert "updated " in dom
+    assert "&lt;img src=x onerror=" in dom
+    assert "&lt;script&gt;window.__xss=1" in dom
+    assert "&lt;svg onload=" in dom
+    assert "ValueError" in dom  # the failure's traceback is on the page
+    assert "Cancel</button>" in dom and "Retry</button>" in dom
+
+
+def test_job_detail_dialog_renders_job_data_as_text(web_q, web, tmp_path):
+    job = web_q.enqueue(web_echo(XSS_IMG, XSS_SCRIPT))
+    failed = web_q.enqueue(web_boom(XSS_IMG))
+    web_q.run_until_idle()
+    for target in (job, failed):
+        dom = dump_dom(tmp_path, f"{web}/#job={target.id}")
+        assert_no_xss(dom)
+        assert re.search(r"<dialog[^>]*\bopen\b", dom), "detail dialog did not open"
+        assert f"Job #{target.id}" in dom and "&lt;img src=x onerror=" in dom
+    assert "echo (" in dump_dom(tmp_path, f"{web}/#job={job.id}")  # the log line
+
+
+def test_dashboard_screenshot(web_q, web, tmp_path):
+    make_jobs(web_q)
+    png = tmp_path / "dashboard.png"
+    chromium(tmp_path, "--virtual-time-budget=5000", "--window-size=1280,1200",
+             "--hide-scrollbars", f"--screenshot={png}", web + "/")
+    assert png.stat().st_size > 10_000
+
+
+# Puts the two pipe ends on fds 3 and 4, then becomes Chromium.
+_PIPE_EXEC = ("import os, sys; os.dup2(int(sys.argv[1]), 3); "
+              "os.dup2(int(sys.argv[2]), 4); os.execv(sys.argv[3], sys.argv[3:])")
+
+
+def _high_fd(fd):
+    high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+    os.close(fd)
+    return high
+
+
+class Browser:
+    """Headless Chromium driven through the DevTools protocol on a pipe.
+
+    --remote-debugging-pipe reads NUL-terminated JSON commands on fd 3 and
+    answers on fd 4, so no websocket client (and no dependency) is needed.
+    """
+
+    def __init__(self, exe, profile):
+        # Pipe ends above fd 4, so that moving them to fds 3 and 4 in the
+        # child cannot overwrite one before it is copied.
+        to_chrome_r, self._to_chrome = map(_high_fd, os.pipe())
+        self._from_chrome, from_chrome_w = map(_high_fd, os.pipe())
+        args = [exe, *CHROMIUM_FLAGS, "--remote-debugging-pipe",
+                f"--user-data-dir={profile}", "about:blank"]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _PIPE_EXEC, str(to_chrome_r),
+             str(from_chrome_w), *args], pass_fds=(to_chrome_r, from_chrome_w),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(to_chrome_r)
+        os.close(from_chrome_w)
+        self._buf, self._last_id, self._events = b"", 0, []
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+        os.close(self._to_chrome)
+        os.close(self._from_chrome)
+
+    def send(self, method, session=None, **params):
+        self._last_id += 1
+        message = {"id": self._last_id, "method": method, "params": params}
+        if session:
+            message["sessionId"] = session
+        os.write(self._to_chrome, json.dumps(message).encode() + b"\0")
+        while True:
+            reply = self._read(30)
+            if reply.get("id") == self._last_id:
+                assert "error" not in reply, reply["error"]
+                return reply["result"]
+            self._events.append(reply)
+
+    def _read(self, timeout):
+        while b"\0" not in self._buf:
+            ready, _, _ = select.select([self._from_chrome], [], [], timeout)
+            assert ready, "chromium did not answer in time"
+            chunk = os.read(self._from_chrome, 1 << 16)
+            assert chunk, "chromium exited"
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\0", 1)
+        return json.loads(line)
+
+    def wait_event(self, method, timeout=10):
+        deadline = time.monotonic() + timeout
+        while True:
+            for event in self._events:
+                if event.get("method") == method:
+                    self._events.remove(event)
+                    return event["params"]
+            self._events.append(self._read(max(0.1, deadline - time.monotonic())))
+
+    def open(self, url):
+        """Open *url* in a new tab; return the tab's session id."""
+        target = self.send("Target.createTarget", url="about:blank")["targetId"]
+        session = self.send("Target.attachToTarget", targetId=target,
+                            flatten=True)["sessionId"]
+        self.send("Page.enable", session)
+        self.send("Page.navigate", session, url=url)
+        return session
+
+    def js(self, session, expression):
+        """Evaluate *expression* in the tab; return its value (None if undefined)."""
+        result = self.send("Runtime.evaluate", session, expression=expression,
+                           awaitPromise=True, returnByValue=True)
+        assert "exceptionDetails" not in result, result["exceptionDetails"]
+        return result["result"].get("value")
+
+    def wait_js(self, session, expression, timeout=10):
+        deadline = time.monotonic() + timeout
+        while not self.js(session, expression):
+            assert time.monotonic() < deadline, f"timed out waiting for {expression}"
+            time.sleep(0.05)
+
+
+def wait_for(predicate, timeout=10):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    chrome = Browser(chromium_exe(), tmp_path / "cdp-profile")
+    yield chrome
+    chrome.close()
+
+
+LOADED = "!!document.getElementById('status')?.textContent.startsWith('updated')"
+CLICK = """((id, label) => {
+  const rows = [...document.querySelectorAll('tr, .failure')].filter(
+      row => [...row.querySelectorAll('a.job')].some(a => a.textContent === '#' + id));
+  const button = rows.flatMap(row => [...row.querySelectorAll('button')])
+      .find(b => b.textContent === label);
+  button.click();
+  return true;
+})(%d, %s)"""
+NO_XSS = """typeof window.__xss === 'undefined' && !('xss' in document.documentElement.dataset)
+  && document.body.querySelectorAll('img, svg').length === 0"""
+
+
+def test_browser_xss_detector_works(browser):
+    """Control: the payload does run when a page puts it into innerHTML."""
+    tab = browser.open("data:text/html,<div id=d></div>")
+    browser.wait_js(tab, "document.readyState === 'complete'")
+    browser.js(tab, "document.getElementById('d').innerHTML = %s" % json.dumps(XSS_IMG))
+    browser.wait_js(tab, "window.__xss === 2")
+
+
+def test_browser_never_runs_job_data(web_q, web, browser):
+    job = web_q.enqueue(web_echo(XSS_SCRIPT, XSS_IMG, XSS_SVG))
+    failed = web_q.enqueue(web_boom(XSS_IMG + XSS_SCRIPT))
+    web_q.run_until_idle()
+    tab = browser.open(web + "/")
+    browser.wait_js(tab, LOADED)
+    assert browser.js(tab, NO_XSS)
+    text = browser.js(tab, "document.body.textContent")
+    assert XSS_IMG + XSS_SCRIPT in text  # the failure's error, shown verbatim
+    for target in (job, failed):
+        browser.js(tab, f"location.hash = '#job={target.id}'")
+        browser.wait_js(tab, "document.getElementById('detail').open && document"
+                             f".getElementById('detail').textContent.includes('Job #{target.id}')")
+        assert browser.js(tab, NO_XSS)
+        browser.js(tab, "document.getElementById('detail').close()")
+
+
+def test_browser_buttons_retry_and_cancel(web_q, web, browser):
+    failed = web_q.enqueue(web_boom("kaput"))
+    web_q.run_until_idle()
+    queued = web_q.enqueue(web_add(1, 2))
+    tab = browser.open(web + "/")
+    browser.wait_js(tab, LOADED)
+    # Real browser requests carry Origin and Sec-Fetch-Site: the guards let
+    # the page's own POSTs through.
+    browser.js(tab, CLICK % (failed.id, json.dumps("Retry")))
+    wait_for(lambda: failed.status == "queued")
+    browser.js(tab, CLICK % (queued.id, json.dumps("Cancel")))
+    wait_for(lambda: queued.status == "cancelled")
+
+
+def test_browser_asks_for_the_token(web_q, browser):
+    job = web_q.enqueue(web_add(1, 2))
+    server, base = start(web_q, token="s3cret")
+    try:
+        tab = browser.open(base + "/")
+        browser.wait_js(tab, LOADED)
+        browser.js(tab, CLICK % (job.id, json.dumps("Cancel")))
+        dialog = browser.wait_event("Page.javascriptDialogOpening")
+        assert dialog["type"] == "prompt" and "token" in dialog["message"]
+        browser.send("Page.handleJavaScriptDialog", tab, accept=True,
+                     promptText="s3cret")
+        wait_for(lambda: job.status == "cancelled")
+    finally:
+        stop(server)
+
+
+def test_browser_page_refreshes_itself(web_q, web, browser):
+    tab = browser.open(web + "/")
+    browser.wait_js(tab, LOADED)
+    job = web_q.enqueue(web_add(4, 5), queue="late-arrivals")
+    browser.wait_js(tab, f"[...document.querySelectorAll('#recent a.job')]"
+                         f".some(a => a.textContent === '#{job.id}')", timeout=6)
+    assert browser.js(tab, "document.getElementById('queues').textContent"
+                           ".includes('late-arrivals')")
