@@ -1432,7 +1432,8 @@ class Job:
         return f"<Job {self.id}>"
 
     def __eq__(self, other):
-        return isinstance(other, Job) and (self.id, self.queue) == (other.id, other.queue)
+        return isinstance(other, Job) and (self.id, self.queue.path) == (
+            other.id, other.queue.path)
 
     def __hash__(self):
         return hash(self.id)
@@ -1993,7 +1994,10 @@ QUICK_STEP = 0.001  # seconds: a task usually this quick may have its result bat
 
 def _import_modules(names):
     for name in names:
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            raise Error(f"cannot import {name!r}: {type(exc).__name__}: {exc}") from None
 
 
 class Worker:
@@ -2015,9 +2019,9 @@ class Worker:
 
     def run(self):
         """Supervise until a signal (or, with burst, until nothing is due); returns 0."""
+        _import_modules(self.imports)
         queue = Queue(self.path, lease=self.lease)
         self.queue, self.worker_id = queue, f"{socket.gethostname()}:{os.getpid()}"
-        _import_modules(self.imports)
         self._register_periodic()
         watched = self._watched_files() if self.reload else {}
         queue.storage.register_worker(self.worker_id, ",".join(self.queues or ["*"]),
