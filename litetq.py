@@ -998,16 +998,16 @@ class Storage:
     @contextlib.contextmanager
     def due_schedules(self, now):
         """Inside one write transaction: the entries due at `now`, and a function
-        `fire(name, fire_time, job_row, next_run)` that enqueues the job of one fire
+        `fire(name, fire_time, job_row, next_run, last_run)` that enqueues the job of one fire
         time unless it already has one (the primary key of litetq_cron_fired guards
         this), and moves the entry on. `fire` returns the new job's id, or None."""
         with self.write() as conn:
             rows = conn.execute("select name, spec, task, tz, queue, next_run "
                                 "from litetq_cron where next_run <= ?", (now,)).fetchall()
 
-            def fire(name, fire_time, job_row, next_run):
+            def fire(name, fire_time, job_row, next_run, last_run):
                 conn.execute("update litetq_cron set next_run = ?, last_run = ? "
-                             "where name = ?", (next_run, fire_time, name))
+                             "where name = ?", (next_run, last_run, name))
                 if conn.execute("select 1 from litetq_cron_fired where name = ? "
                                 "and fire_time = ?", (name, fire_time)).fetchone():
                     return None
@@ -1347,14 +1347,18 @@ class Queue:
         if now is None:
             now = time.time()
         elif isinstance(now, datetime.datetime):
-            now = _aware(now).timestamp()
+            now = now.timestamp()  # a naive datetime is local time, as for enqueue(at=)
         jobs = []
         after = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
         with self.storage.due_schedules(now) as (rows, fire):
             for name, spec, call, tz, queue, next_run in rows:
-                following = Cron(spec, tz).next(after).timestamp()
+                cron = Cron(spec, tz)
+                following = cron.next(after).timestamp()
+                missed = cron.next(datetime.datetime.fromtimestamp(
+                    next_run, datetime.timezone.utc)).timestamp() <= now
                 row = self._job_row(loads(call), queue, None, None, None, None, None)
-                job_id = fire(name, next_run, row, following)
+                # One job stands for every missed fire time: it ran now.
+                job_id = fire(name, next_run, row, following, now if missed else next_run)
                 if job_id is not None:
                     jobs.append(Job(self, job_id))
         return jobs
@@ -1370,10 +1374,6 @@ def _due_time(now, delay, at):
     if at is not None:
         return float(at)
     return now
-
-
-def _aware(moment):
-    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)
 
 
 def _dumps_call(call):
@@ -1650,14 +1650,15 @@ class Context:
 # the time of day), so even "0 0 29 2 *" is found in a few hundred steps; time
 # zones only come in at the end, to turn a wall-clock time into an instant.
 #
-# Daylight saving follows Debian cron (as the cronsim library does):
+# Daylight saving follows Debian cron (as the cronsim library does), and the
+# contract's rule for repeated hours:
 #   * An entry with fixed minute and hour fields (no leading "*" in either) is
 #     a job "at a particular time". If that time is skipped by a spring-forward
-#     gap it fires once, at the first instant after the gap; in a repeated
-#     (fall-back) hour it fires once, at the first occurrence.
+#     gap it fires once, at the first instant after the gap.
 #   * An entry with "*" leading the minute or hour field (including @hourly)
-#     follows the clock as it is: no times inside a gap, and the repeated hour
-#     runs twice.
+#     has no times inside a gap.
+#   * In a repeated (fall-back) hour every entry fires each wall-clock time
+#     once, on the first pass. (cronsim runs "*" entries on both passes.)
 
 _CRON_FIELDS = (  # name, lowest, highest; the order of a 6-field spec
     ("second", 0, 59),
@@ -3154,10 +3155,12 @@ def _cmd_enqueue(args):
 
 
 def _cmd_cron(args):
+    if args.action == "add":  # bad input is refused before the database is touched
+        if not isinstance(args.args, list):
+            raise UsageError("ARGS_JSON must be a JSON list")
+        Cron(args.spec, args.tz)
     with _open(args.db, create=args.action == "add") as queue:
         if args.action == "add":
-            if not isinstance(args.args, list):
-                raise UsageError("ARGS_JSON must be a JSON list")
             queue.schedule(args.name, args.spec, Task(args.task, args.args), tz=args.tz,
                            queue=args.queue)
             print(f"added {args.name}")
@@ -3168,7 +3171,7 @@ def _cmd_cron(args):
         else:
             _print_table(["name", "spec", "tz", "task", "next run", "last run"],
                          [[e["name"], e["spec"], e["tz"] or "UTC", _cut(repr(e["task"]), 40),
-                           _when(e["next_run"]), _when(e["last_run"])]
+                           _when(e["next_run"], e["tz"]), _when(e["last_run"], e["tz"])]
                           for e in queue.schedules()] or [["(empty)"]])
     return 0
 
@@ -3190,10 +3193,13 @@ def _cut(text, width):
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
-def _when(epoch):
+def _when(epoch, tz=None):
+    """An epoch time for people: local time, or in zone `tz`, with its UTC offset."""
     if epoch is None:
         return "-"
-    return datetime.datetime.fromtimestamp(epoch).strftime("%Y-%m-%d %H:%M:%S")
+    zone = zoneinfo.ZoneInfo(tz) if tz else None
+    moment = datetime.datetime.fromtimestamp(epoch, zone).astimezone(zone)
+    return moment.strftime("%Y-%m-%d %H:%M:%S%z")
 
 
 def _age(epoch):
