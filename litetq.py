@@ -30,6 +30,7 @@ import re
 import signal
 import socket
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import threading
@@ -866,6 +867,12 @@ class Storage:
             conn.execute("update litetq_jobs set status = 'queued', attempts = attempts - 1, "
                          "lease_until = null where id = ? and started = ? "
                          "and status = 'running'", (job_id, token))
+
+    def holds_steps(self, workers):
+        """True if any of these worker processes has claimed a step."""
+        marks = ", ".join("?" * len(workers))
+        return self.read_one(f"select 1 from litetq_jobs where status = 'running' "
+                             f"and worker in ({marks}) limit 1", workers) is not None
 
     def release(self, worker):
         """Give back, uncounted, the steps a stopped worker process still held."""
@@ -2077,10 +2084,12 @@ class Worker:
 
     def _idle(self):
         """Burst mode: nothing due in our queues and none of our processes busy."""
-        now = time.time()
-        next_due = self.queue.storage.next_due(self.queues)
-        busy = any(slot[SLOT_JOB] for _, slot in self.children)
-        return not busy and (next_due is None or next_due > now) and not self._messages_due()
+        storage = self.queue.storage
+        next_due = storage.next_due(self.queues)
+        if next_due is not None and next_due <= time.time() or self._messages_due():
+            return False
+        workers = [f"{socket.gethostname()}:{process.pid}" for process, _ in self.children]
+        return not storage.holds_steps(workers)  # claimed steps, begun or not
 
     def _messages_due(self):
         names = [name for name in _consumers if not self.queues or name in self.queues]
@@ -3252,7 +3261,6 @@ def total():
 
 def _cmd_demo(args):
     """Start a real worker on a temporary database and show the classics complete."""
-    import subprocess
     with tempfile.TemporaryDirectory(prefix="litetq-demo-") as folder:
         with open(os.path.join(folder, "demo_tasks.py"), "w") as f:
             f.write(DEMO_TASKS)
