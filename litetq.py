@@ -38,7 +38,6 @@ import time
 import traceback
 import urllib.error
 import urllib.parse
-import urllib.request
 import zoneinfo
 
 __version__ = "0.1.0"
@@ -410,6 +409,7 @@ def chain(*calls):
 def http_post(url, data, headers=None, timeout=10):
     """POST `data` as JSON; the result is {"status", "body"} (body cut at 64 KiB).
     A non-2xx answer or a network error fails the attempt."""
+    import urllib.request  # here, not at the top: it loads ssl and email, ~2 MB per process
     request = urllib.request.Request(
         url, data=json.dumps(data).encode(), method="POST",
         headers={"Content-Type": "application/json", **(headers or {})})
@@ -868,11 +868,18 @@ class Storage:
                          "lease_until = null where id = ? and started = ? "
                          "and status = 'running'", (job_id, token))
 
-    def holds_steps(self, workers):
-        """True if any of these worker processes has claimed a step."""
-        marks = ", ".join("?" * len(workers))
-        return self.read_one(f"select 1 from litetq_jobs where status = 'running' "
-                             f"and worker in ({marks}) limit 1", workers) is not None
+    def has_work(self, queues, workers):
+        """True if a step is due in `queues` or claimed (begun or not) by one of the
+        `workers`: one statement, so a step that finishes and queues its continuation
+        between two reads cannot hide."""
+        due = "status = 'queued' and due <= ?"
+        if queues:
+            due += f" and queue in ({', '.join('?' * len(queues))})"
+        claimed = f"status = 'running' and worker in ({', '.join('?' * len(workers))})"
+        return bool(self.read_one(
+            f"select exists (select 1 from litetq_jobs where {due}) "
+            f"or exists (select 1 from litetq_jobs where {claimed})",
+            (time.time(), *(queues or ()), *workers))[0])
 
     def release(self, worker):
         """Give back, uncounted, the steps a stopped worker process still held."""
@@ -2084,12 +2091,8 @@ class Worker:
 
     def _idle(self):
         """Burst mode: nothing due in our queues and none of our processes busy."""
-        storage = self.queue.storage
-        next_due = storage.next_due(self.queues)
-        if next_due is not None and next_due <= time.time() or self._messages_due():
-            return False
         workers = [f"{socket.gethostname()}:{process.pid}" for process, _ in self.children]
-        return not storage.holds_steps(workers)  # claimed steps, begun or not
+        return not self.queue.storage.has_work(self.queues, workers) and not self._messages_due()
 
     def _messages_due(self):
         names = [name for name in _consumers if not self.queues or name in self.queues]
@@ -3039,9 +3042,23 @@ def main(argv=None):
         return 2
 
 
+class _Formatter(logging.Formatter):
+    """Formats each second's timestamp once: a busy worker logs thousands of lines a
+    second, and strftime was a quarter of its time."""
+
+    _second, _text = None, ""
+
+    def formatTime(self, record, datefmt=None):
+        second = int(record.created)
+        if second != self._second:
+            self._second = second
+            self._text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        return f"{self._text},{int(record.msecs):03d}"
+
+
 def _configure_logging(logfile=None, level="INFO"):
     handler = logging.FileHandler(logfile) if logfile else logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(message)s"))
+    handler.setFormatter(_Formatter("%(asctime)s %(process)d %(levelname)s %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(level)
 
