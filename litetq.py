@@ -63,7 +63,9 @@ __all__ = [
     "http_post",
     "loads",
     "main",
+    "make_web_server",
     "periodic",
+    "serve_web",
     "task",
     "use",
 ]
@@ -596,6 +598,24 @@ class Storage:
                 conn.execute("rollback")
                 raise
             conn.execute("commit")
+
+    def begin_step(self):
+        """Open an atomic step's transaction on this thread's connection and return the
+        connection; ":memory:"'s shared connection stays locked until end_step()."""
+        self.lock.acquire()
+        try:
+            self.conn.execute("begin immediate")
+        except BaseException:
+            self.lock.release()
+            raise
+        return self.conn
+
+    def end_step(self, conn, commit):
+        try:
+            if conn.in_transaction:  # unless the task committed it itself
+                conn.execute("commit" if commit else "rollback")
+        finally:
+            self.lock.release()
 
     def read(self, sql, params=()):
         with self.lock:
@@ -1648,14 +1668,7 @@ class Context:
         if not self._atomic:
             raise RuntimeError("ctx.db is only for tasks declared with @task(atomic=True)")
         if self._db is None:
-            storage = queue.storage
-            storage.lock.acquire()  # ":memory:" shares one connection between threads
-            try:
-                storage.conn.execute("begin immediate")
-            except BaseException:
-                storage.lock.release()
-                raise
-            self._db = storage.conn
+            self._db = queue.storage.begin_step()
         return self._db
 
     def _need_queue(self, what):
@@ -1665,17 +1678,12 @@ class Context:
         return self._queue
 
     def _end_transaction(self, commit):
-        if self._db is None:
-            return
-        try:
-            if self._db.in_transaction:
-                self._db.execute("commit" if commit else "rollback")
-        finally:
-            self._db = None
-            self._queue.storage.lock.release()
+        if self._db is not None:
+            self._db, db = None, self._db
+            self._queue.storage.end_step(db, commit)
 
 
-# --- Cron ---
+# --- Cron ----------------------------------------------------------------------
 #
 # Cron expressions in the Vixie/Debian dialect, evaluated without the database.
 # The search jumps field by field over wall-clock times (month, then day, then
@@ -2279,11 +2287,6 @@ def _sleep_until_work(queue, queues, stop):
 # API with http.server. The page itself is static: all job data reaches it as
 # JSON and goes into the DOM as text nodes, so nothing a task stored (args,
 # errors, log lines, queue names) is ever parsed as HTML.
-#
-# Imports this section needs at the top of the module:
-#   import base64, hashlib, hmac, http.server, ipaddress, json, re, socket,
-#   urllib.parse
-# and from earlier sections: Error, NotFound, TERMINAL, UNFINISHED, logger.
 
 _WEB_STATUSES = UNFINISHED + TERMINAL
 _WEB_RETRYABLE = ("failed", "cancelled", "expired")
