@@ -3141,10 +3141,12 @@ def _cmd_show(args):
         if args.json:
             print(json.dumps(info, indent=2))
             return 0
-        for key in ("id", "status", "queue", "priority", "task", "attempts", "steps",
-                    "progress", "parent_id", "children", "result", "error"):
-            if info[key] not in (None, []):
-                print(f"{key:>10}: {info[key]}")
+        for key in ("id", "status", "queue", "priority", "task", "args", "kwargs",
+                    "attempts", "steps", "progress", "parent_id", "children", "result",
+                    "error"):
+            if info[key] not in (None, [], {}):
+                value = info[key]
+                print(f"{key:>10}: {json.dumps(value) if key in ('args', 'kwargs') else value}")
         for key in ("created", "started", "finished"):
             if info[key]:
                 print(f"{key:>10}: {_when(info[key])}")
