@@ -712,7 +712,9 @@ class Storage:
             expired = [row[0] for row in rows if row[5] is not None and row[5] < now]
             if expired:
                 with self.write() as conn:
-                    for job_id in expired:
+                    for job_id in expired:  # never begun: the claim was no attempt
+                        conn.execute("update litetq_jobs set attempts = attempts - 1 "
+                                     "where id = ?", (job_id,))
                         self._end(conn, job_id, "expired", now, only_if="running",
                                   error="expired: waited longer than its ttl")
             live = [row for row in rows if row[0] not in expired]
