@@ -150,6 +150,10 @@ def _encode(value):
         return [_encode_at(item, f"[{i}]") for i, item in enumerate(value)]
     if kind is dict:
         return _encode_dict(value)
+    if isinstance(value, dict):  # OrderedDict, defaultdict: stored as plain dicts
+        return _encode_dict(value)
+    if isinstance(value, (list, tuple)):  # namedtuples come back as lists, like tuples
+        return [_encode_at(item, f"[{i}]") for i, item in enumerate(value)]
     if isinstance(value, Task):
         return {RESERVED: "task", "name": value.name,
                 "args": _encode_at(list(value.args), ".args"),
@@ -753,8 +757,8 @@ class Storage:
                 return "cancelled"
             if call is not None:
                 conn.execute("update litetq_jobs set name = ?, args = ?, rest = ?, "
-                             "steps = steps + 1, attempts = 0, lost = 0, error = null "
-                             "where id = ?", (*call, job_id))
+                             "steps = steps + 1, attempts = 0, lost = 0, error = null, "
+                             "expires = null where id = ?", (*call, job_id))
             resume = "continue" if call is not None else "complete"
             conn.execute("update litetq_jobs set status = 'waiting', resume = ?, result = ?, "
                          "lease_until = null where id = ?", (resume, result, job_id))
@@ -777,7 +781,8 @@ class Storage:
         else:
             sql = ("update litetq_jobs set status = 'queued', name = :name, args = :args, "
                    "rest = :rest, steps = steps + 1, attempts = 0, lost = 0, error = null, "
-                   f"due = :now, lease_until = null where {claimed} and {no_subtasks}")
+                   "expires = null, due = :now, lease_until = null "
+                   f"where {claimed} and {no_subtasks}")
             params.update(zip(("name", "args", "rest"), call))
         with self.lock:
             return self.conn.execute(sql, params).rowcount == 1
@@ -798,29 +803,40 @@ class Storage:
                 self._end(conn, job_id, "failed", now, error=error, tb=tb)
                 return "failed"
             conn.execute("update litetq_jobs set status = 'queued', due = ?, error = ?, "
-                         "traceback = ?, lease_until = null where id = ?",
+                         "traceback = ?, lease_until = null, expires = null where id = ?",
                          (retry_at, error, tb, job_id))
             return "queued"
 
     def reap(self):
-        """Queue again the steps whose worker stopped renewing its lease; the
-        MAX_LOST-th loss of the same step fails it as "worker lost"."""
+        """Queue again the steps whose worker stopped renewing its lease."""
         now = time.time()
-        lapsed = self.read("select id, lost from litetq_jobs where status = 'running' "
+        lapsed = self.read("select id, started from litetq_jobs where status = 'running' "
                            "and lease_until < ?", (now,))
-        if not lapsed:
-            return 0
-        with self.write() as conn:
-            for job_id, lost in lapsed:
-                if lost + 1 >= MAX_LOST:
-                    self._end(conn, job_id, "failed", now, only_if="running",
-                              error=f"worker lost (its worker died {MAX_LOST} times)")
-                else:
-                    conn.execute("update litetq_jobs set status = 'queued', due = ?, "
-                                 "attempts = attempts - 1, lost = lost + 1, lease_until = null "
-                                 "where id = ? and status = 'running' and lease_until < ?",
-                                 (now, job_id, now))
+        for job_id, token in lapsed:
+            self.lose(job_id, token, "worker lost: its lease lapsed")
         return len(lapsed)
+
+    def lose(self, job_id, token, message):
+        """A step whose worker died: queued again, not counted as an attempt (or
+        cancelled, if that was asked); the MAX_LOST-th loss fails it as "worker lost"."""
+        now = time.time()
+        with self.write() as conn:
+            row = conn.execute("select lost, cancel from litetq_jobs where id = ? "
+                               "and started = ? and status = 'running'",
+                               (job_id, token)).fetchone()
+            if row is None:
+                return None
+            if row[1]:
+                self._end(conn, job_id, "cancelled", now)
+                return "cancelled"
+            if row[0] + 1 >= MAX_LOST:
+                self._end(conn, job_id, "failed", now, error=f"worker lost: its worker died "
+                          f"{MAX_LOST} times (the last time: {message})")
+                return "failed"
+            conn.execute("update litetq_jobs set status = 'queued', due = ?, error = ?, "
+                         "attempts = attempts - 1, lost = lost + 1, lease_until = null "
+                         "where id = ?", (now, message, job_id))
+            return "queued"
 
     def _end(self, conn, job_id, status, now, error=None, tb=None, only_if=None):
         """Make a job terminal, then let its parent know."""
@@ -893,6 +909,14 @@ class Storage:
 
     def retry(self, job_id):
         with self.write() as conn:
+            key = conn.execute("select unique_key from litetq_jobs where id = ? and status in "
+                               "('failed', 'cancelled', 'expired')", (job_id,)).fetchone()
+            holder = key and key[0] is not None and conn.execute(
+                "select id from litetq_jobs where unique_key = ? and status in "
+                "('queued', 'running', 'waiting')", key).fetchone()
+            if holder:
+                raise Error(f"job {job_id} cannot run again while job {holder[0]} holds "
+                            f"its unique key {key[0]!r}")
             return conn.execute(
                 "update litetq_jobs set status = 'queued', due = ?, attempts = 0, lost = 0, "
                 "cancel = 0, expires = null, error = null, traceback = null, finished = null, "
@@ -902,9 +926,19 @@ class Storage:
     def requeue(self, job_id, token):
         """Give a step back without counting the attempt (a worker shutting down)."""
         with self.write() as conn:
-            conn.execute("update litetq_jobs set status = 'queued', attempts = attempts - 1, "
-                         "lease_until = null where id = ? and started = ? "
-                         "and status = 'running'", (job_id, token))
+            self._give_back(conn, "id = ? and started = ?", (job_id, token))
+
+    def _give_back(self, conn, where, params):
+        """Queue again, uncounted, the running steps matching `where`; those whose job
+        was cancelled meanwhile end as cancelled instead of running again."""
+        now = time.time()
+        for (job_id,) in conn.execute(f"select id from litetq_jobs where {where} "
+                                      "and status = 'running' and cancel = 1",
+                                      params).fetchall():
+            self._end(conn, job_id, "cancelled", now)
+        return conn.execute(f"update litetq_jobs set status = 'queued', lease_until = null, "
+                            f"attempts = attempts - 1 where {where} and status = 'running'",
+                            params).rowcount
 
     def has_work(self, queues, workers):
         """True if a step is due in `queues` or claimed (begun or not) by one of the
@@ -922,9 +956,7 @@ class Storage:
     def release(self, worker):
         """Give back, uncounted, the steps a stopped worker process still held."""
         with self.write() as conn:
-            return conn.execute("update litetq_jobs set status = 'queued', "
-                                "attempts = attempts - 1, lease_until = null "
-                                "where worker = ? and status = 'running'", (worker,)).rowcount
+            return self._give_back(conn, "worker = ?", (worker,))
 
     # Reading jobs.
 
@@ -1284,13 +1316,13 @@ class Queue:
                                         traceback.format_exc() if tb is None else tb, retry_at)
 
     def _fail_claim(self, job_id, token, message):
-        """Fail the attempt of a step whose process died or timed out (retries apply)."""
+        """Fail the attempt of a step whose process was killed (retries apply)."""
         row = self.storage.job(job_id)
         function = None
         with contextlib.suppress(Error):
             function = _lookup_task(row["name"])
-        self._fail_attempt(function, job_id, token, row["attempts"], Error(message),
-                           error=message, tb="")
+        return self._fail_attempt(function, job_id, token, row["attempts"], Error(message),
+                                  error=message, tb="")
 
     def _keep_leases(self):
         """Start, once per process, the thread that renews our running steps' leases."""
@@ -1323,7 +1355,7 @@ class Queue:
         version = None
         while True:
             latest = self.storage.data_version()
-            if latest != version:
+            if latest != version or self.storage.memory:  # one shared connection: no news
                 if predicate():
                     return True
                 version = latest
@@ -1343,7 +1375,9 @@ class Queue:
 
     def put(self, queue_name, payload):
         """Add a JSON payload to a raw queue; returns the message id."""
-        return self.storage.put(queue_name, _dumps(payload, "payload"))
+        message_id = self.storage.put(queue_name, _dumps(payload, "payload"))
+        self._notify()
+        return message_id
 
     def get(self, queue_name, timeout=0, visibility=30):
         """The next message of a raw queue, or None after `timeout` seconds. A message
@@ -1601,6 +1635,7 @@ class Message:
     def nack(self, delay=0):
         """Not done: deliver it again after `delay` seconds."""
         self._queue.storage.nack(self.id, delay)
+        self._queue._notify()
 
     def __enter__(self):
         return self
@@ -2137,18 +2172,22 @@ class Worker:
         return [process, slot]
 
     def _check_children(self):
-        """Replace dead processes (failing the step they ran) and kill overdue steps."""
+        """Replace dead processes and kill overdue steps. A step whose process died is
+        run again, uncounted (its third loss fails it); a timed-out step has failed an
+        attempt, and its retries apply."""
         for child in self.children:
             process, slot = child
-            job_id = int(slot[SLOT_JOB])
+            job_id, token = int(slot[SLOT_JOB]), slot[SLOT_TOKEN]
             if not process.is_alive():
                 if job_id:
-                    self._fail_step(slot, _exit_message(process.exitcode))
+                    self._log_step(job_id, self.queue.storage.lose(
+                        job_id, token, _exit_message(process.exitcode)))
                 self._replace(child)
             elif job_id and slot[SLOT_DEADLINE] and time.monotonic() > slot[SLOT_DEADLINE]:
                 process.kill()
                 process.join()
-                self._fail_step(slot, f"timed out after {slot[SLOT_TIMEOUT]:g} s")
+                self._log_step(job_id, self.queue._fail_claim(
+                    job_id, token, f"timed out after {slot[SLOT_TIMEOUT]:g} s"))
                 self._replace(child)
 
     def _replace(self, child):
@@ -2158,18 +2197,20 @@ class Worker:
         self.queue.storage.release(f"{socket.gethostname()}:{process.pid}")
         child[:] = self._start_child(slot)
 
-    def _fail_step(self, slot, message):
-        job_id, token = int(slot[SLOT_JOB]), slot[SLOT_TOKEN]
-        logger.warning("job %s: %s", job_id, message)
-        self.queue._fail_claim(job_id, token, message)
+    def _log_step(self, job_id, status):
+        """The log line of a step that ended with its process."""
+        if status is None:  # it had finished after all
+            return
+        row = self.queue.storage.job(job_id)
+        logger.warning("job %s %s: %s (%s)", job_id, row["name"], status, row["error"])
         self.queue._notify()
 
     def _shut_down(self):
         """Let running steps finish within the grace period, then requeue the rest."""
         self.stop.set()
-        deadline = time.monotonic() + (self.grace if not self.burst else 0)
+        deadline = time.monotonic() + self.grace
         while any(p.is_alive() for p, _ in self.children) and self.signals < 2:
-            if time.monotonic() > deadline and not self.burst:
+            if time.monotonic() > deadline:
                 break
             time.sleep(TICK)
         for process, slot in self.children:

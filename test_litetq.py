@@ -1071,6 +1071,33 @@ def test_ttl_counts_from_due_time(q):
     assert ORDER == ["delayed"]
 
 
+@litetq.task(retries=1, retry_delay=0)
+def slow_steps(i):
+    time.sleep(0.15)
+    if i == 0 and litetq.current().attempt == 1:
+        raise ValueError("once")
+    return slow_steps(i + 1) if i < 2 else "all steps ran"
+
+
+def test_ttl_only_until_the_first_step_runs(q):
+    # ttl bounds the wait before the job first runs: its continuations and retries,
+    # queued later than enqueue + ttl, still run.
+    job = q.enqueue(slow_steps(0), ttl=0.1)
+    q.run_until_idle()
+    assert job.result(timeout=5) == "all steps ran"
+    assert job.steps == 3
+
+
+def test_retry_refused_while_another_job_holds_the_unique_key(q):
+    first = q.enqueue(echo(1), unique="k")
+    assert first.cancel() is True
+    second = q.enqueue(echo(2), unique="k")
+    assert second.id != first.id
+    with pytest.raises(litetq.Error, match=f"job {second.id} holds"):
+        first.retry()
+    assert first.status == "cancelled"
+
+
 def test_unique(q):
     a = q.enqueue(echo(1), unique="k")
     b = q.enqueue(echo(2), unique="k")
@@ -1782,6 +1809,21 @@ def test_get_timeout_wakes_on_put(file_q, db_path):
     msg.ack()
 
 
+def test_dict_and_sequence_subclasses_are_stored_as_plain_json():
+    import collections
+    value = {"od": collections.OrderedDict(a=1), "dd": collections.defaultdict(int, b=2),
+             "nt": collections.namedtuple("P", "x y")(1, 2)}
+    assert litetq.loads(litetq.dumps(value)) == {"od": {"a": 1}, "dd": {"b": 2}, "nt": [1, 2]}
+
+
+def test_get_on_memory_wakes_on_put_from_another_thread(q):
+    threading.Timer(0.15, q.put, ("raw", {"to": "a"})).start()
+    start = time.monotonic()
+    msg = q.get("raw", timeout=5)
+    assert msg.payload == {"to": "a"}
+    assert time.monotonic() - start < 1.0
+
+
 def test_message_context_manager(q):
     q.put("raw", "ok")
     with q.get("raw") as msg:
@@ -1979,6 +2021,11 @@ def die(key, code):
     if _mark(key) == 1:
         os._exit(code)
     return "survived"
+
+
+@litetq.task
+def die_always(code):
+    os._exit(code)
 
 
 @litetq.task(retries=1, retry_delay=0)
@@ -2229,24 +2276,22 @@ def test_worker_concurrency_2_completes_jobs(worker, wq, wdir, method):
 # kill -9: of one child, of the whole worker group
 # ---------------------------------------------------------------------------
 
-def test_kill_child_is_replaced_attempt_fails_with_signal_and_retry_applies(worker, wq, wdir):
+def test_kill_child_is_replaced_and_its_step_runs_again_uncounted(worker, wq, wdir):
+    # SPEC 5: a worker process that dies mid-step loses nothing; not an attempt.
     proc = worker(concurrency=2)
     before = proc.children()
-    doomed = w_enqueue(wq, "step", "doomed", 30)          # retries=0
-    retried = w_enqueue(wq, "step_r1", "retried", 30, 0)  # retries=1
-    pid_doomed = w_run_pid(wdir, "doomed", 1)
-    pid_retried = w_run_pid(wdir, "retried", 1)
-    assert {pid_doomed, pid_retried} == set(before)
-    os.kill(pid_doomed, signal.SIGKILL)
-    os.kill(pid_retried, signal.SIGKILL)
+    first = w_enqueue(wq, "step", "first", 30)            # retries=0
+    second = w_enqueue(wq, "step_r1", "second", 30, 0)    # retries=1
+    pid_first = w_run_pid(wdir, "first", 1)
+    pid_second = w_run_pid(wdir, "second", 1)
+    assert {pid_first, pid_second} == set(before)
+    os.kill(pid_first, signal.SIGKILL)
+    os.kill(pid_second, signal.SIGKILL)
 
-    with pytest.raises(litetq.TaskFailed) as failed:
-        doomed.result(timeout=10)
-    assert "signal 9" in failed.value.error and "SIGKILL" in failed.value.error
-    assert doomed.attempts == 1
-    result = retried.result(timeout=10)
-    assert result["run"] == 2 and result["attempt"] == 2
-    assert retried.attempts == 2
+    for job in (first, second):
+        result = job.result(timeout=10)
+        assert result["run"] == 2 and result["attempt"] == 1
+        assert job.attempts == 1 and job.error is None
 
     # the supervisor replaced both processes, and the new ones take work
     after = w_wait_for(lambda: len(proc.children()) == 2 and proc.children(), 5,
@@ -2257,15 +2302,16 @@ def test_kill_child_is_replaced_attempt_fails_with_signal_and_retry_applies(work
     assert proc.proc.poll() is None
 
 
-def test_child_exit_code_is_in_the_error_and_retry_applies(worker, wq, wdir):
+def test_child_exit_code_is_noted_and_the_third_loss_fails_as_worker_lost(worker, wq, wdir):
     worker(concurrency=1)
-    dead = w_enqueue(wq, "die", "dead", 3)
-    with pytest.raises(litetq.TaskFailed) as failed:
-        dead.result(timeout=10)
-    assert "exit code 3" in failed.value.error
-    survived = w_enqueue(wq, "die_r1", "again", 4)
+    survived = w_enqueue(wq, "die", "once", 3)      # exits with code 3 on its first run
     assert survived.result(timeout=10) == "survived"
-    assert survived.attempts == 2
+    assert survived.attempts == 1
+    doomed = w_enqueue(wq, "die_always", 4)
+    with pytest.raises(litetq.TaskFailed) as failed:
+        doomed.result(timeout=10)
+    assert failed.value.error.startswith("worker lost")
+    assert "exit code 4" in failed.value.error
     assert w_enqueue(wq, "echo", "after").result(timeout=10) == [["after"], {}]
 
 
@@ -2348,7 +2394,7 @@ def test_timeout_retry_applies_to_an_auto_imported_task(worker, wq, wdir):
     assert result["run"] == 2 and result["attempt"] == 2
 
 
-def test_child_kill_retry_applies_to_an_auto_imported_task(worker, wq, wdir):
+def test_child_death_of_an_auto_imported_task_runs_it_again(worker, wq, wdir):
     worker(concurrency=1, imports=())
     job = w_enqueue(wq, "die_r1", "auto-die", 5)
     assert job.result(timeout=10) == "survived"
@@ -2357,6 +2403,29 @@ def test_child_kill_retry_applies_to_an_auto_imported_task(worker, wq, wdir):
 # ---------------------------------------------------------------------------
 # Signals
 # ---------------------------------------------------------------------------
+
+def test_cancelled_running_step_is_not_run_again_after_shutdown(worker, wq, wdir):
+    proc = worker("--grace", "0.5", concurrency=1)
+    job = w_enqueue(wq, "step", "cancel-then-stop", 30)
+    w_run_pid(wdir, "cancel-then-stop", 1)
+    assert job.cancel() is True
+    assert job.status == "running"             # flagged: ends when its step ends
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+    assert job.status == "cancelled"           # given back at shutdown: not queued again
+    assert wq.run_until_idle() == 0
+
+
+def test_burst_worker_honours_grace_on_sigterm(worker, wq, wdir):
+    proc = worker("--burst", "--grace", "0.5", concurrency=1)
+    job = w_enqueue(wq, "step", "long-in-burst", 30)
+    w_run_pid(wdir, "long-in-burst", 1)
+    signalled = time.monotonic()
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+    assert time.monotonic() - signalled < 5
+    assert job.status == "queued" and job.attempts == 0   # requeued, uncounted
+
 
 def test_sigterm_lets_running_step_finish_and_exits_0(worker, wq, wdir):
     proc = worker("--grace", "10", concurrency=1)
