@@ -747,14 +747,9 @@ class Storage:
         if self._succeeded_alone(job_id, token, now, result, call):
             return "complete" if call is None else "queued"
         with self.write() as conn:
-            row = conn.execute("select cancel from litetq_jobs where id = ? "
-                               "and started = ? and status = 'running'",
-                               (job_id, token)).fetchone()
-            if row is None:
-                return None
-            if row[0]:
-                self._end(conn, job_id, "cancelled", now)
-                return "cancelled"
+            held, _ = self._held(conn, job_id, token, now)
+            if held != "running":
+                return held
             if call is not None:
                 conn.execute("update litetq_jobs set name = ?, args = ?, rest = ?, "
                              "steps = steps + 1, attempts = 0, lost = 0, error = null, "
@@ -792,13 +787,9 @@ class Storage:
         Returns the job's new status, or None if the claim was lost meanwhile."""
         now = time.time()
         with self.write() as conn:
-            row = conn.execute("select cancel from litetq_jobs where id = ? and started = ? "
-                               "and status = 'running'", (job_id, token)).fetchone()
-            if row is None:
-                return None
-            if row[0]:
-                self._end(conn, job_id, "cancelled", now, error=error, tb=tb)
-                return "cancelled"
+            held, _ = self._held(conn, job_id, token, now, error, tb)
+            if held != "running":
+                return held
             if retry_at is None:
                 self._end(conn, job_id, "failed", now, error=error, tb=tb)
                 return "failed"
@@ -816,20 +807,28 @@ class Storage:
             self.lose(job_id, token, "worker lost: its lease lapsed")
         return len(lapsed)
 
+    def _held(self, conn, job_id, token, now, error=None, tb=None):
+        """Before a step's end is recorded: ("running", lost count) while this claim
+        still holds it; (None, None) if the claim was lost; ("cancelled", None) if the
+        job was cancelled meanwhile, which ends it here."""
+        row = conn.execute("select lost, cancel from litetq_jobs where id = ? and started = ? "
+                           "and status = 'running'", (job_id, token)).fetchone()
+        if row is None:
+            return None, None
+        if row[1]:
+            self._end(conn, job_id, "cancelled", now, error=error, tb=tb)
+            return "cancelled", None
+        return "running", row[0]
+
     def lose(self, job_id, token, message):
         """A step whose worker died: queued again, not counted as an attempt (or
         cancelled, if that was asked); the MAX_LOST-th loss fails it as "worker lost"."""
         now = time.time()
         with self.write() as conn:
-            row = conn.execute("select lost, cancel from litetq_jobs where id = ? "
-                               "and started = ? and status = 'running'",
-                               (job_id, token)).fetchone()
-            if row is None:
-                return None
-            if row[1]:
-                self._end(conn, job_id, "cancelled", now)
-                return "cancelled"
-            if row[0] + 1 >= MAX_LOST:
+            held, lost = self._held(conn, job_id, token, now)
+            if held != "running":
+                return held
+            if lost + 1 >= MAX_LOST:
                 self._end(conn, job_id, "failed", now, error=f"worker lost: its worker died "
                           f"{MAX_LOST} times (the last time: {message})")
                 return "failed"
