@@ -12,6 +12,7 @@ import argparse
 import base64
 import bisect
 import calendar
+import collections
 import contextlib
 import contextvars
 import datetime
@@ -490,6 +491,7 @@ JOB_COLUMNS = ("id, queue, priority, status, name, args, rest, due, expires, uni
                "attempts, steps, lost, worker, lease_until, started, cancel, parent_id, "
                "resume, result, error, traceback, progress, created, finished")
 CLAIM_COLUMNS = "id, name, args, rest, attempts, expires, started, priority, due"
+Claim = collections.namedtuple("Claim", CLAIM_COLUMNS)  # `started` is the claim's token
 # A job row is (queue, priority, name, args, due, created), followed, when any is set,
 # by (rest, expires, unique_key, parent_id): most jobs need the short insert, which
 # is half again as fast in enqueue_many.
@@ -694,7 +696,7 @@ class Storage:
     # Claiming and finishing steps.
 
     def claim(self, worker, lease, queues=None, limit=1):
-        """Take up to `limit` due steps, in queue order: a list of CLAIM_COLUMNS rows.
+        """Take up to `limit` due steps, in queue order: a list of `Claim`s.
         Steps whose ttl ran out are marked expired instead.
 
         One UPDATE ... RETURNING in autocommit: a write statement takes the write lock
@@ -712,8 +714,9 @@ class Storage:
             with self.lock:
                 rows = self.conn.execute(sql, {"now": now, "worker": worker, "limit": limit,
                                                "lease": now + lease, **names}).fetchall()
-            rows.sort(key=lambda row: (-row[7], row[8], row[0]))  # RETURNING has no order
-            expired = [row[0] for row in rows if row[5] is not None and row[5] < now]
+            rows = sorted(map(Claim._make, rows),  # RETURNING has no order
+                          key=lambda row: (-row.priority, row.due, row.id))
+            expired = [row.id for row in rows if row.expires is not None and row.expires < now]
             if expired:
                 with self.write() as conn:
                     for job_id in expired:  # never begun: the claim was no attempt
@@ -721,7 +724,7 @@ class Storage:
                                      "where id = ?", (job_id,))
                         self._end(conn, job_id, "expired", now, only_if="running",
                                   error="expired: waited longer than its ttl")
-            live = [row for row in rows if row[0] not in expired]
+            live = [row for row in rows if row.id not in expired]
             if live or not rows:
                 return live
 
@@ -1248,8 +1251,8 @@ class Queue:
     def _run_step(self, claim, defer=False):
         """Run one claimed step and commit its outcome; returns the job's new status.
         With `defer`, a success is only noted, for _save_finished() to commit later."""
-        job_id, token = claim[0], claim[6]
-        self._claims[job_id] = token
+        job_id = claim.id
+        self._claims[job_id] = claim.started
         self._keep_leases()
         try:
             return self._execute(claim, defer)
@@ -1277,7 +1280,7 @@ class Queue:
         self._notify()
 
     def _execute(self, claim, defer=False):
-        job_id, name, args, rest, attempt, _, token = claim[:7]
+        job_id, name, attempt, token = claim.id, claim.name, claim.attempts, claim.started
         try:
             function = _lookup_task(name)
         except Error as exc:
@@ -1285,8 +1288,9 @@ class Queue:
         context = Context(self, Job(self, job_id), attempt, function.atomic)
         reset = _current.set(context)
         try:
-            params, kwargs = loads(args)
-            result, call = _outcome(function.func(*params, **kwargs), rest and loads(rest))
+            params, kwargs = loads(claim.args)
+            result, call = _outcome(function.func(*params, **kwargs),
+                                    claim.rest and loads(claim.rest))
             if defer and context._db is None:
                 self._finished.append((job_id, token, result, call, time.time()))
                 return "complete" if call is None else "queued"
@@ -1534,9 +1538,7 @@ class Job:
 
     @property
     def task(self):
-        row = self.queue.storage.job(self.id)
-        args, kwargs = loads(row["args"])
-        return Task(row["name"], args, kwargs)
+        return _call_of(self.queue.storage.job(self.id))
 
     @property
     def attempts(self):
@@ -1605,16 +1607,21 @@ class Job:
     def to_dict(self):
         """Everything about the job as JSON-ready data (for the CLI and web page)."""
         row = self.queue.storage.job(self.id)
-        args, kwargs = loads(row["args"])
-        call = Task(row["name"], args, kwargs)
+        call = _call_of(row)
         info = {key: row[key] for key in (
             "id", "queue", "priority", "status", "name", "attempts", "steps", "error",
             "traceback", "created", "started", "finished", "due")}
-        info.update(task=repr(call), args=_encode(list(args)), kwargs=_encode(kwargs),
+        info.update(task=repr(call), args=_encode(list(call.args)), kwargs=_encode(call.kwargs),
                     parent_id=row["parent_id"],
                     progress=json.loads(row["progress"]) if row["progress"] else None,
                     result=json.loads(row["result"]) if row["result"] else None)
         return info
+
+
+def _call_of(row):
+    """The Task a job row runs now."""
+    args, kwargs = loads(row["args"])
+    return Task(row["name"], args, kwargs)
 
 
 class Message:
@@ -2269,13 +2276,13 @@ def _run_batch(queue, claims, slot, batch, stop):
     transaction claims many steps, never more than BATCH_TIME of work."""
     started = time.monotonic()
     for claim in claims:
-        queue._claims[claim[0]] = claim[6]
+        queue._claims[claim.id] = claim.started
     try:
         for done, claim in enumerate(claims):
             if stop.is_set():  # shutting down: give back the steps not begun
-                for job_id, token in [(c[0], c[6]) for c in claims[done:]]:
-                    queue.storage.requeue(job_id, token)
-                    queue._claims.pop(job_id, None)
+                for unbegun in claims[done:]:
+                    queue.storage.requeue(unbegun.id, unbegun.started)
+                    queue._claims.pop(unbegun.id, None)
                 break
             _run_reported(queue, claim, slot)
     finally:
@@ -2288,7 +2295,7 @@ def _run_batch(queue, claims, slot, batch, stop):
 
 def _run_reported(queue, claim, slot):
     """Run a claimed step, telling the supervisor what runs and until when it may."""
-    job_id, name, token = claim[0], claim[1], claim[6]
+    job_id, name, token = claim.id, claim.name, claim.started
     with contextlib.suppress(Error):  # an unknown task fails in _run_step, not here
         function = None
         function = _lookup_task(name)
@@ -2984,7 +2991,7 @@ def _json_arg(text):
         raise argparse.ArgumentTypeError(f"malformed JSON {text!r}: {exc}")
 
 
-def _positive(kind, minimum=0.0, maximum=None):
+def _bounded(kind, minimum=0.0, maximum=None):
     """An argparse type: a number of `kind` in [minimum, maximum]."""
     def parse(text):
         value = _duration(text) if kind is float else kind(text)
@@ -3018,7 +3025,7 @@ def build_parser():
 
     worker = command("worker", "run worker processes until stopped")
     worker.add_argument("--queues", help="comma-separated queues to consume (default: all)")
-    worker.add_argument("--concurrency", type=_positive(int, 1, 256),
+    worker.add_argument("--concurrency", type=_bounded(int, 1, 256),
                         default=os.cpu_count() or 1,
                         help="worker processes (default: CPU count)")
     worker.add_argument("--import", dest="imports", nargs="+", action="extend", default=[],
@@ -3031,9 +3038,9 @@ def build_parser():
     worker.add_argument("--logfile", help="log to this file instead of stderr")
     worker.add_argument("--log-level", default="INFO", type=str.upper,
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
-    worker.add_argument("--grace", type=_positive(float, 0), default=30.0,
+    worker.add_argument("--grace", type=_bounded(float, 0), default=30.0,
                         help="seconds running steps get to finish on SIGTERM (default 30)")
-    worker.add_argument("--lease", type=_positive(float, 0.1), default=DEFAULT_LEASE,
+    worker.add_argument("--lease", type=_bounded(float, 0.1), default=DEFAULT_LEASE,
                         help=f"seconds before a dead worker's step runs again "
                              f"(default {DEFAULT_LEASE:g})")
     worker.add_argument("--start-method", choices=multiprocessing.get_all_start_methods(),
