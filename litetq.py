@@ -21,16 +21,20 @@ import hashlib
 import hmac
 import http.server
 import importlib
+import inspect
 import ipaddress
 import json
 import logging
 import math
 import multiprocessing
 import os
+import random
 import re
+import select
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
@@ -82,8 +86,10 @@ TERMINAL = ("complete", "failed", "cancelled", "expired")
 DEFAULT_LEASE = 10.0  # seconds a claimed step stays ours without renewal
 MAX_RETRY_DELAY = 3600.0
 MAX_LOST = 3  # a step whose worker died this many times fails as "worker lost"
-WAIT_POLL = 0.01  # seconds between cheap checks for another process's commits
-SCHEMA_VERSION = 1
+WAIT_POLL = 0.01  # seconds between a waiter's looks at a job, at most
+IDLE_POLL = 0.001  # seconds between looks for commits where nothing tells us of them
+BUSY_TIMEOUT = 10.0  # seconds a write waits for SQLite's lock before it gives up
+POOL_SIZE = 4  # idle connections a queue keeps for reuse
 CHAIN = "litetq.chain"
 
 
@@ -121,6 +127,8 @@ class Retry(Error):
     """Raise inside a task to ask for another attempt, after `delay` seconds or the backoff."""
 
     def __init__(self, delay=None):
+        if delay is not None:
+            delay = _seconds(delay, "Retry(delay)")
         super().__init__("retry requested" if delay is None else f"retry requested in {delay} s")
         self.delay = delay
 
@@ -129,16 +137,17 @@ class Retry(Error):
 
 RESERVED = "__litetq__"  # marks encoded Tasks, and escapes user dicts that use the key
 ALLOWED = "None, bool, int, float, str, list, tuple, dict with str keys and Task"
+MAX_DEPTH = 100  # nesting levels a value may have: deeper, Python's own limits come near
 
 
 class _Unencodable(Exception):
     """Internal: carries the offending value up the stack while the path is built."""
 
-    def __init__(self, value, step=""):
-        self.value, self.path = value, [step] if step else []
+    def __init__(self, value, step="", depth=False):
+        self.value, self.path, self.depth = value, [step] if step else [], depth
 
 
-def _encode(value):
+def _encode(value, depth=0):
     """Return `value` as plain JSON data; Tasks and reserved-key dicts get wrapped."""
     kind = type(value)
     if kind is str or kind is int or kind is bool or value is None:
@@ -147,18 +156,20 @@ def _encode(value):
         if not math.isfinite(value):
             raise _Unencodable(value)
         return value
+    if depth >= MAX_DEPTH:
+        raise _Unencodable(value, depth=True)
     if kind is list or kind is tuple:
-        return [_encode_at(item, f"[{i}]") for i, item in enumerate(value)]
+        return [_encode_at(item, f"[{i}]", depth) for i, item in enumerate(value)]
     if kind is dict:
-        return _encode_dict(value)
+        return _encode_dict(value, depth)
     if isinstance(value, dict):  # OrderedDict, defaultdict: stored as plain dicts
-        return _encode_dict(value)
+        return _encode_dict(value, depth)
     if isinstance(value, (list, tuple)):  # namedtuples come back as lists, like tuples
-        return [_encode_at(item, f"[{i}]") for i, item in enumerate(value)]
+        return [_encode_at(item, f"[{i}]", depth) for i, item in enumerate(value)]
     if isinstance(value, Task):
         return {RESERVED: "task", "name": value.name,
-                "args": _encode_at(list(value.args), ".args"),
-                "kwargs": _encode_at(value.kwargs, ".kwargs")}
+                "args": _encode_at(list(value.args), ".args", depth),
+                "kwargs": _encode_at(value.kwargs, ".kwargs", depth)}
     if isinstance(value, int):  # IntEnum and friends are stored as their plain value
         return int(value)
     if isinstance(value, str):
@@ -168,20 +179,20 @@ def _encode(value):
     raise _Unencodable(value)
 
 
-def _encode_at(value, step):
+def _encode_at(value, step, depth):
     try:
-        return _encode(value)
+        return _encode(value, depth + 1)
     except _Unencodable as exc:
         exc.path.append(step)
         raise
 
 
-def _encode_dict(value):
+def _encode_dict(value, depth):
     out = {}
     for key, item in value.items():
         if type(key) is not str:
             raise _Unencodable(key, f"[{key!r}] (a dict key)")
-        out[key] = _encode_at(item, f"[{key!r}]")
+        out[key] = _encode_at(item, f"[{key!r}]", depth)
     if RESERVED in value:  # a user dict that looks like ours: escape it as pairs
         return {RESERVED: "dict", "items": [[k, v] for k, v in out.items()]}
     return out
@@ -201,10 +212,19 @@ def _dumps(obj, where):
         data = _encode(obj)
     except _Unencodable as exc:
         path = where + "".join(reversed(exc.path))
+        if exc.depth:
+            raise ValueError(f"cannot store {path}: values nest at most {MAX_DEPTH} "
+                             f"lists, dicts and task references deep") from None
         raise TypeError(
             f"cannot store {type(exc.value).__name__} {_short_repr(exc.value)} at {path}: "
             f"litetq stores values as JSON ({ALLOWED})") from None
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:  # lone surrogates: escaped as \udcff, they round-trip
+            text = json.dumps(data, separators=(",", ":"))
+    return text
 
 
 def _short_repr(value):
@@ -430,38 +450,55 @@ def http_post(url, data, headers=None, timeout=10):
     return {"status": status, "body": body.decode("utf-8", "replace")}
 
 # --- Storage: every SQL statement litetq runs --------------------------------
+#
+# One interface, two dialects. `Storage` holds every query and every decision
+# about a job's state (what a step's outcome does to its row, when a waiting
+# parent wakes, what a lease means), written once in the SQL that SQLite and
+# PostgreSQL both speak: "?" placeholders, `litetq_now()` for the database's
+# clock in epoch seconds, and "for update" clauses that lock rows where the
+# database has row locks and are dropped where it has one writer. A dialect
+# only says how to talk to its database: connecting, starting a write
+# transaction, which errors mean "wait" or "try again", column types, many-row
+# inserts, and how to hear that another process committed.
 
+SCHEMA_VERSION = 2
 SCHEMA = """
 create table if not exists litetq_meta (key text primary key, value text not null);
 create table if not exists litetq_jobs (
-    id integer primary key,
+    id {id},
     queue text not null,
     priority integer not null default 0,
     status text not null,
     name text not null,            -- task name of the current step
     args text not null,            -- codec JSON [args, kwargs] of the current step
     rest text,                     -- codec JSON list of calls a chain runs after this one
-    due real not null,             -- not before this epoch time
-    expires real,                  -- ttl: expire instead of running after this
+    due {real} not null,           -- not before this epoch time
+    delayed integer not null default 0,  -- queued and not yet due when last looked at
+    expires {real},                -- ttl: expire instead of running after this
     unique_key text,
     attempts integer not null default 0,
     steps integer not null default 1,
-    lost integer not null default 0,  -- times a worker died holding the current step
+    lost integer not null default 0,     -- times a worker died holding the current step
+    token integer not null default 0,    -- bumped by every claim: names the claim
     worker text,
-    lease_until real,
-    started real,                  -- claim time of the current step, also the claim token
+    lease_until {real},
+    started {real},
     cancel integer not null default 0,
-    parent_id integer,
+    parent_id bigint,
+    parent_token integer,          -- the parent's claim token when it spawned this job
+    orphan integer not null default 0,   -- spawned by an attempt that did not succeed
     resume text,                   -- while waiting on subtasks: 'continue' or 'complete'
     result text,
     error text,
     traceback text,
     progress text,
-    created real not null,
-    finished real
+    created {real} not null,
+    finished {real}
 );
-create index if not exists litetq_jobs_next on litetq_jobs (priority desc, due, id)
-    where status = 'queued';
+create index if not exists litetq_jobs_ready on litetq_jobs (priority desc, due, id)
+    where status = 'queued' and delayed = 0;
+create index if not exists litetq_jobs_delayed on litetq_jobs (due)
+    where status = 'queued' and delayed = 1;
 create index if not exists litetq_jobs_lease on litetq_jobs (lease_until)
     where status = 'running';
 create index if not exists litetq_jobs_parent on litetq_jobs (parent_id)
@@ -469,37 +506,59 @@ create index if not exists litetq_jobs_parent on litetq_jobs (parent_id)
 create unique index if not exists litetq_jobs_unique on litetq_jobs (unique_key)
     where unique_key is not null and status in ('queued', 'running', 'waiting');
 create table if not exists litetq_logs (
-    id integer primary key, job_id integer not null, time real not null,
+    id {id}, job_id bigint not null, time {real} not null,
     level text not null, message text not null);
 create index if not exists litetq_logs_job on litetq_logs (job_id);
 create table if not exists litetq_messages (
-    id integer primary key, queue text not null, payload text not null,
-    visible real not null, deliveries integer not null default 0);
+    id {id}, queue text not null, payload text not null,
+    visible {real} not null, deliveries integer not null default 0);
 create index if not exists litetq_messages_next on litetq_messages (queue, visible, id);
 create table if not exists litetq_cron (
     name text primary key, spec text not null, task text not null, tz text, queue text,
-    next_run real not null, last_run real);
+    next_run {real} not null, last_run {real});
 create table if not exists litetq_cron_fired (
-    name text not null, fire_time real not null, job_id integer not null,
+    name text not null, fire_time {real} not null, job_id bigint not null,
     primary key (name, fire_time));
 create table if not exists litetq_workers (
     id text primary key, host text not null, pid integer not null, queues text,
-    concurrency integer, started real not null, heartbeat real not null);
+    concurrency integer, started {real} not null, heartbeat {real} not null);
+"""
+# What a version-1 database (litetq 0.1) needs to become version 2.
+MIGRATE_FROM_1 = """
+alter table litetq_jobs add column delayed integer not null default 0;
+alter table litetq_jobs add column token integer not null default 0;
+alter table litetq_jobs add column parent_token integer;
+alter table litetq_jobs add column orphan integer not null default 0;
+drop index if exists litetq_jobs_next;
+update litetq_jobs set delayed = 1 where status = 'queued' and due > litetq_now();
 """
 
 JOB_COLUMNS = ("id, queue, priority, status, name, args, rest, due, expires, unique_key, "
-               "attempts, steps, lost, worker, lease_until, started, cancel, parent_id, "
+               "attempts, steps, lost, token, worker, lease_until, started, cancel, parent_id, "
                "resume, result, error, traceback, progress, created, finished")
-CLAIM_COLUMNS = "id, name, args, rest, attempts, expires, started, priority, due"
-Claim = collections.namedtuple("Claim", CLAIM_COLUMNS)  # `started` is the claim's token
-# A job row is (queue, priority, name, args, due, created), followed, when any is set,
-# by (rest, expires, unique_key, parent_id): most jobs need the short insert, which
-# is half again as fast in enqueue_many.
+CLAIM_COLUMNS = "id, name, args, rest, attempts, token, priority, due, expired"
+Claim = collections.namedtuple("Claim", CLAIM_COLUMNS)
+UNFINISHED_SQL = "('queued', 'running', 'waiting')"
+NO_LIMIT = 2 ** 62  # "limit ?" for every row, in both dialects
+# A job row from Queue._job_row is (queue, priority, name, args) for a plain call
+# due now, which most jobs are: the short insert is half again as fast in bulk.
+# With any option it goes on: (at, delay, delayed, at, delay, ttl, rest, unique_key,
+# parent_id, parent_token), `at` and `delay` twice since due and expires need both.
 INSERT_PLAIN = ("insert into litetq_jobs (queue, priority, name, args, due, created, status) "
-                "values (?, ?, ?, ?, ?, ?, 'queued')")
-INSERT_JOB = ("insert into litetq_jobs (queue, priority, name, args, due, created, rest, "
-              "expires, unique_key, parent_id, status) "
-              "values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued')")
+                "values (?, ?, ?, ?, litetq_now(), litetq_now(), 'queued')")
+INSERT_JOB = (
+    "insert into litetq_jobs (queue, priority, name, args, due, delayed, expires, rest, "
+    "unique_key, parent_id, parent_token, created, status) values (?, ?, ?, ?, "
+    "coalesce(?, litetq_now() + ?), ?, coalesce(?, litetq_now() + ?) + ?, ?, ?, ?, ?, "
+    "litetq_now(), 'queued')")
+INSERT_UNIQUE = (INSERT_JOB + " on conflict (unique_key) where unique_key is not null and "
+                 f"status in {UNFINISHED_SQL} do nothing returning id")
+PLAIN_FIELDS = 4
+LOCK_WAIT_SLICE = 0.002  # longest sleep between tries for a lock another connection holds
+PROMOTE_EVERY = 0.05  # seconds between checks for delayed steps that came due, while busy
+CHANGE_COALESCE = 0.001  # wake-ups from other processes' commits at most this often
+WAL_LIMIT = 32 * 2 ** 20  # bytes: past this the supervisor checkpoints and truncates the WAL
+ATOMIC_SHARE = 0.8  # of the time, at most, back-to-back atomic steps hold SQLite's lock
 
 _fork_generation = 0  # bumped in a forked child: inherited connections must not be used
 
@@ -511,644 +570,1133 @@ def _after_fork():
 
 os.register_at_fork(after_in_child=_after_fork)
 
-
-def _insert_sql(row):
-    return INSERT_JOB if len(row) > 6 else INSERT_PLAIN
-
-
-def _unique_key(row):
-    return row[8] if len(row) > 6 else None
+# The connection an atomic step's transaction runs on, per storage, for the code
+# inside that step (and only there: a context variable follows threads and tasks).
+_held = contextvars.ContextVar("litetq_held", default={})
 
 
-class _NoLock:
-    """Stands in for the lock of ":memory:": file connections are per thread."""
+def _transaction(method):
+    """A storage method whose body is one write transaction: `method(self, conn, ...)`.
+    Inside an open transaction (an atomic step's) it runs as a savepoint of it."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        return self.transact(lambda conn: method(self, conn, *args, **kwargs))
+    return run
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc_info):
-        return False
-
-    def acquire(self):
-        return True
-
-    def release(self):
-        pass
+def _clean_text(text):
+    """Text any database stores: lone surrogates and NUL characters escaped."""
+    text = str(text)
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.replace("\x00", "\\x00") if "\x00" in text else text
 
 
 class Storage:
-    """The SQLite backend: connections, transactions and every query litetq makes.
+    """Every query litetq makes, and every decision about a job's state; the dialects
+    below (`SQLiteStorage`, `PostgresStorage`) say how to talk to their database.
 
-    Each thread gets its own connection to a file; ":memory:" has one shared connection
-    behind a lock, since each connection to ":memory:" is a separate database.
+    Connections come from a small pool, so none outlives its use: a thread that
+    touches a queue holds one only for the statement or transaction it runs.
     """
 
-    def __init__(self, path, synchronous="NORMAL", busy_timeout=10.0):
-        if str(synchronous).upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
-            raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', not {synchronous!r}")
-        self.path, self.synchronous, self.busy_timeout = str(path), synchronous, busy_timeout
-        self.memory = self.path == ":memory:"
-        self._local = threading.local()
-        self._connections = []
-        self.lock = threading.RLock() if self.memory else _NoLock()
-        self._shared = self._connect() if self.memory else None
-        self._create_schema()
+    memory = False  # one shared in-process database (SQLite's ":memory:")
+    driver_errors = ()  # the driver's exception classes, turned into litetq.Error
+
+    def __init__(self, name, readonly=False):
+        self.name, self.readonly = name, readonly
+        self._idle = []  # pooled connections, none in use
+        self._pool_lock = threading.Lock()
+        self._generation = _fork_generation
+        self._inherited = []  # a forked child's copies of the parent's: never used, never closed
+        self._closed = False
+        self._statements = {}  # shared SQL -> this dialect's text
+        self._promote_at = 0.0  # monotonic time of the next check for delayed steps
+        self._changes = threading.Condition()  # see wait_for_change()
+        self._change_count = 0
+        self._waiting = 0
+        self._watcher = None  # (fork generation, thread) hearing other processes' commits
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.name!r}>"
+
+    # What a dialect provides.
+
+    def _connect(self):
+        raise NotImplementedError
+
+    def _translate(self, sql):
+        return sql
+
+    def _begin(self, conn):
+        conn.execute("begin")
+
+    def _execute(self, conn, sql, params=()):
+        return conn.execute(self._sql(sql), params)
+
+    def _retryable(self, exc):
+        """True if a transaction that raised `exc` may simply run again."""
+        return False
+
+    def _error(self, exc):
+        return Error(f"{self.name}: {exc}")
+
+    def _insert_many(self, conn, sql, rows):
+        return [self._execute(conn, sql + " returning id", row).fetchone()[0] for row in rows]
+
+    def _adopt(self, conn):
+        """The caller's own connection, checked, and made ready for litetq's statements."""
+        return conn
+
+    def _watch(self):
+        """Run in a thread: call self._changed_all() whenever another process commits."""
+
+    def maintain(self):
+        """Called by every worker's supervisor several times a second."""
+
+    def clock(self):
+        """The database's time, in epoch seconds."""
+        return self.query_one("select litetq_now()")[0]
 
     # Connections and transactions.
 
-    def _connect(self):
+    def _sql(self, sql):
         try:
-            conn = sqlite3.connect(self.path, timeout=self.busy_timeout,
-                                   isolation_level=None, check_same_thread=False)
-            conn.execute("pragma journal_mode = wal")
-            conn.execute(f"pragma synchronous = {self.synchronous}")
-            # Truncate the WAL after checkpoints so a busy queue's file stays small.
-            conn.execute("pragma journal_size_limit = 16777216")
-        except sqlite3.DatabaseError as exc:
-            raise Error(f"cannot open {self.path!r} as a litetq database: {exc}") from None
-        self._connections.append(conn)
-        return conn
+            return self._statements[sql]
+        except KeyError:
+            text = self._statements[sql] = self._translate(sql)
+            return text
 
-    @property
-    def conn(self):
-        if self._shared is not None:
-            return self._shared
-        local = self._local
-        if getattr(local, "generation", None) != _fork_generation:
-            local.conn, local.generation = self._connect(), _fork_generation
-        return local.conn
+    def _acquire(self):
+        if self._generation != _fork_generation:  # forked: the parent's connections are its own
+            self._inherited.extend(self._idle)
+            self._idle, self._generation = [], _fork_generation
+        with self._pool_lock:
+            if self._idle:
+                return self._idle.pop()
+        if self._closed:
+            raise Error(f"{self.name}: the queue is closed")
+        return self._connect()
+
+    def _release(self, conn, reuse):
+        if reuse and self._generation == _fork_generation and not self._closed:
+            with self._pool_lock:
+                if len(self._idle) < POOL_SIZE:
+                    self._idle.append(conn)
+                    return
+        with contextlib.suppress(Exception):
+            conn.close()
+
+    def _reusable(self, conn):
+        return True
 
     @contextlib.contextmanager
-    def write(self):
-        """A short BEGIN IMMEDIATE transaction; nested inside an open one as a savepoint."""
-        with self.lock:
-            conn = self.conn
-            if conn.in_transaction:
-                conn.execute("savepoint litetq")
+    def connection(self):
+        """A connection for a few statements: the one of this context's open atomic
+        step if there is one, else one from the pool. Driver errors leave as Error."""
+        held = _held.get().get(self)
+        conn = held if held is not None else self._acquire()
+        reuse = False
+        try:
+            yield conn
+            reuse = True
+        except self.driver_errors as exc:
+            reuse = held is None and self._reusable(conn)
+            raise self._error(exc) from exc
+        except BaseException:
+            reuse = held is None and self._reusable(conn)
+            raise
+        finally:
+            if held is None:
+                self._release(conn, reuse)
+
+    def transact(self, work):
+        """Run `work(conn)` in one write transaction and return what it returns; inside
+        an open transaction, as a savepoint of it. A dialect may have it run again."""
+        with self.connection() as conn:
+            if self._in_transaction(conn):
+                self._execute(conn, "savepoint litetq")
                 try:
-                    yield conn
+                    result = work(conn)
                 except BaseException:
-                    conn.execute("rollback to litetq")
+                    self._execute(conn, "rollback to litetq")
                     raise
                 finally:
-                    conn.execute("release litetq")
-                return
-            try:
-                conn.execute("begin immediate")
-            except sqlite3.OperationalError as exc:
-                raise Error(f"{self.path}: {exc} (another process held the write lock "
-                            f"for over {self.busy_timeout:g} s)") from None
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("rollback")
-                raise
-            conn.execute("commit")
+                    self._execute(conn, "release litetq")
+                return result
+            while True:
+                self._begin(conn)
+                try:
+                    result = work(conn)
+                    conn.commit()
+                    return result
+                except BaseException as exc:
+                    with contextlib.suppress(Exception):
+                        conn.rollback()
+                    if not self._retryable(exc):
+                        raise
+
+    def _in_transaction(self, conn):
+        return conn.in_transaction
 
     def begin_step(self):
-        """Open an atomic step's transaction on this thread's connection and return the
-        connection; ":memory:"'s shared connection stays locked until end_step()."""
-        self.lock.acquire()
+        """Open an atomic step's transaction; until end_step(), everything this context
+        does with this storage runs in it. Returns (connection, token for end_step)."""
+        conn = self._acquire()
         try:
-            self.conn.execute("begin immediate")
+            self._begin(conn)
+        except self.driver_errors as exc:
+            self._release(conn, self._reusable(conn))
+            raise self._error(exc) from exc
         except BaseException:
-            self.lock.release()
+            self._release(conn, self._reusable(conn))
             raise
-        return self.conn
+        return conn, _held.set({**_held.get(), self: conn})
 
-    def end_step(self, conn, commit):
+    def end_step(self, conn, token, commit):
+        """Commit or roll back an atomic step's transaction and give its connection back.
+        A failed commit rolls back and raises Error."""
+        _held.reset(token)
+        reuse = True
         try:
-            if conn.in_transaction:  # unless the task committed it itself
-                conn.execute("commit" if commit else "rollback")
+            if self._in_transaction(conn):  # unless the task ended it itself
+                conn.commit() if commit else conn.rollback()
+        except self.driver_errors as exc:
+            with contextlib.suppress(Exception):
+                conn.rollback()
+            reuse = self._reusable(conn)
+            raise self._error(exc) from exc
         finally:
-            self.lock.release()
+            self._release(conn, reuse)
 
-    def read(self, sql, params=()):
-        with self.lock:
-            return self.conn.execute(sql, params).fetchall()
+    def query(self, sql, params=()):
+        with self.connection() as conn:
+            return self._execute(conn, sql, params).fetchall()
 
-    def read_one(self, sql, params=()):
-        with self.lock:
-            return self.conn.execute(sql, params).fetchone()
+    def query_one(self, sql, params=()):
+        with self.connection() as conn:
+            return self._execute(conn, sql, params).fetchone()
 
-    def data_version(self):
-        """Changes whenever another connection commits (PRAGMA data_version)."""
-        with self.lock:
-            return self.conn.execute("pragma data_version").fetchone()[0]
+    def change(self, sql, params=()):
+        """One statement that writes, in a transaction of its own; returns its cursor's
+        rows when it has RETURNING, else the number of rows changed."""
+        with self.connection() as conn:
+            cursor = self._execute(conn, sql, params)
+            return cursor.fetchall() if cursor.description else cursor.rowcount
 
     def close(self):
-        for conn in self._connections:
-            with contextlib.suppress(sqlite3.Error):
+        self._closed = True
+        with self._pool_lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            with contextlib.suppress(Exception):
                 conn.close()
-        self._connections.clear()
-        self._local = threading.local()
-        self._shared = None
+        with self._changes:
+            self._changes.notify_all()
 
-    def _create_schema(self):
-        with self.write() as conn:
+    # Hearing about commits: one thread per process and storage listens for other
+    # processes' commits; commits of this process call changed() themselves.
+
+    def changed(self):
+        """Wake this process's waiters: the database may have changed."""
+        if self._waiting:
+            with self._changes:
+                self._change_count += 1
+                self._changes.notify_all()
+
+    @property
+    def changes(self):
+        """A number that moves on whenever the database may have changed."""
+        return self._change_count
+
+    def wait_for_change(self, seen, timeout):
+        """Block until `changes` differs from `seen`, or `timeout` seconds pass."""
+        self._start_watcher()
+        with self._changes:
+            if self._change_count == seen and not self._closed:
+                self._waiting += 1
+                try:
+                    self._changes.wait(timeout)
+                finally:
+                    self._waiting -= 1
+            return self._change_count
+
+    def _start_watcher(self):
+        if self.memory or (self._watcher and self._watcher[0] == _fork_generation):
+            return
+        with self._pool_lock:
+            if self._watcher and self._watcher[0] == _fork_generation:
+                return
+            thread = threading.Thread(target=self._watch_guarded, daemon=True,
+                                      name="litetq-watch")
+            self._watcher = (_fork_generation, thread)
+        thread.start()
+
+    def _watch_guarded(self):
+        while not self._closed:
             try:
-                conn.execute("create table if not exists litetq_meta "
-                             "(key text primary key, value text not null)")
-            except sqlite3.DatabaseError as exc:
-                raise Error(f"cannot open {self.path!r} as a litetq database: {exc}") from None
-            row = conn.execute("select value from litetq_meta where key = 'schema'").fetchone()
-            if row and int(row[0]) > SCHEMA_VERSION:
-                raise Error(f"{self.path} holds a litetq schema version {row[0]}, newer than "
-                            f"this litetq {__version__} knows ({SCHEMA_VERSION}): upgrade litetq")
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute("insert or replace into litetq_meta values ('schema', ?)",
-                         (str(SCHEMA_VERSION),))
+                self._watch()
+            except Exception as exc:  # the database is away: waiters fall back to polling
+                logger.warning("%s: cannot listen for changes (%s); retrying", self.name, exc)
+                self._changed_all()
+                time.sleep(1.0)
+
+    def _changed_all(self):
+        with self._changes:
+            self._change_count += 1
+            self._changes.notify_all()
 
     # Enqueueing.
 
     def insert_jobs(self, rows, conn=None):
-        """Insert job rows (see INSERT_JOB); return their ids. Through `conn`: no commit."""
+        """Insert job rows (see INSERT_JOB); return their ids. Through `conn`, the
+        caller's own open connection, nothing is committed."""
         if conn is not None:
-            return [self._insert_unique(conn, row) for row in rows]
-        if len(rows) == 1 and not _unique_key(rows[0]):  # one row: autocommit is atomic
-            with self.lock:
-                return [self.conn.execute(_insert_sql(rows[0]), rows[0]).lastrowid]
-        with self.write() as conn:
-            if any(_unique_key(row) for row in rows):
-                return [self._insert_unique(conn, row) for row in rows]
-            if any(len(row) > 6 for row in rows):
-                conn.executemany(INSERT_JOB, [row + (None,) * (10 - len(row)) for row in rows])
-            else:
-                conn.executemany(INSERT_PLAIN, rows)
-            # Rows inserted in one write transaction get consecutive rowids, each the
-            # largest so far plus one (https://sqlite.org/autoinc.html).
-            last = conn.execute("select last_insert_rowid()").fetchone()[0]
-            return list(range(last - len(rows) + 1, last + 1))
+            return self._insert(self._adopt(conn), rows)
+        if len(rows) == 1 and len(rows[0]) == PLAIN_FIELDS:  # one statement: atomic alone
+            with self.connection() as conn:
+                return self._insert_many(conn, INSERT_PLAIN, rows)
+        return self.transact(lambda conn: self._insert(conn, rows))
 
-    @staticmethod
-    def _insert_unique(conn, row):
-        key = _unique_key(row)
-        if key is not None:
-            found = conn.execute(
-                "select id from litetq_jobs where unique_key = ? "
-                "and status in ('queued', 'running', 'waiting')", (key,)).fetchone()
-            if found:
-                return found[0]
-        return conn.execute(_insert_sql(row), row).lastrowid
+    def _insert(self, conn, rows):
+        if all(len(row) == PLAIN_FIELDS for row in rows):
+            return self._insert_many(conn, INSERT_PLAIN, rows)
+        full = [row if len(row) > PLAIN_FIELDS else row + (None, 0, 0, None, 0, None, None,
+                                                           None, None, None) for row in rows]
+        if not any(row[11] is not None for row in full):
+            return self._insert_many(conn, INSERT_JOB, full)
+        return [self._insert_unique(conn, row) for row in full]
 
-    # Claiming and finishing steps.
+    def _insert_unique(self, conn, row):
+        if row[11] is None:
+            return self._insert_many(conn, INSERT_JOB, [row])[0]
+        found = self._execute(conn, INSERT_UNIQUE, row).fetchone()
+        if found is None:  # an unfinished job holds the key: that one is the answer
+            found = self._execute(conn, "select id from litetq_jobs where unique_key = ? and "
+                                  f"status in {UNFINISHED_SQL}", (row[11],)).fetchone()
+        return found[0]
+
+    # Claiming steps.
 
     def claim(self, worker, lease, queues=None, limit=1):
-        """Take up to `limit` due steps, in queue order: a list of `Claim`s.
-        Steps whose ttl ran out are marked expired instead.
+        """Take up to `limit` due steps, in queue order: a list of `Claim`s. Steps
+        whose ttl ran out are marked expired instead.
 
-        One UPDATE ... RETURNING in autocommit: a write statement takes the write lock
-        before it reads, so two workers can never claim the same row."""
-        where = "status = 'queued' and due <= :now"
-        names = {f"q{i}": name for i, name in enumerate(queues or ())}
-        if names:
-            where += f" and queue in ({', '.join(':' + key for key in names)})"
-        sql = (f"update litetq_jobs set status = 'running', worker = :worker, "
-               f"lease_until = :lease, attempts = attempts + 1, started = :now "
-               f"where id in (select id from litetq_jobs where {where} "
-               f"order by priority desc, due, id limit :limit) returning {CLAIM_COLUMNS}")
+        The claim is one UPDATE over the ready index: SQLite's write statement takes
+        the lock before it reads, PostgreSQL's "skip locked" passes rows another
+        worker is taking, so no step is ever claimed twice."""
+        self.promote()
+        where = self._queue_filter(queues)
+        sql = ("update litetq_jobs set status = 'running', worker = ?, token = token + 1, "
+               "lease_until = litetq_now() + ?, attempts = attempts + 1, "
+               "started = litetq_now() where id in (select id from litetq_jobs "
+               f"where status = 'queued' and delayed = 0{where} order by priority desc, due, id "
+               "limit ? for update skip locked) returning id, name, args, rest, attempts, "
+               "token, priority, due, expires < litetq_now()")
         while True:  # until a claim holds a step that has not expired, or none is due
-            now = time.time()
-            with self.lock:
-                rows = self.conn.execute(sql, {"now": now, "worker": worker, "limit": limit,
-                                               "lease": now + lease, **names}).fetchall()
-            rows = sorted(map(Claim._make, rows),  # RETURNING has no order
-                          key=lambda row: (-row.priority, row.due, row.id))
-            expired = [row.id for row in rows if row.expires is not None and row.expires < now]
+            rows = self.change(sql, (worker, lease, *(queues or ()), limit))
+            claims = sorted(map(Claim._make, rows),  # RETURNING has no order
+                            key=lambda claim: (-claim.priority, claim.due, claim.id))
+            expired = [claim for claim in claims if claim.expired]
             if expired:
-                with self.write() as conn:
-                    for job_id in expired:  # never begun: the claim was no attempt
-                        conn.execute("update litetq_jobs set attempts = attempts - 1 "
-                                     "where id = ?", (job_id,))
-                        self._end(conn, job_id, "expired", now, only_if="running",
-                                  error="expired: waited longer than its ttl")
-            live = [row for row in rows if row.id not in expired]
-            if live or not rows:
+                self._expire(expired)
+            live = [claim for claim in claims if not claim.expired]
+            if live or not claims:
                 return live
 
-    def next_due(self, queues=None):
-        """The earliest due time of a queued step, or None."""
-        sql = "select min(due) from litetq_jobs where status = 'queued'"
-        if queues:
-            sql += " and queue in (%s)" % ", ".join("?" * len(queues))
-        return self.read_one(sql, tuple(queues or ()))[0]
+    @_transaction
+    def _expire(self, conn, claims):
+        for claim in claims:  # never begun: the claim was no attempt
+            self._execute(conn, "update litetq_jobs set attempts = attempts - 1 where id = ?",
+                          (claim.id,))
+            self._end(conn, claim.id, "expired", only_if="running",
+                      error="expired: waited longer than its ttl")
+
+    @staticmethod
+    def _queue_filter(queues):
+        return f" and queue in ({', '.join('?' * len(queues))})" if queues else ""
+
+    def next_work(self, queues=None):
+        """Seconds until a step of `queues` is due: 0.0 if one is, None if none is
+        queued. Reads only, unless delayed steps came due (see promote)."""
+        self.promote(force=True)
+        where, params = self._queue_filter(queues), tuple(queues or ())
+        with self.connection() as conn:
+            if self._execute(conn, "select 1 from litetq_jobs where status = 'queued' and "
+                             f"delayed = 0{where} limit 1", params).fetchone():
+                return 0.0
+            wait = self._execute(conn, "select min(due) - litetq_now() from litetq_jobs "
+                                 f"where status = 'queued' and delayed = 1{where}",
+                                 params).fetchone()[0]
+        return None if wait is None else max(wait, 0.0)
+
+    def promote(self, force=False):
+        """Delayed steps whose time came join the ready ones. They wait in an index of
+        their own, so a backlog of them costs a claim nothing; while busy, a worker
+        looks for those that came due every PROMOTE_EVERY seconds."""
+        if not force and time.monotonic() < self._promote_at:
+            return
+        with self.connection() as conn:
+            wait = self._execute(conn, "select min(due) - litetq_now() from litetq_jobs "
+                                 "where status = 'queued' and delayed = 1").fetchone()[0]
+            if wait is not None and wait <= 0:
+                self._execute(conn, "update litetq_jobs set delayed = 0 where status = "
+                              "'queued' and delayed = 1 and due <= litetq_now()")
+                wait = None
+        self._promote_at = time.monotonic() + min(PROMOTE_EVERY, max(wait or 0.0, 0.0))
 
     def renew_leases(self, claims, lease):
-        with self.write() as conn:
-            conn.executemany(
-                "update litetq_jobs set lease_until = ? where id = ? and started = ? "
-                "and status = 'running'",
-                [(time.time() + lease, job_id, token) for job_id, token in claims])
+        """Extend the leases of the (job id, token) claims this process holds."""
+        def renew(conn):
+            for job_id, token in claims:
+                self._execute(conn, "update litetq_jobs set lease_until = litetq_now() + ? "
+                              "where id = ? and token = ? and status = 'running'",
+                              (lease, job_id, token))
+        self.transact(renew)
 
-    def step_succeeded(self, job_id, token, result=None, call=None, now=None):
+    # Finishing steps.
+
+    def step_succeeded(self, job_id, token, result=None, call=None):
         """Record a finished step: its `result` JSON, or the continuation `call`
         (name, args JSON, rest JSON). Returns the job's new status, or None if the
         claim was lost meanwhile (another worker owns the step now)."""
-        now = now or time.time()
-        if self._succeeded_alone(job_id, token, now, result, call):
-            return "complete" if call is None else "queued"
-        with self.write() as conn:
-            held, _ = self._held(conn, job_id, token, now)
-            if held != "running":
-                return held
-            if call is not None:
-                conn.execute("update litetq_jobs set name = ?, args = ?, rest = ?, "
-                             "steps = steps + 1, attempts = 0, lost = 0, error = null, "
-                             "expires = null where id = ?", (*call, job_id))
-            resume = "continue" if call is not None else "complete"
-            conn.execute("update litetq_jobs set status = 'waiting', resume = ?, result = ?, "
-                         "lease_until = null where id = ?", (resume, result, job_id))
-            self._settle(conn, job_id, now)
-            return conn.execute("select status from litetq_jobs where id = ?",
-                                (job_id,)).fetchone()[0]
+        with self.connection() as conn:
+            if self._succeeded_alone(conn, job_id, token, result, call):
+                return "complete" if call is None else "queued"
+        return self.transact(lambda conn: self._succeed(conn, job_id, token, result, call))
 
-    def _succeeded_alone(self, job_id, token, now, result, call):
+    def finish_steps(self, outcomes):
+        """Record many successes, each (job id, token, result, call), in one
+        transaction; returns their statuses as step_succeeded() would."""
+        def finish(conn):
+            return [("complete" if call is None else "queued")
+                    if self._succeeded_alone(conn, job_id, token, result, call)
+                    else self._succeed(conn, job_id, token, result, call)
+                    for job_id, token, result, call in outcomes]
+        return self.transact(finish)
+
+    def _succeeded_alone(self, conn, job_id, token, result, call):
         """The common case in one statement: no cancel flag, no subtasks of this step,
         and (to complete) no parent to tell. False sends the caller the long way."""
-        no_subtasks = ("cancel = 0 and not exists (select 1 from litetq_jobs c "
-                       "where c.parent_id = :id and (c.status in "
-                       "('queued', 'running', 'waiting') or c.created >= :token))")
-        claimed = "id = :id and started = :token and status = 'running'"
-        params = {"id": job_id, "token": token, "now": now, "result": result}
+        claimed = ("id = ? and token = ? and status = 'running' and cancel = 0 and not "
+                   "exists (select 1 from litetq_jobs c where c.parent_id = ? and "
+                   f"c.orphan = 0 and (c.status in {UNFINISHED_SQL} or c.parent_token = ?))")
         if call is None:
-            sql = ("update litetq_jobs set status = 'complete', result = :result, "
-                   "finished = :now, error = null, traceback = null, lease_until = null "
-                   f"where {claimed} and parent_id is null and {no_subtasks}")
+            sql = ("update litetq_jobs set status = 'complete', result = ?, "
+                   "finished = litetq_now(), error = null, traceback = null, "
+                   f"lease_until = null where {claimed} and parent_id is null")
+            params = (result, job_id, token, job_id, token)
         else:
-            sql = ("update litetq_jobs set status = 'queued', name = :name, args = :args, "
-                   "rest = :rest, steps = steps + 1, attempts = 0, lost = 0, error = null, "
-                   "expires = null, due = :now, lease_until = null "
-                   f"where {claimed} and {no_subtasks}")
-            params.update(zip(("name", "args", "rest"), call))
-        with self.lock:
-            return self.conn.execute(sql, params).rowcount == 1
+            sql = ("update litetq_jobs set status = 'queued', name = ?, args = ?, rest = ?, "
+                   "steps = steps + 1, attempts = 0, lost = 0, error = null, expires = null, "
+                   f"due = litetq_now(), delayed = 0, lease_until = null where {claimed}")
+            params = (*call, job_id, token, job_id, token)
+        return self._execute(conn, sql, params).rowcount == 1
 
-    def step_failed(self, job_id, token, error, tb, retry_at=None):
-        """Record a failed attempt: queued again at `retry_at`, or failed for good.
-        Returns the job's new status, or None if the claim was lost meanwhile."""
-        now = time.time()
-        with self.write() as conn:
-            held, _ = self._held(conn, job_id, token, now, error, tb)
-            if held != "running":
-                return held
-            if retry_at is None:
-                self._end(conn, job_id, "failed", now, error=error, tb=tb)
-                return "failed"
-            conn.execute("update litetq_jobs set status = 'queued', due = ?, error = ?, "
-                         "traceback = ?, lease_until = null, expires = null where id = ?",
-                         (retry_at, error, tb, job_id))
-            return "queued"
+    def _succeed(self, conn, job_id, token, result, call):
+        held, _ = self._held(conn, job_id, token)
+        if held != "running":
+            return held
+        if call is not None:
+            self._execute(conn, "update litetq_jobs set name = ?, args = ?, rest = ?, "
+                          "steps = steps + 1, attempts = 0, lost = 0, error = null, "
+                          "expires = null where id = ?", (*call, job_id))
+        resume = "continue" if call is not None else "complete"
+        self._execute(conn, "update litetq_jobs set status = 'waiting', resume = ?, result = ?, "
+                      "lease_until = null where id = ?", (resume, result, job_id))
+        self._settle(conn, job_id)
+        return self._execute(conn, "select status from litetq_jobs where id = ?",
+                             (job_id,)).fetchone()[0]
+
+    @_transaction
+    def step_failed(self, conn, job_id, token, error, tb, retry_delay=None):
+        """Record a failed attempt: queued again after `retry_delay` seconds, or (None)
+        failed for good. Returns the new status, or None if the claim was lost."""
+        error, tb = _clean_text(error), tb and _clean_text(tb)
+        held, _ = self._held(conn, job_id, token, error, tb)
+        if held != "running":
+            return held
+        self._abandon(conn, job_id, token)
+        if retry_delay is None:
+            self._end(conn, job_id, "failed", error=error, tb=tb)
+            return "failed"
+        self._execute(conn, "update litetq_jobs set status = 'queued', "
+                      "due = litetq_now() + ?, delayed = ?, error = ?, traceback = ?, "
+                      "lease_until = null, expires = null where id = ?",
+                      (retry_delay, int(retry_delay > 0), error, tb, job_id))
+        return "queued"
+
+    def _held(self, conn, job_id, token, error=None, tb=None):
+        """Before a step's end is recorded: ("running", lost count) while this claim
+        still holds it; (None, None) if the claim was lost; ("cancelled", None) if the
+        job was cancelled meanwhile, which ends it here."""
+        row = self._execute(conn, "select lost, cancel from litetq_jobs where id = ? and "
+                            "token = ? and status = 'running' for update",
+                            (job_id, token)).fetchone()
+        if row is None:
+            return None, None
+        if row[1]:
+            self._end(conn, job_id, "cancelled", error=error, tb=tb)
+            return "cancelled", None
+        return "running", row[0]
+
+    def _abandon(self, conn, job_id, token):
+        """The subtasks spawned by an attempt that did not succeed are orphans: they
+        no longer count as the job's children, and those unfinished are cancelled."""
+        orphans = self._execute(conn, "update litetq_jobs set orphan = 1 where parent_id = ? "
+                                "and parent_token = ? and orphan = 0 returning id",
+                                (job_id, token)).fetchall()
+        for (orphan,) in orphans:
+            self._cancel_tree(conn, orphan)
 
     def reap(self):
         """Queue again the steps whose worker stopped renewing its lease."""
-        now = time.time()
-        lapsed = self.read("select id, started from litetq_jobs where status = 'running' "
-                           "and lease_until < ?", (now,))
+        lapsed = self.query("select id, token from litetq_jobs where status = 'running' "
+                            "and lease_until < litetq_now()")
         for job_id, token in lapsed:
             self.lose(job_id, token, "worker lost: its lease lapsed")
         return len(lapsed)
 
-    def _held(self, conn, job_id, token, now, error=None, tb=None):
-        """Before a step's end is recorded: ("running", lost count) while this claim
-        still holds it; (None, None) if the claim was lost; ("cancelled", None) if the
-        job was cancelled meanwhile, which ends it here."""
-        row = conn.execute("select lost, cancel from litetq_jobs where id = ? and started = ? "
-                           "and status = 'running'", (job_id, token)).fetchone()
-        if row is None:
-            return None, None
-        if row[1]:
-            self._end(conn, job_id, "cancelled", now, error=error, tb=tb)
-            return "cancelled", None
-        return "running", row[0]
-
-    def lose(self, job_id, token, message):
+    @_transaction
+    def lose(self, conn, job_id, token, message):
         """A step whose worker died: queued again, not counted as an attempt (or
         cancelled, if that was asked); the MAX_LOST-th loss fails it as "worker lost"."""
-        now = time.time()
-        with self.write() as conn:
-            held, lost = self._held(conn, job_id, token, now)
-            if held != "running":
-                return held
-            if lost + 1 >= MAX_LOST:
-                self._end(conn, job_id, "failed", now, error=f"worker lost: its worker died "
-                          f"{MAX_LOST} times (the last time: {message})")
-                return "failed"
-            conn.execute("update litetq_jobs set status = 'queued', due = ?, error = ?, "
-                         "attempts = attempts - 1, lost = lost + 1, lease_until = null "
-                         "where id = ?", (now, message, job_id))
-            return "queued"
+        held, lost = self._held(conn, job_id, token)
+        if held != "running":
+            return held
+        self._abandon(conn, job_id, token)
+        if lost + 1 >= MAX_LOST:
+            self._end(conn, job_id, "failed", error=f"worker lost: its worker died "
+                      f"{MAX_LOST} times (the last time: {message})")
+            return "failed"
+        self._execute(conn, "update litetq_jobs set status = 'queued', due = litetq_now(), "
+                      "delayed = 0, error = ?, attempts = attempts - 1, lost = lost + 1, "
+                      "lease_until = null where id = ?", (message, job_id))
+        return "queued"
 
-    def _end(self, conn, job_id, status, now, error=None, tb=None, only_if=None):
+    def _end(self, conn, job_id, status, error=None, tb=None, only_if=None):
         """Make a job terminal, then let its parent know."""
-        sql = ("update litetq_jobs set status = ?, finished = ?, error = coalesce(?, error), "
-               "traceback = coalesce(?, traceback), lease_until = null where id = ?")
-        params = [status, now, error, tb, job_id]
+        sql = ("update litetq_jobs set status = ?, finished = litetq_now(), "
+               "error = coalesce(?, error), traceback = coalesce(?, traceback), "
+               "lease_until = null where id = ?")
+        params = [status, error, tb, job_id]
         if only_if:
             sql += " and status = ?"
             params.append(only_if)
-        row = conn.execute(sql + " returning parent_id", params).fetchone()
+        row = self._execute(conn, sql + " returning parent_id", params).fetchone()
         if row is None:
             return
         if status != "complete":
-            self._cancel_tree(conn, job_id, now, include_self=False)
+            self._cancel_tree(conn, job_id, include_self=False)
         if row[0] is not None:
-            self._settle(conn, row[0], now)
+            self._settle(conn, row[0])
 
-    def _settle(self, conn, job_id, now):
-        """A waiting job whose subtasks are all terminal resumes, completes or fails."""
-        row = conn.execute("select status, resume, result, started from litetq_jobs "
-                           "where id = ?", (job_id,)).fetchone()
+    def _settle(self, conn, job_id):
+        """A waiting job whose subtasks are all terminal resumes, completes or fails.
+        The job's row is locked first, so of two subtasks ending at once on PostgreSQL
+        the second to commit always sees the first finished."""
+        row = self._execute(conn, "select status, resume from litetq_jobs where id = ? "
+                            "for update", (job_id,)).fetchone()
         if row is None or row[0] != "waiting":
             return
-        if conn.execute("select 1 from litetq_jobs where parent_id = ? and status in "
-                        "('queued', 'running', 'waiting') limit 1", (job_id,)).fetchone():
+        children = "from litetq_jobs where parent_id = ? and orphan = 0"
+        if self._execute(conn, f"select 1 {children} and status in {UNFINISHED_SQL} limit 1",
+                         (job_id,)).fetchone():
             return
-        # Only subtasks spawned by the current step count: a retried parent starts afresh.
-        bad = conn.execute("select id, name, status, error from litetq_jobs "
-                           "where parent_id = ? and created >= ? and status != 'complete' "
-                           "order by id limit 1", (job_id, row[3])).fetchone()
+        bad = self._execute(conn, f"select id, name, status, error {children} and "
+                            "status != 'complete' order by id limit 1", (job_id,)).fetchone()
         if bad:
             child, name, status, error = bad
             detail = f": {error}" if status == "failed" else f" ({status})"
-            self._end(conn, job_id, "failed", now,
-                      error=f"subtask {child} ({name}) {status}{detail}")
+            self._end(conn, job_id, "failed", error=f"subtask {child} ({name}) {status}{detail}")
         elif row[1] == "continue":
-            conn.execute("update litetq_jobs set status = 'queued', due = ?, resume = null "
-                         "where id = ?", (now, job_id))
+            self._execute(conn, "update litetq_jobs set status = 'queued', due = litetq_now(), "
+                          "delayed = 0, resume = null where id = ?", (job_id,))
         else:
-            conn.execute("update litetq_jobs set error = null, traceback = null where id = ?",
-                         (job_id,))
-            self._end(conn, job_id, "complete", now)
+            self._execute(conn, "update litetq_jobs set error = null, traceback = null "
+                          "where id = ?", (job_id,))
+            self._end(conn, job_id, "complete")
 
-    def _cancel_tree(self, conn, job_id, now, include_self=True):
+    def _cancel_tree(self, conn, job_id, include_self=True):
         """Cancel a job (if asked) and its unfinished descendants; flag running ones."""
-        ids = [row[0] for row in conn.execute(
-            "with recursive tree(id) as (select ? union all select j.id from litetq_jobs j "
-            "join tree on j.parent_id = tree.id) select id from tree", (job_id,))]
+        ids = [row[0] for row in self._execute(
+            conn, "with recursive tree(id) as (select cast(? as bigint) union all "
+            "select j.id from litetq_jobs j join tree on j.parent_id = tree.id) "
+            "select id from tree", (job_id,))]
         if not include_self:
             ids = ids[1:]
         changed = False
         for each in ids:
-            changed |= conn.execute(
-                "update litetq_jobs set status = 'cancelled', finished = ? where id = ? "
-                "and status in ('queued', 'waiting')", (now, each)).rowcount > 0
-            changed |= conn.execute(
-                "update litetq_jobs set cancel = 1 where id = ? and status = 'running' "
+            changed |= self._execute(
+                conn, "update litetq_jobs set status = 'cancelled', finished = litetq_now() "
+                "where id = ? and status in ('queued', 'waiting')", (each,)).rowcount > 0
+            changed |= self._execute(
+                conn, "update litetq_jobs set cancel = 1 where id = ? and status = 'running' "
                 "and cancel = 0", (each,)).rowcount > 0
         return changed
 
-    def cancel(self, job_id):
-        now = time.time()
-        with self.write() as conn:
-            changed = self._cancel_tree(conn, job_id, now)
-            parent = conn.execute("select parent_id from litetq_jobs where id = ?",
-                                  (job_id,)).fetchone()
-            if changed and parent and parent[0] is not None:
-                self._settle(conn, parent[0], now)
-            return changed
+    @_transaction
+    def cancel(self, conn, job_id):
+        changed = self._cancel_tree(conn, job_id)
+        parent = self._execute(conn, "select parent_id from litetq_jobs where id = ?",
+                               (job_id,)).fetchone()
+        if changed and parent and parent[0] is not None:
+            self._settle(conn, parent[0])
+        return changed
 
-    def retry(self, job_id):
-        with self.write() as conn:
-            key = conn.execute("select unique_key from litetq_jobs where id = ? and status in "
-                               "('failed', 'cancelled', 'expired')", (job_id,)).fetchone()
-            holder = key and key[0] is not None and conn.execute(
-                "select id from litetq_jobs where unique_key = ? and status in "
-                "('queued', 'running', 'waiting')", key).fetchone()
-            if holder:
-                raise Error(f"job {job_id} cannot run again while job {holder[0]} holds "
-                            f"its unique key {key[0]!r}")
-            return conn.execute(
-                "update litetq_jobs set status = 'queued', due = ?, attempts = 0, lost = 0, "
-                "cancel = 0, expires = null, error = null, traceback = null, finished = null, "
-                "resume = null where id = ? and status in ('failed', 'cancelled', 'expired')",
-                (time.time(), job_id)).rowcount > 0
+    @_transaction
+    def retry(self, conn, job_id):
+        row = self._execute(conn, "select unique_key, token from litetq_jobs where id = ? and "
+                            "status in ('failed', 'cancelled', 'expired') for update",
+                            (job_id,)).fetchone()
+        if row is None:
+            return False
+        key, token = row
+        holder = key is not None and self._execute(
+            conn, f"select id from litetq_jobs where unique_key = ? and status in "
+            f"{UNFINISHED_SQL}", (key,)).fetchone()
+        if holder:
+            raise Error(f"job {job_id} cannot run again while job {holder[0]} holds "
+                        f"its unique key {key!r}")
+        self._abandon(conn, job_id, token)  # its last attempt's subtasks start afresh too
+        self._execute(conn, "update litetq_jobs set status = 'queued', due = litetq_now(), "
+                      "delayed = 0, attempts = 0, lost = 0, cancel = 0, expires = null, "
+                      "error = null, traceback = null, finished = null, resume = null "
+                      "where id = ?", (job_id,))
+        return True
 
-    def requeue(self, job_id, token):
+    @_transaction
+    def requeue(self, conn, job_id, token):
         """Give a step back without counting the attempt (a worker shutting down)."""
-        with self.write() as conn:
-            self._give_back(conn, "id = ? and started = ?", (job_id, token))
+        return self._give_back(conn, "id = ? and token = ?", (job_id, token))
+
+    @_transaction
+    def release(self, conn, worker):
+        """Give back, uncounted, the steps a stopped worker process still held."""
+        return self._give_back(conn, "worker = ?", (worker,))
 
     def _give_back(self, conn, where, params):
         """Queue again, uncounted, the running steps matching `where`; those whose job
         was cancelled meanwhile end as cancelled instead of running again."""
-        now = time.time()
-        for (job_id,) in conn.execute(f"select id from litetq_jobs where {where} "
-                                      "and status = 'running' and cancel = 1",
-                                      params).fetchall():
-            self._end(conn, job_id, "cancelled", now)
-        return conn.execute(f"update litetq_jobs set status = 'queued', lease_until = null, "
-                            f"attempts = attempts - 1 where {where} and status = 'running'",
-                            params).rowcount
+        steps = self._execute(conn, f"select id, token, cancel from litetq_jobs where {where} "
+                              "and status = 'running' for update", params).fetchall()
+        for job_id, token, cancel in steps:
+            if cancel:
+                self._end(conn, job_id, "cancelled")
+                continue
+            self._abandon(conn, job_id, token)
+            self._execute(conn, "update litetq_jobs set status = 'queued', delayed = 0, "
+                          "lease_until = null, attempts = attempts - 1 where id = ?", (job_id,))
+        return len(steps)
 
     def has_work(self, queues, workers):
         """True if a step is due in `queues` or claimed (begun or not) by one of the
         `workers`: one statement, so a step that finishes and queues its continuation
         between two reads cannot hide."""
-        due = "status = 'queued' and due <= ?"
-        if queues:
-            due += f" and queue in ({', '.join('?' * len(queues))})"
+        due = ("status = 'queued' and (delayed = 0 or due <= litetq_now())"
+               + self._queue_filter(queues))
         claimed = f"status = 'running' and worker in ({', '.join('?' * len(workers))})"
-        return bool(self.read_one(
+        return bool(self.query_one(
             f"select exists (select 1 from litetq_jobs where {due}) "
             f"or exists (select 1 from litetq_jobs where {claimed})",
-            (time.time(), *(queues or ()), *workers))[0])
-
-    def release(self, worker):
-        """Give back, uncounted, the steps a stopped worker process still held."""
-        with self.write() as conn:
-            return self._give_back(conn, "worker = ?", (worker,))
+            (*(queues or ()), *workers))[0])
 
     # Reading jobs.
 
     def job(self, job_id):
-        row = self.read_one(f"select {JOB_COLUMNS} from litetq_jobs where id = ?", (job_id,))
+        row = self.query_one(f"select {JOB_COLUMNS} from litetq_jobs where id = ?", (job_id,))
         if row is None:
-            raise NotFound(f"no job {job_id} in {self.path}")
+            raise NotFound(f"no job {job_id} in {self.name}")
         return dict(zip(JOB_COLUMNS.split(", "), row))
 
     def job_field(self, job_id, column):
-        row = self.read_one(f"select {column} from litetq_jobs where id = ?", (job_id,))
+        row = self.query_one(f"select {column} from litetq_jobs where id = ?", (job_id,))
         if row is None:
-            raise NotFound(f"no job {job_id} in {self.path}")
+            raise NotFound(f"no job {job_id} in {self.name}")
         return row[0]
 
-    def jobs(self, status=None, queue=None, name=None, limit=100, parent=None):
+    def jobs(self, status=None, queue=None, name=None, limit=100):
         clauses, params = [], []
-        for column, value in (("status", status), ("queue", queue), ("name", name),
-                              ("parent_id", parent)):
+        for column, value in (("status", status), ("queue", queue), ("name", name)):
             if value is not None:
                 clauses.append(f"{column} = ?")
                 params.append(value)
         where = f"where {' and '.join(clauses)}" if clauses else ""
-        order = "order by id" if parent is not None else "order by id desc"
-        return [row[0] for row in self.read(
-            f"select id from litetq_jobs {where} {order} limit ?", (*params, limit))]
+        return [row[0] for row in self.query(
+            f"select id from litetq_jobs {where} order by id desc limit ?",
+            (*params, NO_LIMIT if limit is None else limit))]
+
+    def children(self, job_id):
+        """The subtasks that count: spawned by attempts that succeeded or still run."""
+        return [row[0] for row in self.query(
+            "select id from litetq_jobs where parent_id = ? and orphan = 0 order by id",
+            (job_id,))]
 
     def stats(self):
         counts = {}
-        for queue, status, n in self.read(
+        for queue, status, n in self.query(
                 "select queue, status, count(*) from litetq_jobs group by queue, status"):
             counts.setdefault(queue, {})[status] = n
         return counts
 
     def oldest_wait(self):
         """Seconds the longest-waiting due job has waited, or None."""
-        row = self.read_one("select min(due) from litetq_jobs where status = 'queued' "
-                            "and due <= ?", (time.time(),))
-        return None if row[0] is None else time.time() - row[0]
+        return self.query_one("select litetq_now() - min(due) from litetq_jobs "
+                              "where status = 'queued' and due <= litetq_now()")[0]
 
-    def purge(self, statuses, before):
-        with self.write() as conn:
-            marks = ", ".join("?" * len(statuses))
-            ids = f"select id from litetq_jobs where status in ({marks}) and finished < ?"
-            conn.execute(f"delete from litetq_logs where job_id in ({ids})", (*statuses, before))
-            return conn.execute(f"delete from litetq_jobs where id in ({ids})",
-                                (*statuses, before)).rowcount
+    @_transaction
+    def purge(self, conn, statuses, older_than):
+        marks = ", ".join("?" * len(statuses))
+        ids = (f"select id from litetq_jobs where status in ({marks}) "
+               "and finished < litetq_now() - ?")
+        self._execute(conn, f"delete from litetq_logs where job_id in ({ids})",
+                      (*statuses, older_than))
+        return self._execute(conn, f"delete from litetq_jobs where id in ({ids})",
+                             (*statuses, older_than)).rowcount
 
     # Inside a step: logs, progress, cancellation.
 
     def add_log(self, job_id, level, message):
-        with self.write() as conn:
-            conn.execute("insert into litetq_logs (job_id, time, level, message) "
-                         "values (?, ?, ?, ?)", (job_id, time.time(), level, message))
+        self.change("insert into litetq_logs (job_id, time, level, message) "
+                    "values (?, litetq_now(), ?, ?)", (job_id, level, _clean_text(message)))
 
     def logs(self, job_id):
         """Logs of a job and all its subtasks, oldest first."""
-        return self.read(
-            "with recursive tree(id) as (select ? union all select j.id from litetq_jobs j "
-            "join tree on j.parent_id = tree.id) select time, level, message, job_id "
-            "from litetq_logs where job_id in (select id from tree) order by time, id",
-            (job_id,))
+        return self.query(
+            "with recursive tree(id) as (select cast(? as bigint) union all select j.id "
+            "from litetq_jobs j join tree on j.parent_id = tree.id) select time, level, "
+            "message, job_id from litetq_logs where job_id in (select id from tree) "
+            "order by time, id", (job_id,))
 
     def set_progress(self, job_id, progress):
-        with self.write() as conn:
-            conn.execute("update litetq_jobs set progress = ? where id = ?", (progress, job_id))
+        self.change("update litetq_jobs set progress = ? where id = ?", (progress, job_id))
 
     # Raw payload queues.
 
     def put(self, queue, payload):
-        with self.lock:
-            return self.conn.execute(
-                "insert into litetq_messages (queue, payload, visible) values (?, ?, ?)",
-                (queue, payload, time.time())).lastrowid
+        return self.change("insert into litetq_messages (queue, payload, visible) "
+                           "values (?, ?, litetq_now()) returning id", (queue, payload))[0][0]
 
     def get(self, queues, visibility):
-        now = time.time()
-        marks = ", ".join("?" * len(queues))
-        with self.write() as conn:
-            return conn.execute(
-                "update litetq_messages set visible = ?, deliveries = deliveries + 1 "
-                "where id = (select id from litetq_messages where queue in "
-                f"({marks}) and visible <= ? order by visible, id limit 1) "
-                "returning id, queue, payload, deliveries",
-                (now + visibility, *queues, now)).fetchone()
+        rows = self.change(
+            "update litetq_messages set visible = litetq_now() + ?, deliveries = deliveries + 1 "
+            "where id = (select id from litetq_messages where queue in "
+            f"({', '.join('?' * len(queues))}) and visible <= litetq_now() order by visible, id "
+            "limit 1 for update skip locked) returning id, queue, payload, deliveries",
+            (visibility, *queues))
+        return rows[0] if rows else None
 
     def messages_due(self, queues):
         marks = ", ".join("?" * len(queues))
-        return self.read_one(f"select 1 from litetq_messages where queue in ({marks}) "
-                             "and visible <= ? limit 1", (*queues, time.time())) is not None
+        return self.query_one(f"select 1 from litetq_messages where queue in ({marks}) "
+                              "and visible <= litetq_now() limit 1", tuple(queues)) is not None
 
     def ack(self, message_id):
-        with self.lock:
-            self.conn.execute("delete from litetq_messages where id = ?", (message_id,))
+        self.change("delete from litetq_messages where id = ?", (message_id,))
 
     def nack(self, message_id, delay):
-        with self.lock:
-            self.conn.execute("update litetq_messages set visible = ? where id = ?",
-                              (time.time() + delay, message_id))
+        self.change("update litetq_messages set visible = litetq_now() + ? where id = ?",
+                    (delay, message_id))
 
     # The cron table.
 
     def save_schedule(self, name, spec, call, tz, queue, next_run):
         """Add or change an entry; its next run is kept when spec and zone are unchanged."""
-        with self.write() as conn:
-            conn.execute(
-                "insert into litetq_cron (name, spec, task, tz, queue, next_run) "
-                "values (?, ?, ?, ?, ?, ?) on conflict (name) do update set "
-                "next_run = case when spec = excluded.spec and tz is excluded.tz "
-                "then next_run else excluded.next_run end, spec = excluded.spec, "
-                "task = excluded.task, tz = excluded.tz, queue = excluded.queue",
-                (name, spec, call, tz, queue, next_run))
+        self.change(
+            "insert into litetq_cron (name, spec, task, tz, queue, next_run) "
+            "values (?, ?, ?, ?, ?, ?) on conflict (name) do update set "
+            "next_run = case when litetq_cron.spec = excluded.spec and "
+            "coalesce(litetq_cron.tz, '') = coalesce(excluded.tz, '') "
+            "then litetq_cron.next_run else excluded.next_run end, spec = excluded.spec, "
+            "task = excluded.task, tz = excluded.tz, queue = excluded.queue",
+            (name, spec, call, tz, queue, next_run))
 
-    def delete_schedule(self, name):
-        with self.write() as conn:
-            conn.execute("delete from litetq_cron_fired where name = ?", (name,))
-            return conn.execute("delete from litetq_cron where name = ?", (name,)).rowcount > 0
+    @_transaction
+    def delete_schedule(self, conn, name):
+        self._execute(conn, "delete from litetq_cron_fired where name = ?", (name,))
+        return self._execute(conn, "delete from litetq_cron where name = ?",
+                             (name,)).rowcount > 0
 
     def schedules(self):
-        return self.read("select name, spec, task, tz, queue, next_run, last_run "
-                         "from litetq_cron order by name")
+        return self.query("select name, spec, task, tz, queue, next_run, last_run "
+                          "from litetq_cron order by name")
 
-    @contextlib.contextmanager
-    def due_schedules(self, now):
-        """Inside one write transaction: the entries due at `now`, and a function
-        `fire(name, fire_time, job_row, next_run, last_run)` that enqueues the job of one fire
-        time unless it already has one (the primary key of litetq_cron_fired guards
-        this), and moves the entry on. `fire` returns the new job's id, or None."""
-        with self.write() as conn:
-            rows = conn.execute("select name, spec, task, tz, queue, next_run "
-                                "from litetq_cron where next_run <= ?", (now,)).fetchall()
-
-            def fire(name, fire_time, job_row, next_run, last_run):
-                conn.execute("update litetq_cron set next_run = ?, last_run = ? "
-                             "where name = ?", (next_run, last_run, name))
-                if conn.execute("select 1 from litetq_cron_fired where name = ? "
-                                "and fire_time = ?", (name, fire_time)).fetchone():
-                    return None
-                job_id = conn.execute(_insert_sql(job_row), job_row).lastrowid
-                conn.execute("insert into litetq_cron_fired values (?, ?, ?)",
-                             (name, fire_time, job_id))
+    def fire_schedules(self, now, plan):
+        """In one write transaction: for each cron entry due at `now`, `plan(entry)`
+        (entry: name, spec, task, tz, queue, next_run) says (fire time, job row, next
+        run, last run); the job of that fire time is enqueued unless it already has one
+        (the primary key of litetq_cron_fired guards this) and the entry moves on.
+        Returns the new jobs' ids."""
+        def fire(conn):
+            ids = []
+            entries = self._execute(conn, "select name, spec, task, tz, queue, next_run from "
+                                    "litetq_cron where next_run <= ? for update",
+                                    (now,)).fetchall()
+            for entry in entries:
+                fire_time, row, next_run, last_run = plan(entry)
+                name = entry[0]
+                self._execute(conn, "update litetq_cron set next_run = ?, last_run = ? "
+                              "where name = ?", (next_run, last_run, name))
+                if self._execute(conn, "select 1 from litetq_cron_fired where name = ? "
+                                 "and fire_time = ?", (name, fire_time)).fetchone():
+                    continue
+                job_id = self._insert(conn, [row])[0]
+                self._execute(conn, "insert into litetq_cron_fired values (?, ?, ?)",
+                              (name, fire_time, job_id))
                 # The records only guard against a fire time being taken twice at once.
-                conn.execute("delete from litetq_cron_fired where name = ? and fire_time < ?",
-                             (name, fire_time - 86400))
-                return job_id
-            yield rows, fire
+                self._execute(conn, "delete from litetq_cron_fired where name = ? and "
+                              "fire_time < ?", (name, fire_time - 86400))
+                ids.append(job_id)
+            return ids
+        return self.transact(fire)
 
     # Workers.
 
     def register_worker(self, worker_id, queues, concurrency):
-        now = time.time()
-        with self.write() as conn:
-            conn.execute("insert or replace into litetq_workers values (?, ?, ?, ?, ?, ?, ?)",
-                         (worker_id, socket.gethostname(), os.getpid(), queues, concurrency,
-                          now, now))
+        self.change("insert into litetq_workers values (?, ?, ?, ?, ?, litetq_now(), "
+                    "litetq_now()) on conflict (id) do update set host = excluded.host, "
+                    "pid = excluded.pid, queues = excluded.queues, concurrency = "
+                    "excluded.concurrency, started = excluded.started, "
+                    "heartbeat = excluded.heartbeat",
+                    (worker_id, socket.gethostname(), os.getpid(), queues, concurrency))
 
     def heartbeat(self, worker_id):
-        with self.write() as conn:
-            conn.execute("update litetq_workers set heartbeat = ? where id = ?",
-                         (time.time(), worker_id))
+        self.change("update litetq_workers set heartbeat = litetq_now() where id = ?",
+                    (worker_id,))
 
     def unregister_worker(self, worker_id):
-        with self.write() as conn:
-            conn.execute("delete from litetq_workers where id = ?", (worker_id,))
+        self.change("delete from litetq_workers where id = ?", (worker_id,))
 
     def workers(self):
-        return self.read("select id, host, pid, queues, concurrency, started, heartbeat "
-                         "from litetq_workers order by started")
+        """(id, host, pid, queues, concurrency, started, seconds since its heartbeat)."""
+        return self.query("select id, host, pid, queues, concurrency, started, "
+                          "litetq_now() - heartbeat from litetq_workers order by started")
+
+    # The schema.
+
+    def _open_schema(self, ddl_types):
+        """Check the schema version, and create or upgrade the tables only if needed:
+        opening an up-to-date database writes nothing."""
+        version = self._schema_version()
+        if version == SCHEMA_VERSION:
+            return
+        if version is not None and version > SCHEMA_VERSION:
+            raise Error(f"{self.name} holds a litetq schema version {version}, newer than "
+                        f"this litetq {__version__} knows ({SCHEMA_VERSION}): upgrade litetq")
+        if self.readonly:
+            raise Error(f"{self.name} holds no litetq tables" if version is None else
+                        f"{self.name} was written by an older litetq: open it once "
+                        f"with this version (not read-only) to upgrade it")
+
+        def create(conn):
+            self._lock_schema(conn)
+            found = self._schema_version(conn)  # another process may have done it meanwhile
+            if found == SCHEMA_VERSION:
+                return
+            if found == 1:
+                for statement in MIGRATE_FROM_1.split(";"):
+                    if statement.strip():
+                        self._execute(conn, statement)
+            for statement in SCHEMA.format(**ddl_types).split(";"):
+                if statement.strip():
+                    self._execute(conn, statement)
+            self._execute(conn, "insert into litetq_meta values ('schema', ?) on conflict (key) "
+                          "do update set value = excluded.value", (str(SCHEMA_VERSION),))
+        self.transact(create)
+
+    def _schema_version(self, conn=None):
+        """The schema version stored in the database, or None if it has no tables."""
+        raise NotImplementedError
+
+    def _lock_schema(self, conn):
+        """Inside the schema's transaction: keep other processes from creating it too."""
+
+
+def _epoch():
+    return time.time()  # looked up at each call, so tests may shift the clock
+
+
+def _is_busy(exc):
+    return "locked" in str(exc)  # SQLITE_BUSY and SQLITE_LOCKED; 3.10 has no error codes
+
+
+class SQLiteStorage(Storage):
+    """SQLite in WAL mode: readers never wait, and one connection at a time writes.
+
+    Writers wait for the lock in this process rather than in SQLite's busy handler,
+    which sleeps up to 100 ms between tries: against atomic steps that take the lock
+    back to back it lost for seconds. Every few hundred microseconds instead, and
+    each process leaves the lock free for a while after an atomic step (begin_step).
+    ":memory:" is one shared connection behind a lock, since each connection to
+    ":memory:" is a database of its own.
+    """
+
+    driver_errors = (sqlite3.Error,)
+
+    def __init__(self, path, synchronous="NORMAL", readonly=False, busy_timeout=BUSY_TIMEOUT):
+        level = str(synchronous).upper()
+        if level not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', not {synchronous!r}")
+        self.path, self.memory = path, path == ":memory:"
+        super().__init__(path, readonly and not self.memory)
+        self.synchronous, self.busy_timeout = level, busy_timeout
+        self._lock = threading.RLock()  # ":memory:": the shared connection's
+        self._step_pause_until = 0.0  # monotonic time before which no atomic step begins
+        self._shared = self._connect() if self.memory else None
+        if self.readonly and not os.path.exists(path):
+            raise Error(f"no database at {path!r}")
+        self._open_schema({"id": "integer primary key", "real": "real"})
+
+    def _connect(self):
+        try:
+            if self.readonly:
+                conn = self._connect_readonly()
+            else:
+                conn = sqlite3.connect(self.path, timeout=0, isolation_level=None,
+                                       check_same_thread=False)
+                conn.create_function("litetq_now", 0, _epoch)
+                self._wait_for_lock(conn.execute, "pragma journal_mode = wal")
+            conn.execute(f"pragma synchronous = {self.synchronous}")
+            # Truncate the WAL after checkpoints so a busy queue's file stays small.
+            conn.execute("pragma journal_size_limit = 16777216")
+        except sqlite3.DatabaseError as exc:
+            raise Error(f"cannot open {self.path!r} as a litetq database: {exc}") from None
+        return conn
+
+    def _connect_readonly(self):
+        """Read without writing a byte: mode=ro, or, where even the -shm file cannot be
+        made (a read-only directory) and the WAL is empty, immutable=1."""
+        uri = "file:" + urllib.parse.quote(os.path.abspath(self.path))
+        try:
+            conn = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=0, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("select count(*) from sqlite_master").fetchone()
+        except sqlite3.OperationalError:
+            wal = self.path + "-wal"
+            if os.path.exists(wal) and os.path.getsize(wal):
+                raise Error(f"cannot read {self.path!r}: it is read-only, and its latest "
+                            f"commits are still in {wal}, which SQLite can only read with "
+                            f"write access to the folder") from None
+            conn = sqlite3.connect(uri + "?immutable=1", uri=True, timeout=0,
+                                   isolation_level=None, check_same_thread=False)
+        conn.create_function("litetq_now", 0, _epoch)
+        return conn
+
+    def _acquire(self):
+        if self.memory:
+            self._lock.acquire()
+            return self._shared
+        return super()._acquire()
+
+    def _adopt(self, conn):
+        if not isinstance(conn, sqlite3.Connection):
+            raise TypeError(f"conn= must be an open sqlite3.Connection on {self.path}, "
+                            f"not {type(conn).__module__}.{type(conn).__name__}")
+        conn.create_function("litetq_now", 0, _epoch)
+        return conn
+
+    def _release(self, conn, reuse):
+        if self.memory:
+            self._lock.release()
+        else:
+            super()._release(conn, reuse)
+
+    def close(self):
+        super().close()
+        if self._shared is not None:
+            with self._lock:
+                self._shared.close()
+
+    def _translate(self, sql):
+        # One writer at a time: nothing to lock row by row.
+        return sql.replace(" for update skip locked", "").replace(" for update", "")
+
+    def _begin(self, conn):
+        self._wait_for_lock(conn.execute, "begin immediate")
+
+    def _execute(self, conn, sql, params=()):
+        try:
+            return conn.execute(self._sql(sql), params)
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc):
+                raise
+        return self._wait_for_lock(conn.execute, self._sql(sql), params)
+
+    def _wait_for_lock(self, run, *args):
+        """Run a statement, trying again while another connection holds the lock it
+        needs, until busy_timeout passes: then Error, saying what holds it."""
+        deadline, pause = time.monotonic() + self.busy_timeout, 0.0001
+        while True:
+            try:
+                return run(*args)
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise
+                if time.monotonic() > deadline:
+                    raise Error(
+                        f"{self.path}: the database is locked: another connection held its "
+                        f"write lock for over {self.busy_timeout:g} s (a long transaction, "
+                        f"or an atomic step doing slow work while it holds the lock)") from None
+            time.sleep(pause * (0.5 + random.random()))
+            pause = min(pause * 1.5, LOCK_WAIT_SLICE)
+
+    def _error(self, exc):
+        return Error(f"{self.path}: {exc}")
+
+    def _insert_many(self, conn, sql, rows):
+        if len(rows) == 1:
+            return [self._execute(conn, sql, rows[0]).lastrowid]
+        self._wait_for_lock(conn.executemany, self._sql(sql), rows)
+        # Rows inserted in one write transaction get consecutive rowids, each the
+        # largest so far plus one (https://sqlite.org/autoinc.html).
+        last = conn.execute("select last_insert_rowid()").fetchone()[0]
+        return list(range(last - len(rows) + 1, last + 1))
+
+    def begin_step(self):
+        """An atomic step holds the one write lock until it ends. Back to back, one
+        process's atomic steps would keep it from every other writer, so each leaves
+        it free for a quarter of the time the last one held it (at most 20 ms)."""
+        pause = self._step_pause_until - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
+        began = time.monotonic()
+        conn, token = super().begin_step()
+        return conn, (token, began)
+
+    def end_step(self, conn, token, commit):
+        token, began = token
+        try:
+            super().end_step(conn, token, commit)
+        finally:
+            now = time.monotonic()
+            self._step_pause_until = now + min((now - began) * (1 - ATOMIC_SHARE) / ATOMIC_SHARE,
+                                               0.02)
+
+    def clock(self):
+        return time.time()
+
+    def _schema_version(self, conn=None):
+        with contextlib.ExitStack() as stack:
+            if conn is None:
+                conn = stack.enter_context(self.connection())
+            if not self._execute(conn, "select 1 from sqlite_master where type = 'table' "
+                                 "and name = 'litetq_meta'").fetchone():
+                return None
+            row = self._execute(conn, "select value from litetq_meta "
+                                "where key = 'schema'").fetchone()
+            return int(row[0]) if row else None
+
+    def maintain(self):
+        """Keep the WAL small. SQLite truncates it only after a checkpoint that
+        completes, which constant writes never let happen (auto-checkpoints are
+        PASSIVE: https://sqlite.org/wal.html#avoiding_excessively_large_wal_files), so
+        past WAL_LIMIT the supervisor checkpoints with TRUNCATE, which holds writers
+        off while it copies the WAL into the database."""
+        if self.memory or self.readonly:
+            return
+        try:
+            if os.path.getsize(self.path + "-wal") < WAL_LIMIT:
+                return
+        except OSError:
+            return
+        with self.connection() as conn:
+            conn.execute("pragma busy_timeout = 1000")
+            try:
+                conn.execute("pragma wal_checkpoint(truncate)").fetchall()
+            finally:
+                conn.execute("pragma busy_timeout = 0")
+
+    def _watch(self):
+        """Hear other connections' commits: inotify on the WAL file where there is one
+        (Linux), confirmed by PRAGMA data_version; elsewhere, data_version every
+        IDLE_POLL while anyone waits."""
+        conn = self._connect()  # its own, which also keeps the WAL file in being
+        notifier = None
+        with contextlib.suppress(Exception):  # not Linux, or out of inotify instances
+            notifier = _FileWatch(self.path + "-wal")
+        try:
+            version = conn.execute("pragma data_version").fetchone()[0]
+            while not self._closed:
+                if notifier is not None:
+                    notifier.wait(0.25)
+                    if notifier.gone:
+                        notifier.close()
+                        notifier = _FileWatch(self.path + "-wal")
+                else:
+                    time.sleep(IDLE_POLL if self._waiting else 0.05)
+                # The WAL is written before the commit shows: look again for a moment.
+                for _ in range(20 if notifier is not None else 1):
+                    latest = conn.execute("pragma data_version").fetchone()[0]
+                    if latest != version:
+                        version = latest
+                        self._changed_all()
+                        time.sleep(CHANGE_COALESCE)
+                        break
+                    time.sleep(0.0002 if notifier is not None else 0)
+        finally:
+            conn.close()
+            if notifier is not None:
+                notifier.close()
+
+
+class _FileWatch:
+    """Blocks until a file is written: inotify(7) through ctypes, Linux only."""
+
+    def __init__(self, path):
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+        if libc.inotify_add_watch(self.fd, os.fsencode(path), 0x2) < 0:  # IN_MODIFY
+            error = ctypes.get_errno()
+            os.close(self.fd)
+            raise OSError(error, f"cannot watch {path}")
+        self.gone = False
+
+    def wait(self, timeout):
+        """True if the file was written within `timeout` seconds."""
+        if not select.select([self.fd], [], [], timeout)[0]:
+            return False
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                data = os.read(self.fd, 4096)
+                offset = 0
+                while offset + 16 <= len(data):  # struct inotify_event
+                    _, mask, _, length = struct.unpack_from("iIII", data, offset)
+                    self.gone |= bool(mask & 0x8000)  # IN_IGNORED: the file was removed
+                    offset += 16 + length
+        return True
+
+    def close(self):
+        os.close(self.fd)
+
+
+def open_storage(target, synchronous="NORMAL", readonly=False):
+    """The storage for a database path, or (see PostgresStorage) a PostgreSQL URL."""
+    return SQLiteStorage(target, synchronous, readonly)
 
 
 # --- The queue API -----------------------------------------------------------
 
 class Queue:
-    """A durable job queue in one SQLite database (a file, or ":memory:" for tests).
+    """A durable job queue in one database: a SQLite file, ":memory:" for tests, or a
+    PostgreSQL URL shared by many hosts.
 
-    `synchronous="FULL"` makes each commit survive power loss; the default "NORMAL"
-    survives application crashes. `lease` is how long a claimed step is ours without
-    renewal: a worker that dies is noticed this many seconds later.
+    `synchronous="FULL"` makes each SQLite commit survive power loss; the default
+    "NORMAL" survives application crashes. `lease` is how long a claimed step is ours
+    without renewal: a worker that dies is noticed this many seconds later.
+    `readonly=True` opens the database without ever writing to it.
     """
 
-    def __init__(self, path, synchronous="NORMAL", *, lease=DEFAULT_LEASE):
-        self.path, self.lease = os.fspath(path), float(lease)
-        self.storage = Storage(self.path, synchronous)
-        self._changed = threading.Condition()  # wakes waiters in this process at once
-        self._claims = {}  # job id -> claim token of steps claimed by this process
+    def __init__(self, path, synchronous="NORMAL", *, lease=DEFAULT_LEASE, readonly=False):
+        self.path, self.lease = os.fspath(path), _seconds(lease, "lease", positive=True)
+        self.storage = open_storage(self.path, synchronous, readonly)
+        self._claims = {}  # job id -> token of the steps this process has claimed
         self._finished = []  # deferred successes, see _save_finished()
         self._durations = {}  # task name -> typical seconds per step (workers batch quick ones)
         self._keeper = None  # (pid, thread) renewing those claims' leases
         self._closed = threading.Event()
-        self._waiters = 0  # threads in _wait_until: nobody to notify saves a lock per step
         self._worker_id = (None, None)
 
     def __repr__(self):
@@ -1176,54 +1724,36 @@ class Queue:
     def enqueue(self, task, *, queue=None, priority=None, delay=None, at=None, ttl=None,
                 unique=None, conn=None):
         """Durably add a call; returns its `Job`. With `conn`, the job is written in the
-        caller's open transaction on the same file and appears only if it commits."""
-        row = self._job_row(task, queue, priority, delay, at, ttl, unique)
-        return Job(self, self.storage.insert_jobs([row], conn)[0])
+        caller's open transaction on the same database and appears only if it commits."""
+        row = _job_row(task, queue, priority, delay, at, ttl, unique)
+        job = Job(self, self.storage.insert_jobs([row], conn)[0])
+        self.storage.changed()
+        return job
 
     def enqueue_many(self, tasks, *, queue=None, priority=None, delay=None, at=None, ttl=None,
                      unique=None, conn=None):
         """Add many calls in one transaction; returns their `Job`s in order."""
-        now = time.time()
-        rows = [self._job_row(t, queue, priority, delay, at, ttl, unique, now=now)
-                for t in tasks]
+        rows = [_job_row(t, queue, priority, delay, at, ttl, unique) for t in tasks]
         if not rows:
             return []
-        return [Job(self, job_id) for job_id in self.storage.insert_jobs(rows, conn)]
-
-    def _job_row(self, task, queue, priority, delay, at, ttl, unique, parent=None, now=None):
-        """The INSERT_JOB parameters for `task`; options default to the task's own."""
-        if not isinstance(task, Task):
-            raise TypeError(f"enqueue() takes a Task such as hello('world'), "
-                            f"not {type(task).__name__} {_short_repr(task)}")
-        call, rest = _flatten(task, []) if task.name == CHAIN else (task, None)
-        if call is None:
-            raise ValueError("an empty chain has nothing to run")
-        function = _registry.get(call.name)  # producers need not import every task
-        if queue is None:
-            queue = function.queue if function else "default"
-        if priority is None:
-            priority = function.priority if function else 0
-        if ttl is None and function:
-            ttl = function.ttl
-        now = now or time.time()
-        due = now if delay is None and at is None else _due_time(now, delay, at)
-        row = (queue, int(priority), call.name, _dumps_call(call), due, now)
-        if rest or ttl is not None or unique is not None or parent is not None:
-            row += (_dumps(rest, "chain") if rest else None,
-                    None if ttl is None else due + ttl, unique, parent)
-        return row
+        jobs = [Job(self, job_id) for job_id in self.storage.insert_jobs(rows, conn)]
+        self.storage.changed()
+        return jobs
 
     # Reading jobs.
 
     def job(self, job_id):
         """The `Job` with this id; `NotFound` if there is none."""
-        self.storage.job_field(int(job_id), "id")
-        return Job(self, int(job_id))
+        job_id = _valid_id(job_id)
+        self.storage.job_field(job_id, "id")
+        return Job(self, job_id)
 
     def jobs(self, status=None, queue=None, task=None, limit=100):
         """Jobs, newest first, filtered by status, queue name and task name."""
         if isinstance(task, (Task, TaskFunction)):
             task = task.name
+        if limit is not None:
+            limit = _integer(limit, "limit", 0)
         return [Job(self, i) for i in self.storage.jobs(status, queue, task, limit)]
 
     def stats(self):
@@ -1236,8 +1766,11 @@ class Queue:
         """Run due steps here, one at a time in queue order, until nothing is due."""
         self.storage.reap()
         steps = 0
-        while (max_steps is None or steps < max_steps) and self._work_once():
-            steps += 1
+        while max_steps is None or steps < max_steps:
+            if self._work_once():
+                steps += 1
+            elif self.storage.next_work() != 0.0:
+                break
         return steps
 
     def _work_once(self, queues=None):
@@ -1251,72 +1784,55 @@ class Queue:
     def _run_step(self, claim, defer=False):
         """Run one claimed step and commit its outcome; returns the job's new status.
         With `defer`, a success is only noted, for _save_finished() to commit later."""
-        job_id = claim.id
-        self._claims[job_id] = claim.started
+        self._claims[claim.id] = claim.token
         self._keep_leases()
         try:
             return self._execute(claim, defer)
         finally:
             if not defer:
-                self._claims.pop(job_id, None)
-                self._notify()
-
-    def _save_finished(self):
-        """Commit the deferred successes together: one transaction for a batch of steps."""
-        finished, self._finished = self._finished, []
-        if not finished:
-            return
-        try:
-            with self.storage.write():
-                for job_id, token, result, call, now in finished:
-                    if self.storage.step_succeeded(job_id, token, result, call, now) is None:
-                        logger.warning("job %s lost its claim before its result was saved",
-                                       job_id)
-        except Error:
-            self._finished = finished + self._finished  # locked: keep them for next time
-            raise
-        for job_id, token, *_ in finished:
-            self._claims.pop(job_id, None)
-        self._notify()
+                self._claims.pop(claim.id, None)
+                self.storage.changed()
 
     def _execute(self, claim, defer=False):
-        job_id, name, attempt, token = claim.id, claim.name, claim.attempts, claim.started
         try:
-            function = _lookup_task(name)
+            function = _lookup_task(claim.name)
         except Error as exc:
-            return self.storage.step_failed(job_id, token, str(exc), None)
-        context = Context(self, Job(self, job_id), attempt, function.atomic)
+            return self.storage.step_failed(claim.id, claim.token, str(exc), None)
+        context = Context(self, Job(self, claim.id), claim.attempts, function.atomic,
+                          claim.token)
         reset = _current.set(context)
         try:
             params, kwargs = loads(claim.args)
             result, call = _outcome(function.func(*params, **kwargs),
                                     claim.rest and loads(claim.rest))
-            if defer and context._db is None:
-                self._finished.append((job_id, token, result, call, time.time()))
+            if defer and context._step is None:
+                self._finished.append((claim, result, call))
                 return "complete" if call is None else "queued"
-            status = self.storage.step_succeeded(job_id, token, result, call)
-            if status is None:
-                raise Error(f"job {job_id} lost its claim while running (lease expired)")
+            try:
+                status = self.storage.step_succeeded(claim.id, claim.token, result, call)
+                context._end_transaction(commit=True)
+            except Exception as exc:  # the database refused it: this attempt failed
+                raise _Unsaved(exc) from None
         except Exception as exc:
             context._end_transaction(commit=False)
-            return self._fail_attempt(function, job_id, token, attempt, exc)
-        else:
-            context._end_transaction(commit=True)
-            return status
+            return self._fail_attempt(function, claim, exc)
         finally:
             _current.reset(reset)
+        if status is None:
+            logger.warning("job %s lost its claim while running (its lease lapsed)", claim.id)
+        return status
 
-    def _fail_attempt(self, function, job_id, token, attempt, exc, error=None, tb=None):
+    def _fail_attempt(self, function, claim, exc, tb=None, error=None):
         """Queue the step again if retries are left, else fail the job."""
-        retry_at = None
-        if function and not isinstance(exc, Fatal) and attempt <= function.retries:
-            delay = exc.delay if isinstance(exc, Retry) and exc.delay is not None else min(
-                function.retry_delay * 2 ** (attempt - 1), MAX_RETRY_DELAY)
-            retry_at = time.time() + delay
+        retry_delay = None
+        if function and not isinstance(exc, Fatal) and claim.attempts <= function.retries:
+            retry_delay = exc.delay if isinstance(exc, Retry) and exc.delay is not None else min(
+                function.retry_delay * 2 ** (claim.attempts - 1), MAX_RETRY_DELAY)
         if error is None:
-            error = str(exc) if isinstance(exc, Fatal) else f"{type(exc).__name__}: {exc}"
-        return self.storage.step_failed(job_id, token, error,
-                                        traceback.format_exc() if tb is None else tb, retry_at)
+            error = str(exc) if isinstance(exc, (Fatal, _Unsaved)) else f"{type(exc).__name__}: {exc}"
+        return self.storage.step_failed(claim.id, claim.token, error,
+                                        traceback.format_exc() if tb is None else tb,
+                                        retry_delay)
 
     def _fail_claim(self, job_id, token, message):
         """Fail the attempt of a step whose process was killed (retries apply)."""
@@ -1324,8 +1840,38 @@ class Queue:
         function = None
         with contextlib.suppress(Error):
             function = _lookup_task(row["name"])
-        return self._fail_attempt(function, job_id, token, row["attempts"], Error(message),
-                                  error=message, tb="")
+        claim = Claim(job_id, row["name"], None, None, row["attempts"], token, 0, 0, False)
+        return self._fail_attempt(function, claim, Error(message), tb="", error=message)
+
+    def _save_finished(self):
+        """Commit the deferred successes together: one transaction for a batch of steps.
+        If the database refuses it, each is saved alone, so an outcome it cannot store
+        fails only its own attempt."""
+        finished, self._finished = self._finished, []
+        if not finished:
+            return
+        try:
+            statuses = self.storage.finish_steps(
+                [(claim.id, claim.token, result, call) for claim, result, call in finished])
+        except Exception:  # one by one: only an outcome the database refuses fails
+            statuses = [self._save_one(*outcome) for outcome in finished]
+        for (claim, _, _), status in zip(finished, statuses):
+            self._claims.pop(claim.id, None)
+            if status is None:
+                logger.warning("job %s lost its claim before its result was saved", claim.id)
+        self.storage.changed()
+
+    def _save_one(self, claim, result, call):
+        try:
+            return self.storage.step_succeeded(claim.id, claim.token, result, call)
+        except Exception as exc:
+            return self._fail_attempt(_registry.get(claim.name), claim, _Unsaved(exc), tb="")
+
+    def _drop_claims(self):
+        """Forget the steps this process holds (its database calls are failing): their
+        leases lapse and the supervisor queues them again."""
+        self._claims.clear()
+        self._finished.clear()
 
     def _keep_leases(self):
         """Start, once per process, the thread that renews our running steps' leases."""
@@ -1341,50 +1887,43 @@ class Queue:
             if claims:
                 try:
                     self.storage.renew_leases(claims, self.lease)
-                except (Error, sqlite3.Error):
-                    logger.exception("could not renew leases")
+                except Error as exc:
+                    logger.warning("could not renew leases: %s", exc)
 
     # Waiting.
 
-    def _notify(self):
-        if self._waiters:
-            with self._changed:
-                self._changed.notify_all()
-
     def _wait_until(self, predicate, timeout=None):
         """Wait for predicate() without a busy loop: woken at once by this process's
-        commits, and within WAIT_POLL of another process's (PRAGMA data_version)."""
+        commits and within milliseconds by others' (Storage.wait_for_change), looking
+        at most every WAIT_POLL however busy the database is."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        version = None
+        storage = self.storage
         while True:
-            latest = self.storage.data_version()
-            if latest != version or self.storage.memory:  # one shared connection: no news
-                if predicate():
-                    return True
-                version = latest
-            remaining = WAIT_POLL if deadline is None else min(
-                WAIT_POLL, deadline - time.monotonic())
+            seen, looked = storage.changes, time.monotonic()
+            if predicate():
+                return True
+            remaining = 1.0 if deadline is None else deadline - time.monotonic()
             if remaining <= 0:
-                return predicate()
-            with self._changed:
-                self._waiters += 1
-                try:
-                    if self._changed.wait(remaining):
-                        version = None
-                finally:
-                    self._waiters -= 1
+                return False
+            storage.wait_for_change(seen, min(remaining, WAIT_POLL if storage.memory else 1.0))
+            pause = looked + WAIT_POLL - time.monotonic()  # however busy the database is
+            if pause > 0:
+                time.sleep(pause if deadline is None else
+                           max(0.0, min(pause, deadline - time.monotonic())))
 
     # Raw payload queues.
 
     def put(self, queue_name, payload):
         """Add a JSON payload to a raw queue; returns the message id."""
-        message_id = self.storage.put(queue_name, _dumps(payload, "payload"))
-        self._notify()
+        message_id = self.storage.put(_name(queue_name, "queue"), _dumps(payload, "payload"))
+        self.storage.changed()
         return message_id
 
     def get(self, queue_name, timeout=0, visibility=30):
         """The next message of a raw queue, or None after `timeout` seconds. A message
         not acked within `visibility` seconds is delivered again."""
+        queue_name = _name(queue_name, "queue")
+        visibility = _seconds(visibility, "visibility")
         found = []
 
         def take():
@@ -1392,7 +1931,7 @@ class Queue:
             if row:
                 found.append(Message(self, row[0], row[1], loads(row[2]), row[3]))
             return bool(row)
-        self._wait_until(take, timeout)
+        self._wait_until(take, _seconds(timeout, "timeout"))
         return found[0] if found else None
 
     def _consume_one(self, queues=None):
@@ -1416,9 +1955,10 @@ class Queue:
     def schedule(self, name, spec, task, tz=None, queue=None):
         """Add (or change) a cron entry that enqueues `task` at each time `spec` names."""
         cron = Cron(spec, tz)
-        self._job_row(task, queue, None, None, None, None, None)  # bad tasks fail here
-        next_run = cron.next(datetime.datetime.now(datetime.timezone.utc)).timestamp()
-        self.storage.save_schedule(name, spec, dumps(task), tz, queue, next_run)
+        _job_row(task, queue, None, None, None, None, None)  # bad tasks fail here
+        next_run = cron.next(datetime.datetime.fromtimestamp(
+            self.storage.clock(), datetime.timezone.utc)).timestamp()
+        self.storage.save_schedule(_name(name, "name"), spec, dumps(task), tz, queue, next_run)
 
     def unschedule(self, name):
         """Remove a cron entry; False if there was none."""
@@ -1436,35 +1976,124 @@ class Queue:
         """Enqueue each cron entry due at `now`, exactly once per fire time, however many
         processes call this at once. Missed fire times collapse into one job."""
         if now is None:
-            now = time.time()
+            now = self.storage.clock()
         elif isinstance(now, datetime.datetime):
             now = now.timestamp()  # a naive datetime is local time, as for enqueue(at=)
-        jobs = []
         after = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
-        with self.storage.due_schedules(now) as (rows, fire):
-            for name, spec, call, tz, queue, next_run in rows:
+
+        def plan(entry):
+            name, spec, call, tz, queue, next_run = entry
+            try:
                 cron = Cron(spec, tz)
                 following = cron.next(after).timestamp()
                 missed = cron.next(datetime.datetime.fromtimestamp(
                     next_run, datetime.timezone.utc)).timestamp() <= now
-                row = self._job_row(loads(call), queue, None, None, None, None, None)
-                # One job stands for every missed fire time: it ran now.
-                job_id = fire(name, next_run, row, following, now if missed else next_run)
-                if job_id is not None:
-                    jobs.append(Job(self, job_id))
+                row = _job_row(loads(call), queue, None, None, None, None, None)
+            except (Error, ValueError, TypeError) as exc:  # not one broken entry stops the rest
+                logger.error("cron entry %r cannot fire: %s", name, exc)
+                return next_run, None, now + 60, None
+            # One job stands for every missed fire time: it ran now.
+            return next_run, row, following, now if missed else next_run
+        jobs = [Job(self, job_id) for job_id in self.storage.fire_schedules(now, plan)]
+        if jobs:
+            self.storage.changed()
         return jobs
 
 
-def _due_time(now, delay, at):
+def _job_row(task, queue, priority, delay, at, ttl, unique, parent=None, parent_token=None):
+    """The INSERT_JOB parameters for `task`; options default to the task's own. Every
+    option is checked here, before anything is written."""
+    if not isinstance(task, Task):
+        raise TypeError(f"enqueue() takes a Task such as hello('world'), "
+                        f"not {type(task).__name__} {_short_repr(task)}")
+    call, rest = _flatten(task, []) if task.name == CHAIN else (task, None)
+    if call is None:
+        raise ValueError("an empty chain has nothing to run")
+    function = _registry.get(call.name)  # producers need not import every task
+    if queue is None:
+        queue = function.queue if function else "default"
+    if priority is None:
+        priority = function.priority if function else 0
+    if ttl is None and function:
+        ttl = function.ttl
+    row = (_name(queue, "queue"), _integer(priority, "priority"), call.name,
+           _dumps_call(call))
+    if rest or delay is not None or at is not None or ttl is not None or unique is not None \
+            or parent is not None:
+        at, delay = _due(delay, at)
+        delayed = int(delay > 0 or (at is not None and at > time.time()))
+        ttl = None if ttl is None else _seconds(ttl, "ttl")
+        unique = None if unique is None else _name(unique, "unique")
+        row += (at, delay, delayed, at, delay, ttl, _dumps(rest, "chain") if rest else None,
+                unique, parent, parent_token)
+    return row
+
+
+class _Unsaved(Error):
+    """The database refused a finished step's outcome (inside `_execute`)."""
+
+    def __init__(self, exc):
+        super().__init__(f"could not save the step's outcome: {exc}")
+
+
+def _seconds(value, name, positive=False):
+    """A finite number of seconds, at least 0 (or above it): else ValueError/TypeError."""
+    value = _number(value, name)
+    if value < 0 or positive and value == 0:
+        raise ValueError(f"{name} must be {'above' if positive else 'at least'} 0, "
+                         f"not {value!r}")
+    return value
+
+
+def _integer(value, name, low=-2 ** 63, high=2 ** 63 - 1):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__} "
+                        f"{_short_repr(value)}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be from {low} to {high}, not {value}")
+    return int(value)
+
+
+def _valid_id(value):
+    """A job id as the database stores it: an int of at most 64 bits."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"a job id is an int, not {type(value).__name__} {_short_repr(value)}")
+    if not 0 < value < 2 ** 63:
+        raise NotFound(f"no job {value}: job ids are from 1 to {2 ** 63 - 1}")
+    return value
+
+
+def _name(value, what):
+    """A queue name, unique key or entry name: a non-empty str a database can store."""
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, not {type(value).__name__} "
+                        f"{_short_repr(value)}")
+    if not value or _clean_text(value) != value:
+        raise ValueError(f"{what} must be a non-empty str without NUL characters or lone "
+                         f"surrogates, not {value!r}")
+    return value
+
+
+def _due(delay, at):
+    """(at, delay) for the INSERT: at an epoch time, or `delay` seconds from now."""
     if delay is not None and at is not None:
         raise TypeError("give delay= or at=, not both")
     if delay is not None:
-        return now + float(delay)
+        return None, max(_number(delay, "delay"), 0.0)
     if isinstance(at, datetime.datetime):
-        return at.timestamp()  # a naive datetime is local time, as datetime.timestamp() says
-    if at is not None:
-        return float(at)
-    return now
+        return at.timestamp(), 0.0  # a naive datetime is local time, as timestamp() says
+    return (None if at is None else _number(at, "at", "a datetime or an epoch time")), 0.0
+
+
+def _number(value, name, kind="a number of seconds"):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be {kind}, not {type(value).__name__} "
+                        f"{_short_repr(value)}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, not {value!r}")
+    return float(value)
 
 
 def _dumps_call(call):
@@ -1477,11 +2106,15 @@ def _dumps_call(call):
 def _outcome(value, rest):
     """What a step's return value means: (result JSON, None) when the job is done, or
     (None, (name, args JSON, rest JSON)) for the continuation to run next."""
+    if inspect.iscoroutine(value):
+        value.close()
+        raise Fatal("the task returned a coroutine: call async tasks through litetq, "
+                    "which awaits them") from None
     call, rest, value = _advance(value, rest or [])
     if call is None:
         try:
             return _dumps(value, "result"), None
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise Fatal(str(exc)) from None
     return None, (call.name, _dumps_call(call), _dumps(rest, "chain") if rest else None)
 
@@ -1563,8 +2196,9 @@ class Job:
         return None if parent_id is None else Job(self.queue, parent_id)
 
     def children(self):
-        """The subtasks this job spawned, oldest first."""
-        return [Job(self.queue, i) for i in self.queue.storage.jobs(parent=self.id, limit=-1)]
+        """The subtasks that count, oldest first: those spawned by attempts that
+        succeeded (or still run), not those of an attempt that failed or was lost."""
+        return [Job(self.queue, i) for i in self.queue.storage.children(self.id)]
 
     def logs(self):
         """This job's log lines and its subtasks', oldest first."""
@@ -1576,6 +2210,8 @@ class Job:
 
     def wait(self, timeout=None):
         """Block until the job is terminal; returns the job."""
+        if timeout is not None:
+            timeout = _seconds(timeout, "timeout")
         if not self.queue._wait_until(self.done, timeout):
             raise TimeoutError(f"job {self.id} is still {self.status} after {timeout} s")
         return self
@@ -1595,13 +2231,13 @@ class Job:
     def cancel(self):
         """Cancel a queued or waiting job; flag a running one. True if anything changed."""
         changed = self.queue.storage.cancel(self.id)
-        self.queue._notify()
+        self.queue.storage.changed()
         return changed
 
     def retry(self):
         """Queue a failed, cancelled or expired job again; True if it was one."""
         changed = self.queue.storage.retry(self.id)
-        self.queue._notify()
+        self.queue.storage.changed()
         return changed
 
     def to_dict(self):
@@ -1640,8 +2276,8 @@ class Message:
 
     def nack(self, delay=0):
         """Not done: deliver it again after `delay` seconds."""
-        self._queue.storage.nack(self.id, delay)
-        self._queue._notify()
+        self._queue.storage.nack(self.id, _seconds(delay, "delay"))
+        self._queue.storage.changed()
 
     def __enter__(self):
         return self
@@ -1669,10 +2305,11 @@ class Context:
     """What a running step knows about itself. Without a queue (Task.run()), logs go to
     `logging`, progress stays in memory, and spawn and db are unavailable."""
 
-    def __init__(self, queue=None, job=None, attempt=1, atomic=False):
+    def __init__(self, queue=None, job=None, attempt=1, atomic=False, token=None):
         self.job, self.attempt = job, attempt
         self.last_progress = None
-        self._queue, self._atomic, self._db = queue, atomic, None
+        self._queue, self._atomic, self._token = queue, atomic, token
+        self._step = None  # (connection, token) of an atomic step's open transaction
 
     def log(self, message, level="info"):
         """Store a log line on the job (and its parents' view) and send it to logging."""
@@ -1687,7 +2324,7 @@ class Context:
         """Report progress, readable as `job.progress`."""
         self.last_progress = (done, total)
         if self._queue:
-            self._queue.storage.set_progress(self.job.id, json.dumps([done, total]))
+            self._queue.storage.set_progress(self.job.id, _dumps([done, total], "progress"))
 
     def spawn(self, task, **options):
         """Enqueue a subtask: this job waits for it before it completes."""
@@ -1695,9 +2332,13 @@ class Context:
         known = {"queue", "priority", "delay", "at", "ttl", "unique"}
         if set(options) - known:
             raise TypeError(f"spawn() got unknown options: {', '.join(set(options) - known)}")
-        row = queue._job_row(task, **{k: options.get(k) for k in known}, parent=self.job.id)
-        conn = self.db if self._atomic else None  # atomic: spawned iff the step commits
-        return Job(queue, queue.storage.insert_jobs([row], conn)[0])
+        row = _job_row(task, **{k: options.get(k) for k in known}, parent=self.job.id,
+                             parent_token=self._token)
+        if self._atomic:
+            self.db  # in the step's transaction: spawned if and only if the step commits
+        job = Job(queue, queue.storage.insert_jobs([row])[0])
+        queue.storage.changed()
+        return job
 
     @property
     def cancelled(self):
@@ -1710,9 +2351,9 @@ class Context:
         queue = self._need_queue("ctx.db")
         if not self._atomic:
             raise RuntimeError("ctx.db is only for tasks declared with @task(atomic=True)")
-        if self._db is None:
-            self._db = queue.storage.begin_step()
-        return self._db
+        if self._step is None:
+            self._step = queue.storage.begin_step()
+        return self._step[0]
 
     def _need_queue(self, what):
         if self._queue is None:
@@ -1721,9 +2362,15 @@ class Context:
         return self._queue
 
     def _end_transaction(self, commit):
-        if self._db is not None:
-            self._db, db = None, self._db
-            self._queue.storage.end_step(db, commit)
+        """End an atomic step's transaction, if it opened one. A commit that fails
+        raises Error, having rolled back; a rollback never raises."""
+        if self._step is not None:
+            (conn, token), self._step = self._step, None
+            if commit:
+                self._queue.storage.end_step(conn, token, True)
+            else:
+                with contextlib.suppress(Error):
+                    self._queue.storage.end_step(conn, token, False)
 
 
 # --- Cron ----------------------------------------------------------------------
@@ -2068,12 +2715,13 @@ def _cron_fold_end(zone, wall):
 
 # --- The worker --------------------------------------------------------------
 
-IDLE_POLL = 0.001  # seconds between PRAGMA data_version checks of an idle worker
 TICK = 0.05  # seconds between the supervisor's checks of its processes
+IDLE_WAIT = 0.1  # longest an idle worker process sleeps between looks for work (and stop)
 SLOT_JOB, SLOT_TOKEN, SLOT_DEADLINE, SLOT_TIMEOUT = range(4)  # a process's shared slot
 MAX_BATCH = 64  # steps a worker process claims at once when the queue is deep
 BATCH_TIME = 0.005  # seconds of work a batch may hold before its results are committed
 QUICK_STEP = 0.001  # seconds: a task usually this quick may have its result batched
+MAX_BACKOFF = 5.0  # seconds, at most, between tries against a failing database
 
 
 def _import_modules(names):
@@ -2084,36 +2732,52 @@ def _import_modules(names):
             raise Error(f"cannot import {name!r}: {type(exc).__name__}: {exc}") from None
 
 
+def _backoff(failures):
+    """Seconds to wait after `failures` failures in a row: 0.1, 0.2, 0.4 ... 5."""
+    return min(0.05 * 2 ** failures, MAX_BACKOFF)
+
+
+class _Child:
+    """A worker process the supervisor runs, and the slot where it says what it runs."""
+
+    def __init__(self, slot):
+        self.slot, self.process, self.started, self.quick_deaths, self.restart_at = (
+            slot, None, 0.0, 0, 0.0)
+
+
 class Worker:
     """The supervisor of `python -m litetq worker`: runs `concurrency` worker processes,
-    replaces dead ones, kills steps over their timeout, runs the cron table and
-    requeues the steps of workers that vanished."""
+    replaces dead ones, kills steps over their timeout, runs the cron table, requeues
+    the steps of workers that vanished and keeps the database tidy. It survives every
+    database error: it logs it, waits and tries again."""
 
     def __init__(self, path, queues=None, concurrency=None, imports=(), burst=False,
                  reload=False, cron=True, grace=30.0, lease=DEFAULT_LEASE,
-                 start_method=None, log_config=(None, "INFO")):
+                 start_method=None, log_config=(None, "INFO"), synchronous="NORMAL"):
         self.path, self.queues, self.imports = path, queues or None, list(imports)
         self.concurrency = concurrency or os.cpu_count() or 1
         self.burst, self.reload, self.cron, self.grace, self.lease = (
             burst, reload, cron, grace, lease)
+        self.synchronous = synchronous
         self.context = multiprocessing.get_context(start_method)
         self.log_config = log_config
         self.signals = 0  # set by the signal handlers, read by the loop
-        self.children = []  # [process, slot] per worker process
+        self.children = []
 
     def run(self):
         """Supervise until a signal (or, with burst, until nothing is due); returns 0."""
         _import_modules(self.imports)
-        queue = Queue(self.path, lease=self.lease)
+        queue = Queue(self.path, self.synchronous, lease=self.lease)
         self.queue, self.worker_id = queue, f"{socket.gethostname()}:{os.getpid()}"
-        self._register_periodic()
-        watched = self._watched_files() if self.reload else {}
-        queue.storage.register_worker(self.worker_id, ",".join(self.queues or ["*"]),
-                                      self.concurrency)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        watched = self._watched_files() if self.reload else {}
+        self._until_done(self._register)
         self.stop = self.context.Event()
-        self.children = [self._start_child(None) for _ in range(self.concurrency)]
+        self.children = [_Child(self.context.Array("d", 4, lock=False))
+                         for _ in range(self.concurrency)]
+        for child in self.children:
+            self._start(child)
         logger.info("worker %s: %d processes on %s, queues %s", self.worker_id,
                     self.concurrency, self.path, ",".join(self.queues or ["all"]))
         try:
@@ -2128,80 +2792,117 @@ class Worker:
     def _on_signal(self, signum, frame):
         self.signals += 1  # only a flag: logging or I/O here can deadlock
 
+    def _register(self):
+        self.queue.storage.register_worker(self.worker_id, ",".join(self.queues or ["*"]),
+                                           self.concurrency)
+        for spec, name, tz, queue, function in _periodic:
+            self.queue.schedule(name, spec, function(), tz=tz, queue=queue)
+
+    def _until_done(self, action):
+        """Run `action` until the database lets it, or a signal comes."""
+        failures = 0
+        while not self.signals:
+            try:
+                return action()
+            except Error as exc:
+                failures += 1
+                logger.warning("supervisor: %s (trying again)", exc)
+                time.sleep(_backoff(failures))
+
     def _supervise(self, watched):
         """The loop; returns True when a source change asks for a restart."""
-        next_second, idle_ticks = 0.0, 0
+        next_second, idle_ticks, failures = 0.0, 0, 0
         while not self.signals:
-            time.sleep(TICK)
-            self._check_children()
-            if time.monotonic() >= next_second:
-                next_second = time.monotonic() + 1.0
-                self._every_second()
-                if watched and self._watched_files() != watched:
-                    return True
-            if self.burst:
-                idle_ticks = idle_ticks + 1 if self._idle() else 0
-                if idle_ticks >= 2:
-                    logger.info("burst: nothing is due, exiting")
-                    return False
+            time.sleep(TICK if not failures else _backoff(failures))
+            try:
+                self._check_children()
+                self.queue.storage.maintain()
+                if time.monotonic() >= next_second:
+                    next_second = time.monotonic() + 1.0
+                    self._every_second()
+                    if watched and self._watched_files() != watched:
+                        return True
+                if self.burst:
+                    idle_ticks = idle_ticks + 1 if self._idle() else 0
+                    if idle_ticks >= 2:
+                        logger.info("burst: nothing is due, exiting")
+                        return False
+                failures = 0
+            except Error as exc:  # a full disk, a lock held too long, a server away
+                failures += 1
+                logger.warning("supervisor: %s (trying again in %.1f s)", exc,
+                               _backoff(failures))
         logger.info("signal received: finishing running steps (grace %g s)", self.grace)
         return False
 
     def _every_second(self):
         storage = self.queue.storage
-        try:
-            storage.heartbeat(self.worker_id)
-            storage.reap()
-            if self.cron:
-                for job in self.queue.fire_due():
-                    logger.info("cron: enqueued job %s %r", job.id, job.task)
-        except (Error, sqlite3.Error) as exc:  # a locked or busy database: try next second
-            logger.warning("supervisor: %s", exc)
+        storage.heartbeat(self.worker_id)
+        storage.reap()
+        if self.cron:
+            for job in self.queue.fire_due():
+                logger.info("cron: enqueued job %s %r", job.id, job.task)
 
     def _idle(self):
         """Burst mode: nothing due in our queues and none of our processes busy."""
-        workers = [f"{socket.gethostname()}:{process.pid}" for process, _ in self.children]
+        workers = [f"{socket.gethostname()}:{child.process.pid}" for child in self.children
+                   if child.process is not None]
         return not self.queue.storage.has_work(self.queues, workers) and not self._messages_due()
 
     def _messages_due(self):
         names = [name for name in _consumers if not self.queues or name in self.queues]
         return bool(names) and self.queue.storage.messages_due(names)
 
-    def _start_child(self, slot):
-        slot = slot or self.context.Array("d", 4, lock=False)
-        slot[SLOT_JOB] = 0
-        process = self.context.Process(
+    def _start(self, child):
+        child.slot[SLOT_JOB] = 0
+        child.process = self.context.Process(
             target=_worker_process, name="litetq-worker", daemon=True,
-            args=(self.path, self.queues, self.imports, self.lease, slot, self.stop,
-                  os.getpid(), self.log_config))
-        process.start()
-        return [process, slot]
+            args=(self.path, self.synchronous, self.queues, self.imports, self.lease,
+                  child.slot, self.stop, os.getpid(), self.log_config))
+        child.process.start()
+        child.started = time.monotonic()
 
     def _check_children(self):
         """Replace dead processes and kill overdue steps. A step whose process died is
         run again, uncounted (its third loss fails it); a timed-out step has failed an
-        attempt, and its retries apply."""
+        attempt, and its retries apply. A process that keeps dying as it starts is
+        started again ever more slowly, up to every MAX_BACKOFF seconds."""
         for child in self.children:
-            process, slot = child
-            job_id, token = int(slot[SLOT_JOB]), slot[SLOT_TOKEN]
+            process, slot = child.process, child.slot
+            if process is None:
+                if time.monotonic() >= child.restart_at:
+                    self._start(child)
+                continue
+            job_id, token = int(slot[SLOT_JOB]), int(slot[SLOT_TOKEN])
             if not process.is_alive():
+                child.process = None
                 if job_id:
+                    slot[SLOT_JOB] = 0
                     self._log_step(job_id, self.queue.storage.lose(
                         job_id, token, _exit_message(process.exitcode)))
-                self._replace(child)
+                self._replace(child, process)
             elif job_id and slot[SLOT_DEADLINE] and time.monotonic() > slot[SLOT_DEADLINE]:
                 process.kill()
                 process.join()
+                child.process, slot[SLOT_JOB] = None, 0
                 self._log_step(job_id, self.queue._fail_claim(
                     job_id, token, f"timed out after {slot[SLOT_TIMEOUT]:g} s"))
-                self._replace(child)
+                self._replace(child, process)
 
-    def _replace(self, child):
-        """Start a new process in a dead one's place; give back the steps it had
-        claimed but not begun (not counted as attempts)."""
-        process, slot = child
-        self.queue.storage.release(f"{socket.gethostname()}:{process.pid}")
-        child[:] = self._start_child(slot)
+    def _replace(self, child, dead):
+        """Start a process in a dead one's place, at once unless it died young; give
+        back the steps it had claimed but not begun (not counted as attempts)."""
+        quick = time.monotonic() - child.started < 1.0
+        child.quick_deaths = child.quick_deaths + 1 if quick else 0
+        child.restart_at = time.monotonic() + (_backoff(child.quick_deaths)
+                                               if child.quick_deaths else 0)
+        if child.quick_deaths:
+            logger.warning("worker process %s died %.1f s after it started; the next starts "
+                           "in %.1f s", dead.pid, time.monotonic() - child.started,
+                           child.restart_at - time.monotonic())
+        else:
+            self._start(child)
+        self.queue.storage.release(f"{socket.gethostname()}:{dead.pid}")
 
     def _log_step(self, job_id, status):
         """The log line of a step that ended with its process."""
@@ -2209,30 +2910,30 @@ class Worker:
             return
         row = self.queue.storage.job(job_id)
         logger.warning("job %s %s: %s (%s)", job_id, row["name"], status, row["error"])
-        self.queue._notify()
+        self.queue.storage.changed()
 
     def _shut_down(self):
         """Let running steps finish within the grace period, then requeue the rest."""
         self.stop.set()
+        running = [child.process for child in self.children if child.process is not None]
         deadline = time.monotonic() + self.grace
-        while any(p.is_alive() for p, _ in self.children) and self.signals < 2:
+        while any(p.is_alive() for p in running) and self.signals < 2:
             if time.monotonic() > deadline:
                 break
             time.sleep(TICK)
-        for process, slot in self.children:
-            if process.is_alive():
+        for child in self.children:
+            process = child.process
+            if process is not None and process.is_alive():
                 process.kill()
                 process.join()
-                if slot[SLOT_JOB]:
-                    logger.info("job %d: requeued (worker stopping)", slot[SLOT_JOB])
-                self.queue.storage.release(f"{socket.gethostname()}:{process.pid}")
-        with contextlib.suppress(Error, sqlite3.Error):
+                if child.slot[SLOT_JOB]:
+                    logger.info("job %d: requeued (worker stopping)", child.slot[SLOT_JOB])
+            if process is not None:
+                with contextlib.suppress(Error):
+                    self.queue.storage.release(f"{socket.gethostname()}:{process.pid}")
+        with contextlib.suppress(Error):
             self.queue.storage.unregister_worker(self.worker_id)
         self.queue.close()
-
-    def _register_periodic(self):
-        for spec, name, tz, queue, function in _periodic:
-            self.queue.schedule(name, spec, function(), tz=tz, queue=queue)
 
     def _watched_files(self):
         """Modification times of the source files of the modules we imported."""
@@ -2252,21 +2953,35 @@ def _exit_message(code):
     return f"worker process died with exit code {code}"
 
 
-def _worker_process(path, queues, imports, lease, slot, stop, supervisor, log_config):
-    """A worker process: claim a step, run it, record it; until told to stop."""
+def _worker_process(path, synchronous, queues, imports, lease, slot, stop, supervisor,
+                    log_config):
+    """A worker process: claim a step, run it, record it; until told to stop. A failing
+    database (full, locked too long, away) makes it wait and try again, never exit."""
     for sig in (signal.SIGINT, signal.SIGTERM):  # the supervisor decides when we stop
         signal.signal(sig, signal.SIG_IGN)
     if multiprocessing.get_start_method() != "fork":
         _configure_logging(*log_config)
     _import_modules(imports)
-    queue = Queue(path, lease=lease)
-    worker_id, batch = queue.worker_id, 1
+    queue = Queue(path, synchronous, lease=lease)
+    storage, worker_id, batch, busy, failures = queue.storage, queue.worker_id, 1, False, 0
     while not stop.is_set() and os.getppid() == supervisor:
-        claims = queue.storage.claim(worker_id, lease, queues, limit=batch)
-        if claims:
-            batch = _run_batch(queue, claims, slot, batch, stop)
-        elif not queue._consume_one(queues):
-            _sleep_until_work(queue, queues, stop)
+        try:
+            seen = storage.changes
+            # Look before claiming: the claim takes SQLite's write lock, the look does not.
+            wait = 0.0 if busy else storage.next_work(queues)
+            claims = storage.claim(worker_id, lease, queues, limit=batch) if wait == 0.0 else []
+            busy = len(claims) == batch
+            if claims:
+                batch = _run_batch(queue, claims, slot, batch, stop)
+            elif not queue._consume_one(queues):
+                storage.wait_for_change(seen, IDLE_WAIT if not wait else min(wait, IDLE_WAIT))
+            failures = 0
+        except Exception as exc:  # a database error: its steps' leases lapse; wait, go on
+            failures, busy, slot[SLOT_JOB] = failures + 1, False, 0
+            queue._drop_claims()
+            logger.warning("worker process: %s: %s (trying again in %.1f s)",
+                           type(exc).__name__, exc, _backoff(failures))
+            stop.wait(_backoff(failures))
     queue.close()
 
 
@@ -2276,12 +2991,12 @@ def _run_batch(queue, claims, slot, batch, stop):
     transaction claims many steps, never more than BATCH_TIME of work."""
     started = time.monotonic()
     for claim in claims:
-        queue._claims[claim.id] = claim.started
+        queue._claims[claim.id] = claim.token
     try:
         for done, claim in enumerate(claims):
             if stop.is_set():  # shutting down: give back the steps not begun
                 for unbegun in claims[done:]:
-                    queue.storage.requeue(unbegun.id, unbegun.started)
+                    queue.storage.requeue(unbegun.id, unbegun.token)
                     queue._claims.pop(unbegun.id, None)
                 break
             _run_reported(queue, claim, slot)
@@ -2295,7 +3010,7 @@ def _run_batch(queue, claims, slot, batch, stop):
 
 def _run_reported(queue, claim, slot):
     """Run a claimed step, telling the supervisor what runs and until when it may."""
-    job_id, name, token = claim.id, claim.name, claim.started
+    job_id, name = claim.id, claim.name
     with contextlib.suppress(Error):  # an unknown task fails in _run_step, not here
         function = None
         function = _lookup_task(name)
@@ -2306,7 +3021,7 @@ def _run_reported(queue, claim, slot):
     if timeout or expected is None or expected > QUICK_STEP:
         queue._save_finished()
     started = time.monotonic()
-    slot[SLOT_TOKEN], slot[SLOT_TIMEOUT] = token, timeout
+    slot[SLOT_TOKEN], slot[SLOT_TIMEOUT] = claim.token, timeout
     slot[SLOT_DEADLINE] = started + timeout if timeout else 0
     slot[SLOT_JOB] = job_id
     status = queue._run_step(claim, defer=True)
@@ -2314,20 +3029,6 @@ def _run_reported(queue, claim, slot):
     took = time.monotonic() - started
     queue._durations[name] = took if expected is None else 0.8 * expected + 0.2 * took
     logger.info("job %s %s: %s in %.1f ms", job_id, name, status, took * 1000)
-
-
-def _sleep_until_work(queue, queues, stop):
-    """Sleep until another connection commits (cheap PRAGMA data_version checks), the
-    next delayed job is due, or a second passes."""
-    storage = queue.storage
-    version = storage.data_version()
-    next_due = storage.next_due(queues)
-    wait = 1.0 if next_due is None else min(1.0, max(0.0, next_due - time.time()))
-    until = time.monotonic() + wait
-    while time.monotonic() < until and not stop.is_set():
-        time.sleep(IDLE_POLL)
-        if storage.data_version() != version:
-            return
 
 
 # --- The web page ------------------------------------------------------------
@@ -2974,19 +3675,24 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _duration(text):
-    """'90', '90s', '15m', '12h', '7d' -> seconds."""
+    """'90', '90s', '15m', '12h', '7d' -> seconds: a finite number, at least 0."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
     try:
-        if text[-1:] in units:
-            return float(text[:-1]) * units[text[-1]]
-        return float(text)
+        value = (float(text[:-1]) * units[text[-1]] if text[-1:] in units else float(text))
     except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 30s, 15m, 12h, 7d)")
+    return value
 
 
 def _json_arg(text):
+    if _clean_text(text) != text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid UTF-8")
     try:
         return json.loads(text)
+    except RecursionError:
+        raise argparse.ArgumentTypeError("the JSON nests too deeply") from None
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"malformed JSON {text!r}: {exc}")
 
@@ -2994,7 +3700,10 @@ def _json_arg(text):
 def _bounded(kind, minimum=0.0, maximum=None):
     """An argparse type: a number of `kind` in [minimum, maximum]."""
     def parse(text):
-        value = _duration(text) if kind is float else kind(text)
+        try:
+            value = _duration(text) if kind is float else kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
         if value < minimum or (maximum is not None and value > maximum):
             raise argparse.ArgumentTypeError(
                 f"{text!r} is out of range: must be at least {minimum:g}"
@@ -3005,10 +3714,17 @@ def _bounded(kind, minimum=0.0, maximum=None):
 
 
 def _job_ids(text):
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a job id: {text!r}")
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"not a job id: {text!r} (ids are whole numbers "
+                                         f"from 1 to {2 ** 63 - 1})")
+    return int(text)
+
+
+def _synchronous_arg(parser):
+    parser.add_argument("--synchronous", type=str.upper, default="NORMAL",
+                        choices=["NORMAL", "FULL"],
+                        help="SQLite: FULL makes every commit survive power loss "
+                             "(default NORMAL: survives crashes of the application)")
 
 
 def build_parser():
@@ -3045,13 +3761,14 @@ def build_parser():
                              f"(default {DEFAULT_LEASE:g})")
     worker.add_argument("--start-method", choices=multiprocessing.get_all_start_methods(),
                         help="how worker processes start (default: the platform's)")
+    _synchronous_arg(worker)
 
     command("status", "counts per queue and status, oldest wait, live workers")
     jobs = command("jobs", "list jobs, newest first")
     jobs.add_argument("--status", choices=UNFINISHED + TERMINAL)
     jobs.add_argument("--queue")
     jobs.add_argument("--task", help="task name")
-    jobs.add_argument("--limit", type=int, default=50)
+    jobs.add_argument("--limit", type=_bounded(int, 0, 2 ** 62), default=50)
     jobs.add_argument("--json", action="store_true", help="JSON lines for scripts")
     show = command("show", "one job: arguments, status, error, traceback, logs, children")
     show.add_argument("id", type=_job_ids)
@@ -3090,8 +3807,9 @@ def build_parser():
 
     web = command("web", "serve the dashboard and JSON API")
     web.add_argument("--host", default="127.0.0.1")
-    web.add_argument("--port", type=int, default=8765)
+    web.add_argument("--port", type=_bounded(int, 0, 65535), default=8765)
     web.add_argument("--token", help="required as 'Authorization: Bearer T' for POSTs")
+    _synchronous_arg(web)
     command("demo", "a tour on a temporary database, with real workers", db=False)
     return parser
 
@@ -3105,11 +3823,14 @@ def main(argv=None):
             _configure_logging(args.logfile, args.log_level)
         return COMMANDS[args.command](args)
     except UsageError as exc:
-        print(f"litetq: {exc}", file=sys.stderr)
+        print(f"litetq: {_clean_text(exc)}", file=sys.stderr)
         return 2
     except (Error, ValueError, TypeError) as exc:
-        print(f"litetq: error: {exc}", file=sys.stderr)
+        print(f"litetq: error: {_clean_text(exc)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `litetq jobs DB | head`: the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 class _Formatter(logging.Formatter):
@@ -3133,23 +3854,25 @@ def _configure_logging(logfile=None, level="INFO"):
     logger.setLevel(level)
 
 
-def _open(path, create=False):
-    """The queue at `path`; admin commands refuse to create a database by mistake."""
+def _open(path, create=False, readonly=False, synchronous="NORMAL"):
+    """The queue at `path`. Admin commands refuse to create a database by mistake, and
+    those that only read open it read-only: they work on a read-only file and never
+    write a byte, nor create litetq's tables in an application's database."""
     if not create and path != ":memory:" and not os.path.exists(path):
         raise UsageError(f"no database at {path!r}")
-    return Queue(path)
+    return Queue(path, synchronous, readonly=readonly)
 
 
 def _cmd_worker(args):
     queues = [q for q in (args.queues or "").split(",") if q] or None
     worker = Worker(args.db, queues, args.concurrency, args.imports, args.burst, args.reload,
                     args.cron, args.grace, args.lease, args.start_method,
-                    (args.logfile, args.log_level))
+                    (args.logfile, args.log_level), args.synchronous)
     return worker.run()
 
 
 def _cmd_status(args):
-    with _open(args.db) as queue:
+    with _open(args.db, readonly=True) as queue:
         stats = queue.stats()
         statuses = UNFINISHED + TERMINAL
         rows = [[name, *(str(counts.get(s, 0)) for s in statuses)]
@@ -3157,9 +3880,8 @@ def _cmd_status(args):
         _print_table(["queue", *statuses], rows or [["(no jobs)"] + [""] * len(statuses)])
         wait = queue.storage.oldest_wait()
         print(f"\noldest due job has waited {wait:.1f} s" if wait else "\nno job is waiting")
-        now = time.time()
-        workers = [[w[0], str(w[4]), w[3], "live" if now - w[6] < 10 else
-                    f"lost ({now - w[6]:.0f} s without heartbeat)"]
+        workers = [[w[0], str(w[4]), w[3], "live" if w[6] < 10 else
+                    f"lost ({w[6]:.0f} s without heartbeat)"]
                    for w in queue.storage.workers()]
         print()
         _print_table(["worker", "processes", "queues", "state"], workers or [["(none)"]])
@@ -3167,7 +3889,7 @@ def _cmd_status(args):
 
 
 def _cmd_jobs(args):
-    with _open(args.db) as queue:
+    with _open(args.db, readonly=True) as queue:
         jobs = queue.jobs(args.status, args.queue, args.task, args.limit)
         infos = [job.to_dict() for job in jobs]
         if args.json:
@@ -3182,7 +3904,7 @@ def _cmd_jobs(args):
 
 
 def _cmd_show(args):
-    with _open(args.db) as queue:
+    with _open(args.db, readonly=True) as queue:
         job = queue.job(args.id)
         info = job.to_dict()
         info["logs"] = job.logs()
@@ -3213,7 +3935,7 @@ def _cmd_retry(args):
     if not args.ids and not args.failed:
         raise UsageError("give job ids or --failed")
     with _open(args.db) as queue:
-        ids = args.ids + (queue.storage.jobs("failed", limit=-1) if args.failed else [])
+        ids = args.ids + (queue.storage.jobs("failed", limit=None) if args.failed else [])
         jobs = [queue.job(i) for i in ids]  # every id is checked before anything changes
         retried = [job.id for job in jobs if job.retry()]
         print(f"queued again: {' '.join(map(str, retried)) or 'none'}")
@@ -3235,7 +3957,7 @@ def _cmd_purge(args):
         raise UsageError(f"can only purge finished jobs ({', '.join(TERMINAL)}), "
                          f"not {', '.join(sorted(unknown))}")
     with _open(args.db) as queue:
-        count = queue.storage.purge(statuses, time.time() - args.older_than)
+        count = queue.storage.purge(statuses, args.older_than)
         print(f"purged {count} jobs")
     return 0
 
@@ -3245,9 +3967,10 @@ def _cmd_enqueue(args):
         raise UsageError("ARGS_JSON must be a JSON list and --kwargs a JSON object")
     sys.path.insert(0, os.getcwd())
     _lookup_task(args.task)  # unknown tasks are refused here, not in the worker
+    task = Task(args.task, args.args, args.kwargs)
+    _job_row(task, args.queue, None, args.delay, None, None, None)  # before the file exists
     with _open(args.db, create=True) as queue:
-        job = queue.enqueue(Task(args.task, args.args, args.kwargs), queue=args.queue,
-                            delay=args.delay)
+        job = queue.enqueue(task, queue=args.queue, delay=args.delay)
         print(job.id)
     return 0
 
@@ -3257,7 +3980,9 @@ def _cmd_cron(args):
         if not isinstance(args.args, list):
             raise UsageError("ARGS_JSON must be a JSON list")
         Cron(args.spec, args.tz)
-    with _open(args.db, create=args.action == "add") as queue:
+        _name(args.name, "name")
+        _job_row(Task(args.task, args.args), args.queue, None, None, None, None, None)
+    with _open(args.db, create=args.action == "add", readonly=args.action == "ls") as queue:
         if args.action == "add":
             queue.schedule(args.name, args.spec, Task(args.task, args.args), tz=args.tz,
                            queue=args.queue)
@@ -3275,7 +4000,7 @@ def _cmd_cron(args):
 
 
 def _cmd_web(args):
-    with _open(args.db) as queue:
+    with _open(args.db, synchronous=args.synchronous) as queue:
         serve_web(queue, args.host, args.port, args.token)
     return 0
 

@@ -2495,7 +2495,7 @@ def test_sigterm_past_grace_leaves_no_step_running(worker, wq, wdir):
     w_run_pid(wdir, "batched", 1)
     proc.signal(signal.SIGTERM)
     assert proc.wait(timeout=8) == 0
-    rows = wq.storage.read("select status, attempts, lost, count(*) from litetq_jobs "
+    rows = wq.storage.query("select status, attempts, lost, count(*) from litetq_jobs "
                            "where status != 'complete' group by status, attempts, lost")
     assert [r for r in rows if r[0] == "running"] == [], rows  # SPEC §10: requeue the rest
     assert all(r[:3] == ("queued", 0, 0) for r in rows), rows
@@ -2613,7 +2613,7 @@ def test_consumer_messages_are_processed_and_acked(worker, wq, wdir):
     assert sorted(os.listdir(inbox)) == [str(n) for n in range(5)]
 
     def remaining():
-        return wq.storage.read("select id, queue from litetq_messages")
+        return wq.storage.query("select id, queue from litetq_messages")
     w_wait_for(lambda: remaining() == [(max(ids) + 1, "elsewhere")], 5, "acks")
 
 
@@ -2622,7 +2622,7 @@ def test_burst_worker_consumes_messages_then_exits(worker, wq, wdir):
         wq.put("inbox", {"n": n})
     assert worker("--burst", concurrency=1, ready=False).wait(15) == 0
     assert sorted(os.listdir(os.path.join(wdir, "inbox"))) == ["0", "1", "2"]
-    assert wq.storage.read("select count(*) from litetq_messages") == [(0,)]
+    assert wq.storage.query("select count(*) from litetq_messages") == [(0,)]
 
 
 def test_queues_option_restricts_consumed_queues(worker, wq, wdir):
@@ -2928,14 +2928,13 @@ def test_cli_purge_status_and_older_than(capsys, tmp_path):
         queue.run_until_idle()
         queued = queue.enqueue(wt_cli_ok("q"))
         queue.storage.add_log(done[0].id, "info", "old log")
-        with queue.storage.write() as conn:  # job 0 finished two days ago
-            conn.execute("update litetq_jobs set finished = ? where id = ?",
-                         (time.time() - 2 * 86400, done[0].id))
+        queue.storage.change("update litetq_jobs set finished = ? where id = ?",
+                             (time.time() - 2 * 86400, done[0].id))  # two days ago
         code, out, err = w_main(capsys, "purge", db, "--older-than", "1d")
         assert (code, out.strip(), err) == (0, "purged 1 jobs", "")
         remaining = {j.id for j in queue.jobs()}
         assert remaining == {done[1].id, done[2].id, failed.id, queued.id}
-        assert queue.storage.read("select count(*) from litetq_logs") == [(0,)]
+        assert queue.storage.query("select count(*) from litetq_logs") == [(0,)]
         code, out, _ = w_main(capsys, "purge", db, "--status", "complete", "--older-than", "1h")
         assert out.strip() == "purged 0 jobs"
         code, out, _ = w_main(capsys, "purge", db, "--status", "complete")
