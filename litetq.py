@@ -212,6 +212,8 @@ def _dumps(obj, where):
         data = _encode(obj)
     except _Unencodable as exc:
         path = where + "".join(reversed(exc.path))
+        if len(path) > 80:
+            path = path[:50] + "..." + path[-20:]
         if exc.depth:
             raise ValueError(f"cannot store {path}: values nest at most {MAX_DEPTH} "
                              f"lists, dicts and task references deep") from None
@@ -1433,13 +1435,13 @@ class SQLiteStorage(Storage):
 
     driver_errors = (sqlite3.Error,)
 
-    def __init__(self, path, synchronous="NORMAL", readonly=False, busy_timeout=BUSY_TIMEOUT):
+    def __init__(self, path, synchronous="NORMAL", readonly=False):
         level = str(synchronous).upper()
         if level not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', not {synchronous!r}")
         self.path, self.memory = path, path == ":memory:"
         super().__init__(path, readonly and not self.memory)
-        self.synchronous, self.busy_timeout = level, busy_timeout
+        self.synchronous, self.busy_timeout = level, BUSY_TIMEOUT
         self._lock = threading.RLock()  # ":memory:": the shared connection's
         self._step_pause_until = 0.0  # monotonic time before which no atomic step begins
         self._shared = self._connect() if self.memory else None
