@@ -3068,7 +3068,7 @@ def make_web_server(queue, host="127.0.0.1", port=8765, token=None):
             f"refusing to serve the litetq web page on {host!r} without a "
             "token: anyone who can reach that address could retry or cancel "
             "jobs. Pass token=... (litetq web --token T) or bind 127.0.0.1.")
-    cls = _WebServer6 if ":" in host else http.server.ThreadingHTTPServer
+    cls = _WebServer6 if ":" in host else _WebServer
     server = cls((host, port), _WebHandler)
     server.queue, server.token, server.loopback = queue, token, loopback
     return server
@@ -3097,7 +3097,12 @@ def _is_loopback(host):
         return False
 
 
-class _WebServer6(http.server.ThreadingHTTPServer):
+class _WebServer(http.server.ThreadingHTTPServer):
+    request_queue_size = 256  # connections the kernel holds while every thread is busy
+    daemon_threads = True
+
+
+class _WebServer6(_WebServer):
     address_family = socket.AF_INET6
 
 
@@ -3225,6 +3230,8 @@ def _route(method, path):
 
 class _WebHandler(http.server.BaseHTTPRequestHandler):
     """Routes requests; every answer but the page is JSON."""
+
+    timeout = 10  # seconds a connection may stay silent: idle ones cannot pin threads
 
     def do_GET(self):
         self._dispatch()
