@@ -5443,3 +5443,1059 @@ def test_cli_in_a_real_process(tmp_path):
     bad = cli("rm", "nobody")
     assert bad.returncode == 2 and one_line(bad.stderr) and "nobody" in bad.stderr, bad.stderr
     assert [(e["name"], e["spec"]) for e in table_of(db)] == [("nightly", "30 2 * * *")]
+
+
+# --- Reliability under faults and bad input (issue 8) ---
+#
+# Real faults only: real worker processes killed with SIGKILL, a full disk on a small
+# tmpfs, a read-only remount, SQLite triggers that refuse a write, a raw connection
+# holding the write lock, low file-descriptor limits.
+
+R_TASKS = '''\
+import os
+import signal
+import time
+
+import litetq
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _first(key):
+    """True on the first run of `key`, whichever process runs it."""
+    os.makedirs(os.path.join(HERE, "runs"), exist_ok=True)
+    try:
+        os.close(os.open(os.path.join(HERE, "runs", key), os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return False
+    return True
+
+
+@litetq.task
+def value(v):
+    return v
+
+
+@litetq.task
+def surrogate():
+    return "x\\udcff"
+
+
+@litetq.task
+def bad_message():
+    raise ValueError("bad \\udcff and \\x00 end")
+
+
+@litetq.task
+def square(n):
+    return n * n
+
+
+@litetq.task
+def fan_in():
+    return sum(child.result(timeout=0) for child in litetq.current().job.children())
+
+
+@litetq.task
+def fan_out(n):
+    ctx = litetq.current()
+    for i in range(n):
+        ctx.spawn(square(i))
+    return fan_in()
+
+
+@litetq.task
+def spawn_then_die(key):
+    ctx = litetq.current()
+    if _first(key):  # this attempt's subtasks become orphans when its process dies
+        ctx.spawn(square(10))
+        ctx.spawn(square(20))
+        os.kill(os.getpid(), signal.SIGKILL)
+    ctx.spawn(square(1))
+    ctx.spawn(square(2))
+    return fan_in()
+
+
+@litetq.task
+def nap(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+@litetq.task(atomic=True)
+def effect(seconds):
+    ctx = litetq.current()
+    ctx.db.execute("insert into app_effects (job_id) values (?)", (ctx.job.id,))
+    time.sleep(seconds)
+    return ctx.job.id
+
+
+@litetq.task(atomic=True)
+def sync_level():
+    return litetq.current().db.execute("pragma synchronous").fetchone()[0]
+'''
+
+R_IMPORTS = ("wtasks", "rtasks")
+R_STATUSES = set(litetq.UNFINISHED + litetq.TERMINAL)
+POISON_TRIGGER = ("create trigger poison before update of result on litetq_jobs "
+                  "when new.result = '\"poison\"' begin select raise(abort, 'disk says no'); end")
+
+
+@pytest.fixture
+def rtasks(wdir):
+    """The worker folder also holds the tasks module `rtasks` (R_TASKS)."""
+    w_write(wdir, "rtasks.py", R_TASKS)
+    return wdir
+
+
+def r_enqueue(q, name, *args, **options):
+    return q.enqueue(litetq.Task(f"rtasks.{name}", args), **options)
+
+
+def r_sql(db, sql, params=()):
+    """Run one statement on a connection of our own (committed); returns its rows."""
+    with contextlib.closing(sqlite3.connect(db, timeout=10, isolation_level=None)) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def r_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """mount(size, name) -> a folder on a fresh tmpfs of that size, unmounted at teardown
+    (request it before `worker`, so the workers using it stop first)."""
+    mounted = []
+
+    def mount(size="4m", name="disk"):
+        folder = tmp_path / name
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                               str(folder)], capture_output=True, text=True)
+        if done.returncode:
+            message = f"cannot mount a tmpfs: {done.stderr.strip()}"
+            if os.environ.get("CI") == "true":
+                pytest.fail(message)
+            pytest.skip(message)
+        mounted.append(folder)
+        return folder
+    yield mount
+    for folder in reversed(mounted):
+        if subprocess.run(["umount", str(folder)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def r_fill(folder):
+    """Fill the filesystem holding `folder`; returns the filler file's path."""
+    filler = os.path.join(folder, "filler")
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        for size in (65536, 4096, 512, 1):
+            with contextlib.suppress(OSError):
+                while os.write(fd, b"\0" * size):
+                    pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+# 1. A result or an error the database cannot store fails only its own job ------------
+
+@litetq.task
+def rel_value(v):
+    return v
+
+
+@litetq.task
+def rel_surrogate():
+    return "x\udcff"
+
+
+@litetq.task
+def rel_bad_message():
+    raise ValueError("bad \udcff and \x00 end")
+
+
+def r_stored_text(db, job, column):
+    """The column as the database holds it: bytes that must be valid UTF-8."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.text_factory = bytes
+        raw = conn.execute(f"select {column} from litetq_jobs where id = ?",
+                           (job.id,)).fetchone()[0]
+    return raw.decode("utf-8")  # strict: a lone surrogate would not survive this
+
+
+def r_check_poison_outcomes(db, surrogate, poisoned, bad, others):
+    assert surrogate.result(timeout=10) == "x\udcff"
+    assert "\udcff" not in r_stored_text(db, surrogate, "result")
+    with pytest.raises(litetq.TaskFailed) as failed:
+        poisoned.result(timeout=10)
+    assert "could not save the step's outcome" in failed.value.error
+    assert "disk says no" in failed.value.error
+    with pytest.raises(litetq.TaskFailed) as failed:
+        bad.result(timeout=10)
+    assert failed.value.error == "ValueError: bad \\udcff and \\x00 end"
+    assert "\\udcff" in r_stored_text(db, bad, "traceback")
+    assert [job.result(timeout=10) for job in others] == list(range(len(others)))
+
+
+def test_poison_outcomes_fail_only_their_job_under_a_worker(worker, wq, wdb, rtasks):
+    r_sql(wdb, POISON_TRIGGER)
+    proc = worker(concurrency=2, imports=R_IMPORTS)
+    before = proc.children()
+    surrogate = r_enqueue(wq, "surrogate")
+    poisoned = r_enqueue(wq, "value", "poison")
+    bad = r_enqueue(wq, "bad_message")
+    others = [r_enqueue(wq, "value", i) for i in range(20)]
+    r_check_poison_outcomes(wdb, surrogate, poisoned, bad, others)
+    assert proc.proc.poll() is None
+    assert proc.children() == before, proc.output()  # no process died on it
+    assert "died" not in proc.output() and "Traceback" not in proc.output()
+
+
+def test_poison_outcomes_fail_only_their_job_under_run_until_idle(file_q, db_path):
+    r_sql(db_path, POISON_TRIGGER)
+    surrogate = rel_surrogate.delay()
+    poisoned = rel_value.delay("poison")
+    bad = rel_bad_message.delay()
+    others = [rel_value.delay(i) for i in range(5)]
+    assert file_q.run_until_idle() == 8
+    r_check_poison_outcomes(db_path, surrogate, poisoned, bad, others)
+
+
+# 2. The supervisor and its processes survive storage errors ---------------------------
+
+def test_full_disk_kill_child_supervisor_survives_then_all_complete(small_tmpfs, worker,
+                                                                    wdir):
+    disk = small_tmpfs("4m")
+    db = str(disk / "app.sqlite")
+    with litetq.Queue(db) as queue:
+        proc = worker(concurrency=2, db=db)
+        long = w_enqueue(queue, "step", "long", 30)  # sleeps 30 s on its first run only
+        victim = w_run_pid(wdir, "long", 1)
+        later = [w_enqueue(queue, "echo", i, delay=1.0) for i in range(10)]  # due while full
+        w_wait_for(lambda: r_sql(db, "pragma wal_checkpoint(truncate)") == [(0, 0, 0)], 5,
+                   "an empty WAL")  # so that every later write needs new blocks
+        filler = r_fill(disk)
+        with pytest.raises(sqlite3.OperationalError, match="full"):  # the disk is full
+            r_sql(db, "insert into litetq_meta values ('big', ?)", ("x" * 200000,))
+
+        os.kill(victim, signal.SIGKILL)  # the supervisor's lose() meets the full disk
+        time.sleep(1.5)
+        first = proc.children()
+        time.sleep(1.0)
+        assert proc.proc.poll() is None, proc.output()  # the supervisor lives
+        assert len(first) == 2 and proc.children() == first, proc.output()  # no crash loop
+        assert "full" in proc.output()  # it did meet the full disk
+
+        os.remove(filler)
+        assert long.result(timeout=15)["run"] == 2
+        assert [job.result(timeout=10) for job in later] == [[[i], {}] for i in range(10)]
+        assert queue.stats() == {"default": {"complete": 11}}
+        assert proc.proc.poll() is None
+
+
+# 3. No connection outlives its use ----------------------------------------------------
+
+def test_short_lived_threads_leave_no_connections_open(file_q):
+    echo.delay(0)  # the pool's first connections
+    before = r_fds()
+    errors = []
+
+    def produce(i):
+        try:
+            echo.delay(i)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+    for start_at in range(0, 2000, 100):
+        threads = [threading.Thread(target=produce, args=(i,))
+                   for i in range(start_at, start_at + 100)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    grown = r_fds() - before
+    print(f"\n[measured] 2000 threads calling .delay(): open fds grew by {grown}")
+    assert errors == []
+    assert counts(file_q) == {"default": {"queued": 2001}}
+    assert grown <= 3 * getattr(litetq, "POOL_SIZE", 4) + 4
+
+
+def test_web_server_keeps_fds_bounded_over_300_requests(web_q):
+    make_jobs(web_q)
+    server, base = start(web_q)
+    try:
+        assert call(base, "/api/stats")[0] == 200
+        before = r_fds()
+        for i in range(300):
+            path = ("/api/stats", "/api/jobs", "/api/jobs/1")[i % 3]
+            assert call(base, path)[0] == 200, path
+        grown = r_fds() - before
+    finally:
+        stop(server)
+    print(f"\n[measured] 300 web requests: open fds grew by {grown}")
+    assert grown <= 3 * getattr(litetq, "POOL_SIZE", 4) + 4
+
+
+def r_web_process(db, *args, preexec_fn=None):
+    """`python -m litetq web DB --port 0 ...`; returns (process, base url). Its stderr
+    goes to a file beside the database, so that a talkative server never blocks."""
+    with open(db + ".web-stderr", "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "litetq", "web", db, "--port", "0", *args],
+            cwd=os.path.dirname(db), env=w_env(), stdout=subprocess.PIPE, stderr=err,
+            text=True, preexec_fn=preexec_fn, start_new_session=True)
+    line = proc.stdout.readline()
+    match = re.search(r"http://[\d.]+:\d+", line)
+    if not match:
+        proc.kill()
+        proc.wait()
+        with open(db + ".web-stderr") as err:
+            pytest.fail(f"web server did not start: {line!r} {err.read()}")
+    return proc, match.group(0)
+
+
+def test_web_server_under_a_low_file_limit_answers_300_requests(tmp_path):
+    import resource
+    db = str(tmp_path / "web.sqlite")
+    with litetq.Queue(db) as queue:
+        make_jobs(queue)
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+    proc, base = r_web_process(db, preexec_fn=low_limit)
+    try:
+        statuses = [call(base, ("/api/stats", "/api/jobs", "/api/jobs/1")[i % 3])[0]
+                    for i in range(300)]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert statuses == [200] * 300, [i for i, s in enumerate(statuses) if s != 200][:5]
+
+
+# 4. Fan-in counts the subtasks of the attempt that succeeded ---------------------------
+
+@litetq.task(retries=1, retry_delay=0)
+def rel_fan_out_fails_once():
+    ctx = litetq.current()
+    if ctx.attempt == 1:
+        ctx.spawn(square(10))
+        ctx.spawn(square(20))
+        raise RuntimeError("first attempt fails after spawning")
+    ctx.spawn(square(1))
+    ctx.spawn(square(2))
+    return rel_fan_in()
+
+
+@litetq.task
+def rel_fan_in():
+    return sum(child.result(timeout=0) for child in litetq.current().job.children())
+
+
+def r_spawned(queue, parent):
+    """Every job spawned by `parent`'s attempts, counted or not: {id: status}."""
+    return dict(queue.storage.query("select id, status from litetq_jobs where parent_id = ?",
+                                    (parent.id,)))
+
+
+def test_fan_in_after_a_failed_attempt_sees_only_the_successful_attempts_children(q):
+    parent = rel_fan_out_fails_once.delay()
+    q.run_until_idle()
+    assert parent.result(timeout=0) == 1 + 4
+    children = parent.children()
+    assert len(children) == 2 and [c.result(timeout=0) for c in children] == [1, 4]
+    spawned = r_spawned(q, parent)
+    orphans = set(spawned) - {c.id for c in children}
+    assert len(orphans) == 2
+    assert {spawned[o] for o in orphans} == {"cancelled"}
+
+
+def test_fan_in_after_a_worker_crash_sees_only_the_successful_attempts_children(
+        worker, wq, rtasks):
+    proc = worker(concurrency=2, imports=R_IMPORTS)
+    parent = r_enqueue(wq, "spawn_then_die", "crash")
+    assert parent.result(timeout=15) == 1 + 4
+    children = parent.children()
+    assert len(children) == 2 and sorted(c.result(timeout=0) for c in children) == [1, 4]
+    spawned = r_spawned(wq, parent)
+    orphans = set(spawned) - {c.id for c in children}
+    assert len(orphans) == 2
+    assert {spawned[o] for o in orphans} <= {"cancelled", "complete"}
+    assert "killed by signal 9" in proc.output()  # the first attempt's process died
+
+
+@litetq.task
+def rel_child(key):
+    COUNTS[key] = COUNTS.get(key, 0) + 1
+    if FLAGS.get(key):
+        raise ValueError(f"child {key} fails")
+    return key
+
+
+@litetq.task
+def rel_parent_of_flaky_child():
+    ctx = litetq.current()
+    ctx.spawn(rel_child("good"))
+    ctx.spawn(rel_child("flaky"))
+    return "parent done"
+
+
+@litetq.task
+def rel_fan_out_flaky_child():
+    ctx = litetq.current()
+    ctx.spawn(rel_child("good"))
+    ctx.spawn(rel_child("flaky"))
+    return rel_join()
+
+
+@litetq.task
+def rel_join():
+    return sorted(child.result(timeout=0) for child in litetq.current().job.children())
+
+
+@pytest.mark.parametrize("parent_task, result", [
+    (rel_parent_of_flaky_child, "parent done"),
+    pytest.param(rel_fan_out_flaky_child, ["flaky", "good"], marks=pytest.mark.xfail(
+        strict=True, reason="litetq bug: retry() of a fan-in parent failed by a subtask "
+        "runs only its continuation, whose children() is empty: it completes with []")),
+], ids=["value", "fan-in"])
+def test_retry_of_a_parent_failed_by_a_subtask_runs_with_fresh_children(q, parent_task,
+                                                                         result):
+    FLAGS["flaky"] = True
+    parent = parent_task.delay()
+    q.run_until_idle()
+    assert parent.status == "failed" and "child flaky fails" in parent.error
+    first = parent.children()
+    assert len(first) == 2
+
+    FLAGS["flaky"] = False
+    assert parent.retry()
+    q.run_until_idle()
+    assert parent.result(timeout=0) == result
+    fresh = parent.children()
+    assert len(fresh) == 2 and not {c.id for c in fresh} & {c.id for c in first}
+    assert COUNTS == {"good": 2, "flaky": 2}
+
+
+# 5. Atomic steps leave other writers their turn; lock errors are litetq.Error ----------
+
+def r_producers(n, seconds, produce):
+    """Run `produce(i)` in a loop on n threads for `seconds`: (calls per thread, errors)."""
+    done, errors = [0] * n, []
+    stop_at = time.monotonic() + seconds
+
+    def loop(i):
+        while time.monotonic() < stop_at:
+            try:
+                produce(i)
+            except Exception as exc:
+                errors.append(f"{type(exc).__module__}.{type(exc).__name__}: {exc}")
+                return
+            done[i] += 1
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return done, errors
+
+
+def test_back_to_back_atomic_steps_do_not_starve_producers(worker, wq, wdb, rtasks):
+    r_sql(wdb, "create table app_effects (job_id integer)")
+    for _ in range(150):  # 50 ms each: more than the producers' 3 s of them
+        r_enqueue(wq, "effect", 0.05)
+    worker("--queues", "default", concurrency=1, imports=R_IMPORTS)
+
+    def effects():
+        return r_sql(wdb, "select count(*) from app_effects")[0][0]
+    w_wait_for(lambda: effects() >= 2, 10, "atomic steps to run")
+    before = effects()
+    done, errors = r_producers(8, 3.0, lambda i: r_enqueue(wq, "value", i, queue="side"))
+    ran = effects() - before
+    print(f"\n[measured] 8 producers against back-to-back 50 ms atomic steps: "
+          f"{sum(done) / 3:.0f} jobs/s in all, {min(done)} to {max(done)} per producer; "
+          f"{ran} atomic steps ran meanwhile")
+    assert errors == []
+    assert min(done) > 20, done
+    assert ran >= 10  # the atomic steps really ran back to back all along
+    assert counts(wq)["side"] == {"queued": sum(done)}
+
+
+def r_hold_write_lock(path):
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("pragma journal_mode = wal")
+    conn.execute("begin immediate")
+    return conn
+
+
+def test_lock_errors_reach_users_as_litetq_error_saying_locked(monkeypatch, tmp_path,
+                                                                capsys):
+    db, app = str(tmp_path / "q.sqlite"), str(tmp_path / "app.sqlite")
+    litetq.Queue(db).close()  # an up-to-date database
+    r_sql(app, "create table app_notes (text)")  # an application's own: no litetq tables
+    monkeypatch.setattr(litetq, "BUSY_TIMEOUT", 0.3)  # read when a queue opens
+    queue = litetq.Queue(db)
+    litetq.use(queue)
+    holders = [r_hold_write_lock(db), r_hold_write_lock(app)]
+    try:
+        started = time.monotonic()
+        with pytest.raises(litetq.Error, match="locked"):
+            echo.delay(1)
+        with pytest.raises(litetq.Error, match="locked"):
+            queue.enqueue_many([echo(1), echo(2)])
+        with pytest.raises(litetq.Error, match="locked"):
+            litetq.Queue(app)  # must create its tables: needs the lock
+        code, out, err = w_main(capsys, "enqueue", db, "wt_cli.ok", "[1]")
+        assert (code, out) == (2, "")
+        assert len(err.splitlines()) == 1 and err.startswith("litetq:") and "locked" in err
+        assert time.monotonic() - started < 5  # each waited about BUSY_TIMEOUT, not 10 s
+    finally:
+        for conn in holders:
+            conn.rollback()
+            conn.close()
+        queue.close()
+    assert r_sql(db, "select count(*) from litetq_jobs") == [(0,)]
+    assert r_sql(app, "select name from sqlite_master where name like 'litetq%'") == []
+
+
+# 6. The WAL stays bounded under sustained load ----------------------------------------
+
+@pytest.mark.xfail(strict=False, reason=(
+    "litetq bug: the supervisor's TRUNCATE checkpoint waits for the write lock through "
+    "SQLite's busy handler (sleeps up to 100 ms) while writers retry every 2 ms, so it "
+    "gets the lock only every 1-3 s and the WAL passes 3 * WAL_LIMIT in some runs "
+    "(52-300 MB measured): not strict, since other runs stay below"))
+def test_wal_stays_bounded_under_8_producers_and_a_worker(worker, wq, wdb, rtasks):
+    limit = getattr(litetq, "WAL_LIMIT", 32 * 2 ** 20)
+    worker(concurrency=2, imports=R_IMPORTS)
+    sizes, stop_sampling = [], threading.Event()
+
+    def sample():
+        while not stop_sampling.wait(0.05):
+            with contextlib.suppress(OSError):
+                sizes.append(os.path.getsize(wdb + "-wal"))
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    payload = "p" * 100
+    try:
+        done, errors = r_producers(8, 5.0, lambda i: r_enqueue(wq, "value", payload))
+    finally:
+        stop_sampling.set()
+        sampler.join()
+    print(f"\n[measured] 8 producers ({sum(done)} jobs) and a 2-process worker for 5 s: "
+          f"WAL max {max(sizes) / 2 ** 20:.1f} MB (WAL_LIMIT {limit / 2 ** 20:.0f} MB), "
+          f"{len(sizes)} samples")
+    assert errors == []
+    assert max(sizes) < 3 * limit
+
+
+# 7. Reading never writes ---------------------------------------------------------------
+
+def r_digest(path):
+    import hashlib
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_opening_an_up_to_date_database_and_reading_writes_nothing(db_path):
+    with litetq.Queue(db_path) as queue:
+        queue.enqueue_many([echo(i) for i in range(5)])
+        queue.run_until_idle(max_steps=2)
+    r_sql(db_path, "pragma wal_checkpoint(truncate)")
+    before = r_digest(db_path)
+    with contextlib.closing(sqlite3.connect(db_path)) as watcher:
+        version = watcher.execute("pragma data_version").fetchone()[0]
+        with litetq.Queue(db_path) as queue:
+            assert counts(queue) == {"default": {"complete": 2, "queued": 3}}
+            assert len(queue.jobs()) == 5 and queue.job(1).status == "complete"
+            assert watcher.execute("pragma data_version").fetchone()[0] == version  # no commit
+            assert os.path.getsize(db_path + "-wal") == 0
+    r_sql(db_path, "pragma wal_checkpoint(truncate)")
+    assert r_digest(db_path) == before
+
+
+def test_read_only_commands_work_on_a_read_only_filesystem(small_tmpfs, tmp_path):
+    disk = small_tmpfs("4m", "ro")
+    db = str(disk / "app.sqlite")
+    with litetq.Queue(db) as queue:
+        ok, boom = queue.enqueue(wt_cli_ok(1)), queue.enqueue(wt_cli_boom("kaput"))
+        queue.run_until_idle()
+        queue.schedule("nightly", "0 3 * * *", wt_cli_ok(2))
+    assert sorted(os.listdir(disk)) == ["app.sqlite"]
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    for argv in (["status", db], ["jobs", db], ["jobs", db, "--json"], ["show", db, boom.id],
+                 ["cron", db, "ls"]):
+        done = w_cli(tmp_path, *argv)
+        assert done.returncode == 0 and done.stderr == "", (argv, done.stderr)
+        assert done.stdout
+    assert "kaput" in w_cli(tmp_path, "show", db, boom.id).stdout
+    assert "nightly" in w_cli(tmp_path, "cron", db, "ls").stdout
+    assert sorted(os.listdir(disk)) == ["app.sqlite"]  # no -wal or -shm left there
+
+
+def test_read_only_commands_on_an_application_database_create_no_tables(capsys, tmp_path):
+    app = str(tmp_path / "app.sqlite")
+    r_sql(app, "create table app_notes (text)")
+    before = r_digest(app)
+    for argv in (["status", app], ["jobs", app], ["show", app, 1], ["cron", app, "ls"]):
+        line = w_usage_error(capsys, *argv)
+        assert "app.sqlite" in line, line
+    with pytest.raises(litetq.Error):
+        litetq.Queue(app, readonly=True)
+    assert r_sql(app, "select name from sqlite_master") == [("app_notes",)]
+    assert r_digest(app) == before
+    missing = str(tmp_path / "missing.sqlite")
+    with pytest.raises(litetq.Error):
+        litetq.Queue(missing, readonly=True)
+    assert not os.path.exists(missing)
+
+
+# 8. A backlog of delayed jobs costs an idle worker and a claim nothing -------------------
+
+def r_vm_steps(storage, work):
+    """SQLite virtual-machine instructions `work()` makes the storage's pooled connection
+    run: a progress handler called at every instruction counts them."""
+    steps = [0]
+
+    def count():
+        steps[0] += 1
+        return 0
+    with storage.connection() as conn:  # back in the pool, the next one handed out
+        conn.set_progress_handler(count, 1)
+    try:
+        result = work()
+    finally:
+        with storage.connection() as conn:
+            conn.set_progress_handler(None, 1)
+    return steps[0], result
+
+
+def r_look_and_claim(db, delayed):
+    """With `delayed` jobs due in an hour at priority 0: the VM steps of an idle worker's
+    look for work, then of a look and a claim with one job due now at priority -1."""
+    with litetq.Queue(db) as queue:
+        if delayed:
+            queue.enqueue_many([echo(i) for i in range(delayed)], delay=3600)
+    storage = litetq.SQLiteStorage(db)
+    try:
+        idle, wait = r_vm_steps(storage, storage.next_work)
+        assert wait is None if not delayed else 3500 < wait <= 3600
+        with litetq.Queue(db) as queue:
+            due = queue.enqueue(echo("now"), priority=-1)
+        look, wait = r_vm_steps(storage, storage.next_work)
+        assert wait == 0.0
+        claim, claims = r_vm_steps(storage, lambda: storage.claim("test:1", 30))
+        assert [c.id for c in claims] == [due.id]
+    finally:
+        storage.close()
+    return idle, look, claim
+
+
+def test_delayed_backlog_costs_the_look_and_the_claim_nothing(tmp_path):
+    empty = r_look_and_claim(str(tmp_path / "empty.sqlite"), 0)
+    backlog = r_look_and_claim(str(tmp_path / "backlog.sqlite"), 50000)
+    print(f"\n[measured] SQLite VM steps (idle look, look, claim): no backlog {empty}, "
+          f"50,000 delayed jobs {backlog}")
+    for few, many in zip(empty, backlog):
+        assert many < 2 * few + 200, (empty, backlog)
+
+
+def test_due_job_behind_a_delayed_backlog_is_picked_up_quickly(worker, wq, wdb):
+    wq.enqueue_many([litetq.Task("wtasks.echo", (i,)) for i in range(50000)], delay=3600)
+    worker(concurrency=1)
+    time.sleep(0.3)  # idle
+    took = []
+    for i in range(3):
+        job = w_enqueue(wq, "echo", i, priority=-1)
+        assert job.result(timeout=5) == [[i], {}]
+        row = w_row(wq, job)
+        took.append(row["started"] - row["created"])  # enqueued -> claimed by the worker
+    print(f"\n[measured] pick-up behind 50,000 delayed jobs (ms): "
+          f"{', '.join(f'{t * 1000:.1f}' for t in took)}")
+    assert max(took) < 1.0
+    assert wq.stats()["default"]["queued"] == 50000
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "litetq bug: a Queue's first wait starts its watcher thread, which reads "
+    "data_version only once running; a commit made meanwhile is never signalled, so the "
+    "waiter sleeps its full 1 s poll"))
+def test_a_processes_first_wait_sees_a_quick_result_promptly(worker, wq, wdb):
+    """SPEC 2: a waiter in another process sees the result within 50 ms of commit,
+    also when the job finishes as its first wait begins."""
+    worker(concurrency=1)
+    assert w_enqueue(wq, "echo", 0).result(timeout=10) == [[0], {}]  # the worker is warm
+    took = []
+    for i in range(12):  # the job must finish as the wait begins: not every time
+        with litetq.Queue(wdb) as fresh:  # as in a new producer process: its first wait
+            job = w_enqueue(fresh, "echo", i)
+            started = time.monotonic()
+            assert job.result(timeout=10) == [[i], {}]
+            took.append(time.monotonic() - started)
+        if took[-1] >= 0.25:
+            break
+    print(f"\n[measured] first result() of a quick job (ms): "
+          f"{', '.join(f'{t * 1000:.1f}' for t in took)}")
+    assert max(took) < 0.25
+
+
+# 9. Bad input is refused before anything is written -------------------------------------
+
+def r_nested(depth):
+    value = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("options, error", [
+    ({"delay": math.nan}, ValueError), ({"delay": math.inf}, ValueError),
+    ({"delay": -math.inf}, ValueError), ({"at": math.nan}, ValueError),
+    ({"at": math.inf}, ValueError), ({"at": -math.inf}, ValueError),
+    ({"ttl": math.nan}, ValueError), ({"ttl": math.inf}, ValueError),
+    ({"ttl": -math.inf}, ValueError),
+    ({"priority": 2 ** 63}, ValueError), ({"priority": -2 ** 63 - 1}, ValueError),
+    ({"queue": 3}, TypeError), ({"queue": b"x"}, TypeError),
+    ({"unique": 3}, TypeError), ({"unique": b"x"}, TypeError),
+], ids=repr)
+def test_bad_enqueue_options_are_refused_before_anything_is_written(file_q, options, error):
+    with pytest.raises(error):
+        file_q.enqueue(echo(1), **options)
+    with pytest.raises(error):
+        echo.delay(1) if not options else file_q.enqueue_many([echo(1), echo(2)], **options)
+    assert counts(file_q) == {}
+
+
+def test_deep_nesting_and_out_of_range_ids_are_clear_errors(file_q):
+    with pytest.raises(ValueError, match="nest"):
+        echo.delay(r_nested(400))
+    with pytest.raises(ValueError, match="nest"):
+        file_q.enqueue(echo_any(x=r_nested(400)))
+    assert counts(file_q) == {}
+    with pytest.raises(litetq.NotFound):
+        file_q.job(2 ** 64)
+    with pytest.raises(litetq.NotFound):
+        file_q.job(2 ** 63)
+    with pytest.raises(ValueError):
+        litetq.Retry(delay=math.nan)
+    with pytest.raises(ValueError):
+        litetq.Retry(delay=math.inf)
+
+
+R_DEEP_JSON = "[" * 100000 + "]" * 100000
+R_DEEP_ARGV = "[" * 60000 + "]" * 60000  # Linux takes at most 128 KiB in one argument
+
+
+def test_cli_refuses_bad_input_with_one_line_and_changes_nothing(capsys, w_cli_db,
+                                                                 tmp_path):
+    db, _ = w_cli_db
+    for job_id in ("0", "-1", "99999999999999999999999"):
+        for command in ("show", "retry", "cancel"):
+            w_usage_error(capsys, command, db, job_id, db=db)
+    for argv in (["jobs", db, "--limit", "-1"], ["web", db, "--port", "70000"],
+                 ["enqueue", db, "wt_cli.ok", "--delay", "nan"],
+                 ["enqueue", db, "wt_cli.ok", "--delay", "inf"],
+                 ["purge", db, "--older-than", "nan"], ["purge", db, "--older-than", "-5"],
+                 ["enqueue", db, "wt_cli.ok", R_DEEP_JSON],
+                 ["enqueue", db, "wt_cli.ok", "--kwargs", '{"a": ' + R_DEEP_JSON + "}"],
+                 ["enqueue", db, "wt_cli.ok", '["\udcff"]'],  # how Python decodes argv b"\xff"
+                 ["enqueue", db, "wt_cli.ok", "[" + "[" * 400 + "]" * 400 + "]"],
+                 ["cron", db, "add", "deep", "@daily", "wt_cli.ok", R_DEEP_JSON]):
+        w_usage_error(capsys, *argv, db=db)
+    missing = str(tmp_path / "missing.sqlite")
+    for args in (["--delay", "nan"], [R_DEEP_JSON], ['["\udcff"]'], ["--queue", "\udcff"]):
+        w_usage_error(capsys, "enqueue", missing, "wt_cli.ok", *args)
+        assert not os.path.exists(missing)
+
+
+def test_cli_bad_input_in_a_real_process(tmp_path):
+    db = str(tmp_path / "cli.sqlite")
+    with litetq.Queue(db) as queue:
+        queue.enqueue(wt_cli_ok(1))
+    before = w_snapshot(db)
+    missing = str(tmp_path / "missing.sqlite")
+    env = w_env()
+    env["PYTHONPATH"] += os.pathsep + HERE  # wt_cli.ok lives in test_litetq
+    for argv in ([b"show", db, b"99999999999999999999999"], [b"cancel", db, b"0"],
+                 [b"jobs", db, b"--limit", b"-1"], [b"web", db, b"--port", b"70000"],
+                 [b"purge", db, b"--older-than", b"nan"],
+                 [b"enqueue", db, b"wt_cli.ok", b'["\xff"]'],
+                 [b"enqueue", missing, b"wt_cli.ok", b'["\xed\xb3\xbf"]'],
+                 [b"enqueue", missing, b"wt_cli.ok", R_DEEP_ARGV.encode()]):
+        done = subprocess.run([sys.executable, "-m", "litetq", *map(os.fsencode, argv)],
+                              cwd=tmp_path, env=env, capture_output=True, timeout=30)
+        err = done.stderr.decode("utf-8", "replace")
+        assert done.returncode == 2 and done.stdout == b"", (argv, err)
+        assert len(err.splitlines()) == 1 and err.startswith("litetq:"), (argv, err)
+    assert w_snapshot(db) == before
+    assert not os.path.exists(missing)
+
+
+def test_api_job_with_a_huge_id_is_a_json_404(web):
+    for path in ("/api/jobs/99999999999999999999", "/api/jobs/9223372036854775808"):
+        status, headers, body = call(web, path)
+        assert status == 404, (path, body)
+        assert headers["Content-Type"].startswith("application/json") and body["error"]
+    status, _, body = post(web, "/api/jobs/99999999999999999999/retry")
+    assert status == 404, body
+
+
+def test_cli_output_into_a_closed_pipe_exits_quietly(tmp_path):
+    db = str(tmp_path / "many.sqlite")
+    with litetq.Queue(db) as queue:
+        queue.enqueue_many([wt_cli_ok(i) for i in range(3000)])
+    for command in (f"status {db} | head -c 10", f"jobs {db} --limit 3000 | head -n 1",
+                    f"jobs {db} --limit 3000 --json | head -c 10"):
+        done = subprocess.run(
+            ["bash", "-c", f"{sys.executable} -m litetq {command}; "
+                           "echo \"exit ${PIPESTATUS[0]}\" >&2"],
+            cwd=tmp_path, env=w_env(), capture_output=True, text=True, timeout=30)
+        assert done.stdout, command
+        assert done.stderr == "exit 0\n", (command, done.stderr)
+
+
+# 10. Workers and the web server at synchronous=FULL -------------------------------------
+
+def test_worker_synchronous_full_reaches_the_steps_connection(worker, wq, rtasks):
+    full = r_enqueue(wq, "sync_level")
+    assert worker("--burst", "--synchronous", "FULL", concurrency=1, imports=R_IMPORTS,
+                  ready=False).wait(20) == 0
+    assert full.result(timeout=0) == 2  # PRAGMA synchronous: 2 is FULL
+    normal = r_enqueue(wq, "sync_level")
+    assert worker("--burst", concurrency=1, imports=R_IMPORTS, ready=False).wait(20) == 0
+    assert normal.result(timeout=0) == 1  # NORMAL, the default
+
+
+def test_web_takes_synchronous_full(tmp_path):
+    db = str(tmp_path / "web.sqlite")
+    litetq.Queue(db).close()
+    proc, base = r_web_process(db, "--synchronous", "FULL")
+    try:
+        assert call(base, "/api/stats")[0] == 200
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# 11. The web server under many connections, and idle ones --------------------------------
+
+def r_get(port, path, connect_timeout=10.0):
+    """One GET on a connection of its own; returns the status code (int) or the error."""
+    import socket
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=connect_timeout) as sock:
+            sock.settimeout(20)
+            sock.sendall(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        return int(data.split(b" ", 2)[1])
+    except (OSError, IndexError, ValueError) as exc:
+        return repr(exc)
+
+
+def r_at_once(n, func):
+    """func(i) on n threads released together; returns their results."""
+    barrier, results = threading.Barrier(n), [None] * n
+
+    def run(i):
+        barrier.wait(timeout=30)
+        results[i] = func(i)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_web_server_answers_200_concurrent_connections(web_q):
+    make_jobs(web_q)
+    server, base = start(web_q)
+    try:
+        statuses = r_at_once(200, lambda i: r_get(server.server_port, "/api/stats"))
+    finally:
+        stop(server)
+    assert statuses == [200] * 200, [s for s in statuses if s != 200][:3]
+
+
+def test_web_listen_backlog_holds_200_connections(tmp_path):
+    """200 connections arriving while the server accepts none (it is stopped) all wait in
+    the listen backlog: none needs a SYN retransmission (1 s) to get in."""
+    db = str(tmp_path / "web.sqlite")
+    litetq.Queue(db).close()
+    proc, base = r_web_process(db)
+    port = int(base.rpartition(":")[2])
+    try:
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            import socket
+            sockets = []
+            for _ in range(200):
+                sock = socket.socket()
+                sock.settimeout(0.5)
+                try:
+                    sock.connect(("127.0.0.1", port))
+                    sock.sendall(b"GET /api/stats HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+                    sockets.append(sock)
+                except OSError:
+                    sock.close()
+                    break
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        statuses = []
+        for sock in sockets:
+            with sock:
+                sock.settimeout(20)
+                data = b""
+                while chunk := sock.recv(65536):
+                    data += chunk
+                statuses.append(int(data.split(b" ", 2)[1]))
+    finally:
+        proc.kill()
+        proc.wait()
+    assert len(statuses) == 200, f"only {len(statuses)} connections got into the backlog"
+    assert statuses == [200] * 200
+
+
+def test_web_server_closes_an_idle_connection_after_its_read_timeout(web_q, monkeypatch):
+    import socket
+    timeout = getattr(litetq._WebHandler, "timeout", None)
+    assert timeout is not None and 0 < timeout <= 120, \
+        f"_WebHandler.timeout is {timeout!r}: an idle connection pins a thread for ever"
+    monkeypatch.setattr(litetq._WebHandler, "timeout", 0.5)
+    server, base = start(web_q)
+    try:
+        with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as idle:
+            started = time.monotonic()
+            idle.settimeout(10)
+            with contextlib.suppress(ConnectionResetError):
+                while idle.recv(65536):  # the server may say 408 before it closes
+                    pass
+            closed_after = time.monotonic() - started
+            assert call(base, "/api/stats")[0] == 200
+    finally:
+        stop(server)
+    assert closed_after < 5
+
+
+# 12. Power loss: copies of a running database recover -------------------------------------
+
+def r_copy_database(db, folder):
+    """Copy the database and its WAL (not the -shm index, which a restart rebuilds)."""
+    os.makedirs(folder)
+    for suffix in ("", "-wal"):
+        if os.path.exists(db + suffix):
+            shutil.copyfile(db + suffix, os.path.join(folder, "app.sqlite" + suffix))
+    return os.path.join(folder, "app.sqlite")
+
+
+def r_integrity(db):
+    return r_sql(db, "pragma integrity_check")
+
+
+def test_power_loss_copies_are_consistent_and_finish_right(worker, wq, wdir, wdb, rtasks):
+    sizes = [3, 4, 5, 6] * 8
+    parents = [r_enqueue(wq, "fan_out", n) for n in sizes]
+    plain = [r_enqueue(wq, "nap", 0.005) for _ in range(400)]  # 1 s of work, at least
+    proc = worker(concurrency=2, imports=R_IMPORTS)
+    copies = []
+    for k, pause in enumerate((0.05, 0.2, 0.2)):
+        time.sleep(pause)
+        os.killpg(proc.pid, signal.SIGSTOP)  # supervisor and processes, mid-whatever
+        try:
+            copies.append(r_copy_database(wdb, str(wdir / f"copy{k}")))
+        finally:
+            os.killpg(proc.pid, signal.SIGCONT)
+    unfinished = []
+    for copy in copies:
+        assert r_integrity(copy) == [("ok",)]
+        statuses = dict(r_sql(copy, "select status, count(*) from litetq_jobs group by 1"))
+        assert set(statuses) <= R_STATUSES, statuses
+        unfinished.append(sum(n for s, n in statuses.items() if s != "complete"))
+    assert all(unfinished), unfinished  # every copy was taken while work went on
+    time.sleep(1.0)  # the leases held in the copies lapse (--lease 1)
+    for copy in copies:
+        assert worker("--burst", concurrency=2, imports=R_IMPORTS, db=copy,
+                      ready=False).wait(30) == 0
+        status = dict(r_sql(copy, "select id, status from litetq_jobs"))
+        counted = {job.id for job in parents + plain}
+        with litetq.Queue(copy) as queue:
+            for parent, n in zip(parents, sizes):
+                restored = queue.job(parent.id)
+                assert restored.result(timeout=0) == sum(i * i for i in range(n))
+                children = restored.children()
+                assert len(children) == n
+                counted |= {child.id for child in children}
+        assert {status[i] for i in counted} == {"complete"}, copy
+        # Subtasks of an attempt cut short by the "power loss": cancelled, or done
+        # before it, and counted by no parent.
+        orphans = set(status) - counted
+        assert {status[i] for i in orphans} <= {"cancelled", "complete"}
+        assert r_sql(copy, "select count(*) from litetq_jobs where parent_id is null")[0][0] \
+            == len(parents) + len(plain)
+        assert r_integrity(copy) == [("ok",)]
+    print(f"\n[measured] unfinished jobs in the 3 power-loss copies: {unfinished}")
+
+
+# 13. Chaos: kill -9 of whole workers during plain and atomic steps ----------------------------
+
+def test_chaos_kill_9_rounds_lose_nothing_and_apply_no_atomic_effect_twice(worker, wq, wdb,
+                                                                           rtasks):
+    r_sql(wdb, "create table app_effects (job_id integer)")  # no unique key: twice shows
+    plain = [r_enqueue(wq, "nap", 0.01) for _ in range(150)]
+    atomic = [r_enqueue(wq, "effect", 0.01) for _ in range(150)]
+    progress = []
+    for _ in range(4):
+        proc = worker(concurrency=2, imports=R_IMPORTS)
+        time.sleep(0.3)
+        proc.kill_group()
+        progress.append(dict(r_sql(wdb, "select status, count(*) from litetq_jobs "
+                                        "group by status")).get("complete", 0))
+    time.sleep(1.0)  # the killed steps' leases lapse
+    assert worker("--burst", concurrency=2, imports=R_IMPORTS, ready=False).wait(60) == 0
+    print(f"\n[measured] chaos: complete after each of 4 kill -9 rounds: {progress}")
+    assert 0 < progress[-1] < len(plain) + len(atomic)  # the kills came mid-work
+    assert wq.stats() == {"default": {"complete": 300}}  # 0 lost
+    effects = r_sql(wdb, "select job_id, count(*) from app_effects group by job_id")
+    assert sorted(effects) == [(job.id, 1) for job in atomic]  # 0 duplicates, 0 missing
+    assert r_integrity(wdb) == [("ok",)]
+    assert sum(row[0] for row in r_sql(wdb, "select lost from litetq_jobs")) > 0
+
+
+# 14. Contention: 8 producer processes and a 2-process worker --------------------------------
+
+R_PRODUCER = """\
+import sys, time
+import litetq
+queue, n, errors = litetq.Queue(sys.argv[1]), 0, []
+stop_at = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < stop_at:
+    try:
+        queue.enqueue(litetq.Task("wtasks.echo", (n,)))
+        n += 1
+    except Exception as exc:
+        errors.append(f"{type(exc).__module__}.{type(exc).__name__}: {exc}")
+        break
+print(n, errors)
+"""
+
+
+def test_contention_8_producer_processes_and_a_worker_see_no_error(worker, wq, wdb, wdir):
+    proc = worker(concurrency=2)
+    producers = [subprocess.Popen([sys.executable, "-c", R_PRODUCER, wdb, "3"], cwd=wdir,
+                                  env=w_env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    made = 0
+    for producer in producers:
+        out, err = producer.communicate(timeout=60)
+        assert producer.returncode == 0 and err == "", err
+        n, errors = out.split(" ", 1)
+        assert errors.strip() == "[]", errors
+        assert int(n) > 0
+        made += int(n)
+    w_wait_for(lambda: wq.stats() == {"default": {"complete": made}}, 60,
+               f"{made} jobs to complete ({wq.stats()})")
+    print(f"\n[measured] 8 producer processes for 3 s: {made} jobs, all complete")
+    assert proc.proc.poll() is None and "Traceback" not in proc.output()
