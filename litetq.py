@@ -119,6 +119,10 @@ class Expired(Error):
     """The job waited longer than its ttl and never ran."""
 
 
+class _Unreachable(Error):
+    """The database server could not be reached, or dropped the connection."""
+
+
 class Fatal(Error):
     """Raise inside a task to fail its job at once, whatever retries remain."""
 
@@ -541,6 +545,7 @@ JOB_COLUMNS = ("id, queue, priority, status, name, args, rest, due, expires, uni
 CLAIM_COLUMNS = "id, name, args, rest, attempts, token, priority, due, expired"
 Claim = collections.namedtuple("Claim", CLAIM_COLUMNS)
 UNFINISHED_SQL = "('queued', 'running', 'waiting')"
+TERMINAL_SQL = "('complete', 'failed', 'cancelled', 'expired')"
 NO_LIMIT = 2 ** 62  # "limit ?" for every row, in both dialects
 # A job row from Queue._job_row is (queue, priority, name, args) for a plain call
 # due now, which most jobs are: the short insert is half again as fast in bulk.
@@ -577,6 +582,16 @@ os.register_at_fork(after_in_child=_after_fork)
 _held = contextvars.ContextVar("litetq_held", default={})
 
 
+class _Rows(list):
+    """A read's rows, with the two cursor methods callers use."""
+
+    def fetchall(self):
+        return self
+
+    def fetchone(self):
+        return self[0] if self else None
+
+
 def _transaction(method):
     """A storage method whose body is one write transaction: `method(self, conn, ...)`.
     Inside an open transaction (an atomic step's) it runs as a savepoint of it."""
@@ -604,6 +619,7 @@ class Storage:
 
     memory = False  # one shared in-process database (SQLite's ":memory:")
     driver_errors = ()  # the driver's exception classes, turned into litetq.Error
+    max_connections = None  # in use at once, per process and storage (None: no limit)
 
     def __init__(self, name, readonly=False):
         self.name, self.readonly = name, readonly
@@ -618,6 +634,8 @@ class Storage:
         self._change_count = 0
         self._waiting = 0
         self._watcher = None  # (fork generation, thread) hearing other processes' commits
+        self._slots = None  # a semaphore of max_connections
+        self._watched = {}  # job id -> callbacks of waiters for it to finish
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.name!r}>"
@@ -651,7 +669,7 @@ class Storage:
         return conn
 
     def _watch(self):
-        """Run in a thread: call self._changed_all() whenever another process commits."""
+        """Run in a thread: call self._heard() whenever another process commits."""
 
     def maintain(self):
         """Called by every worker's supervisor several times a second."""
@@ -673,14 +691,26 @@ class Storage:
         if self._generation != _fork_generation:  # forked: the parent's connections are its own
             self._inherited.extend(self._idle)
             self._idle, self._generation = [], _fork_generation
-        with self._pool_lock:
-            if self._idle:
-                return self._idle.pop()
-        if self._closed:
-            raise Error(f"{self.name}: the queue is closed")
-        return self._connect()
+            self._slots = None
+        if self.max_connections:
+            if self._slots is None:
+                self._slots = threading.BoundedSemaphore(self.max_connections)
+            if not self._slots.acquire(timeout=BUSY_TIMEOUT):
+                raise Error(f"{self.name}: all {self.max_connections} connections of this "
+                            f"process stayed in use for {BUSY_TIMEOUT:g} s")
+        try:
+            with self._pool_lock:
+                if self._idle:
+                    return self._idle.pop()
+            if self._closed:
+                raise Error(f"{self.name}: the queue is closed")
+            return self._connect()
+        except BaseException:
+            self._free_slot()
+            raise
 
     def _release(self, conn, reuse):
+        self._free_slot()
         if reuse and self._generation == _fork_generation and not self._closed:
             with self._pool_lock:
                 if len(self._idle) < POOL_SIZE:
@@ -688,6 +718,17 @@ class Storage:
                     return
         with contextlib.suppress(Exception):
             conn.close()
+        if not reuse:  # the database went away: the idle ones are as stale
+            with self._pool_lock:
+                idle, self._idle = self._idle, []
+            for each in idle:
+                with contextlib.suppress(Exception):
+                    each.close()
+
+    def _free_slot(self):
+        if self._slots is not None and self._generation == _fork_generation:
+            with contextlib.suppress(ValueError):
+                self._slots.release()
 
     def _reusable(self, conn):
         return True
@@ -772,12 +813,22 @@ class Storage:
             self._release(conn, reuse)
 
     def query(self, sql, params=()):
-        with self.connection() as conn:
-            return self._execute(conn, sql, params).fetchall()
+        return self._read(sql, params).fetchall()
 
     def query_one(self, sql, params=()):
-        with self.connection() as conn:
-            return self._execute(conn, sql, params).fetchone()
+        return self._read(sql, params).fetchone()
+
+    def _read(self, sql, params):
+        """A cursor on a read, tried once more on a new connection if the one it had
+        was dropped (a server restart closes every pooled connection)."""
+        for attempt in (1, 2):
+            try:
+                with self.connection() as conn:
+                    cursor = self._execute(conn, sql, params)
+                    return _Rows(cursor.fetchall())
+            except _Unreachable:
+                if attempt == 2 or _held.get().get(self) is not None:
+                    raise
 
     def change(self, sql, params=()):
         """One statement that writes, in a transaction of its own; returns its cursor's
@@ -796,8 +847,12 @@ class Storage:
         with self._changes:
             self._changes.notify_all()
 
-    # Hearing about commits: one thread per process and storage listens for other
-    # processes' commits; commits of this process call changed() themselves.
+    # Hearing about commits. One thread per process and storage (the watcher) hears
+    # every commit, this process's own included: the dialect's _watch() calls
+    # _heard() for each. Waiters wait on a condition it notifies; those waiting for a
+    # job to finish are checked all together by one query per change, so a thousand
+    # waiters cost what one does. ":memory:" has no watcher: its commits call
+    # changed() themselves.
 
     def changed(self):
         """Wake this process's waiters: the database may have changed."""
@@ -823,6 +878,20 @@ class Storage:
                     self._waiting -= 1
             return self._change_count
 
+    def watch_job(self, job_id, callback):
+        """Call `callback()` (once, from the watcher) when the job may have finished."""
+        self._start_watcher()
+        with self._pool_lock:
+            self._watched.setdefault(job_id, []).append(callback)
+
+    def unwatch_job(self, job_id, callback):
+        with self._pool_lock:
+            callbacks = self._watched.get(job_id, [])
+            if callback in callbacks:
+                callbacks.remove(callback)
+            if not callbacks:
+                self._watched.pop(job_id, None)
+
     def _start_watcher(self):
         if self.memory or (self._watcher and self._watcher[0] == _fork_generation):
             return
@@ -840,13 +909,28 @@ class Storage:
                 self._watch()
             except Exception as exc:  # the database is away: waiters fall back to polling
                 logger.warning("%s: cannot listen for changes (%s); retrying", self.name, exc)
-                self._changed_all()
+                self._heard()
                 time.sleep(1.0)
 
-    def _changed_all(self):
+    def _heard(self):
+        """A commit happened: wake the waiters, and those of finished jobs."""
         with self._changes:
             self._change_count += 1
             self._changes.notify_all()
+        with self._pool_lock:
+            ids = list(self._watched)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            try:
+                done = self.query(f"select id from litetq_jobs where id in "
+                                  f"({', '.join('?' * len(chunk))}) and status in "
+                                  f"{TERMINAL_SQL}", chunk)
+            except Error:  # the waiters look for themselves now and then
+                return
+            with self._pool_lock:
+                callbacks = [cb for (job_id,) in done for cb in self._watched.pop(job_id, ())]
+            for callback in callbacks:
+                callback()
 
     # Enqueueing.
 
@@ -1402,6 +1486,7 @@ class Storage:
             for statement in SCHEMA.format(**ddl_types).split(";"):
                 if statement.strip():
                     self._execute(conn, statement)
+            self._after_schema(conn)
             self._execute(conn, "insert into litetq_meta values ('schema', ?) on conflict (key) "
                           "do update set value = excluded.value", (str(SCHEMA_VERSION),))
         self.transact(create)
@@ -1412,6 +1497,9 @@ class Storage:
 
     def _lock_schema(self, conn):
         """Inside the schema's transaction: keep other processes from creating it too."""
+
+    def _after_schema(self, conn):
+        """What a dialect adds to the tables (PostgreSQL: the NOTIFY triggers)."""
 
 
 def _epoch():
@@ -1631,7 +1719,7 @@ class SQLiteStorage(Storage):
                     latest = conn.execute("pragma data_version").fetchone()[0]
                     if latest != version:
                         version = latest
-                        self._changed_all()
+                        self._heard()
                         time.sleep(CHANGE_COALESCE)
                         break
                     time.sleep(0.0002 if notifier is not None else 0)
@@ -1674,9 +1762,177 @@ class _FileWatch:
         os.close(self.fd)
 
 
-def open_storage(target, synchronous="NORMAL", readonly=False):
-    """The storage for a database path, or (see PostgresStorage) a PostgreSQL URL."""
-    return SQLiteStorage(target, synchronous, readonly)
+class PostgresStorage(Storage):
+    """PostgreSQL through psycopg 3, for queues shared by many hosts.
+
+    Row locks instead of one writer: claims skip rows another worker is taking
+    ("for update skip locked"), atomic steps of different jobs run side by side,
+    and a waiting parent's row is locked before its subtasks are counted. Every
+    time is the server's clock (`litetq_now()` is clock_timestamp()), so clock
+    skew between hosts never makes a live lease look lapsed. Triggers NOTIFY the
+    channel "litetq" when work arrives or a job changes state; each process LISTENs
+    on a connection of its own, and everyone also polls, so a lost notification
+    only delays. Tables live in the schema the connection's search_path selects.
+    """
+
+    max_connections = 10
+
+    def __init__(self, url, readonly=False):
+        try:
+            import psycopg
+            import psycopg.rows
+        except ImportError:
+            raise Error('litetq needs psycopg 3 for PostgreSQL: '
+                        'pip install "litetq[postgres]"') from None
+        self.psycopg, self.url = psycopg, url
+        self.driver_errors = (psycopg.Error,)
+        super().__init__(_redact(url), readonly)
+        try:
+            self._params = psycopg.conninfo.conninfo_to_dict(url)
+        except psycopg.Error as exc:
+            raise Error(f"malformed PostgreSQL URL {self.name!r}: {exc}") from None
+        self._params.setdefault("connect_timeout", "10")
+        self._params.setdefault("tcp_user_timeout", "10000")  # ms: a vanished host errs
+        self._open_schema({"id": "bigint generated by default as identity primary key",
+                           "real": "double precision"})
+
+    def _connect(self):
+        psycopg = self.psycopg
+        try:
+            conn = psycopg.connect(**self._params, autocommit=True)
+        except psycopg.ProgrammingError as exc:
+            raise Error(f"malformed PostgreSQL URL {self.name!r}: {exc}") from None
+        except psycopg.Error as exc:
+            raise _Unreachable(f"cannot connect to {self.name}: "
+                               f"{str(exc).strip() or type(exc).__name__}") from None
+        if self.readonly:
+            conn.execute("set default_transaction_read_only = on")
+        return conn
+
+    def _translate(self, sql):
+        return (sql.replace("%", "%%").replace("?", "%s")
+                .replace("litetq_now()", "extract(epoch from clock_timestamp())::float8"))
+
+    def _execute(self, conn, sql, params=()):
+        return conn.cursor(row_factory=self.psycopg.rows.tuple_row).execute(
+            self._sql(sql), params)
+
+    def _in_transaction(self, conn):
+        return conn.info.transaction_status != self.psycopg.pq.TransactionStatus.IDLE
+
+    def _reusable(self, conn):
+        if conn.closed or conn.broken:
+            return False
+        if self._in_transaction(conn):
+            with contextlib.suppress(self.psycopg.Error):
+                conn.rollback()
+        return not conn.closed and not self._in_transaction(conn)
+
+    def _retryable(self, exc):
+        errors = self.psycopg.errors
+        return isinstance(exc, (errors.DeadlockDetected, errors.SerializationFailure))
+
+    def _error(self, exc):
+        errors = self.psycopg.errors
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, (self.psycopg.OperationalError, self.psycopg.InterfaceError)) \
+                and not isinstance(exc, errors.QueryCanceled):
+            return _Unreachable(f"{self.name}: the server dropped the connection: {text}")
+        if isinstance(exc, errors.InsufficientPrivilege):
+            return Error(f"{self.name}: {text} (the database user needs the privilege; "
+                         f"litetq's tables are created on first use)")
+        return Error(f"{self.name}: {text}")
+
+    def _adopt(self, conn):
+        if not isinstance(conn, self.psycopg.Connection):
+            raise TypeError(f"conn= must be an open psycopg connection to {self.name}, "
+                            f"not {type(conn).__module__}.{type(conn).__name__}")
+        return conn
+
+    def _insert_many(self, conn, sql, rows):
+        cursor = conn.cursor(row_factory=self.psycopg.rows.tuple_row)
+        cursor.executemany(self._sql(sql + " returning id"), rows, returning=True)
+        ids = []
+        while True:
+            ids.append(cursor.fetchone()[0])
+            if not cursor.nextset():
+                return ids
+
+    def clock(self):
+        return self.query_one("select litetq_now()")[0]
+
+    def _schema_version(self, conn=None):
+        with contextlib.ExitStack() as stack:
+            if conn is None:
+                conn = stack.enter_context(self.connection())
+            if self._execute(conn, "select to_regclass('litetq_meta')").fetchone()[0] is None:
+                return None
+            row = self._execute(conn, "select value from litetq_meta "
+                                "where key = 'schema'").fetchone()
+            return int(row[0]) if row else None
+
+    def _lock_schema(self, conn):
+        # Many processes may open an empty database at once: one creates the tables.
+        self._execute(conn, "select pg_advisory_xact_lock(hashtext('litetq schema ' || "
+                      "coalesce(current_schema(), '')))")
+
+    def _after_schema(self, conn):
+        for statement in POSTGRES_DDL:
+            self._execute(conn, statement)
+
+    def _watch(self):
+        conn = self._connect()
+        try:
+            conn.execute("listen litetq")
+            while not self._closed:
+                for _ in conn.notifies(timeout=1.0, stop_after=1):
+                    self._heard()
+                    time.sleep(CHANGE_COALESCE)
+        finally:
+            conn.close()
+
+
+# Notifications: new work (an insert, a step queued again, a delayed step due) and
+# every change of status that a waiter may be waiting for. Claims (to 'running')
+# and lease renewals notify nobody.
+POSTGRES_DDL = (
+    "create or replace function litetq_notify() returns trigger language plpgsql as "
+    "$$ begin perform pg_notify('litetq', ''); return null; end $$",
+    "drop trigger if exists litetq_jobs_inserted on litetq_jobs",
+    "create trigger litetq_jobs_inserted after insert on litetq_jobs "
+    "for each statement execute function litetq_notify()",
+    "drop trigger if exists litetq_jobs_changed on litetq_jobs",
+    "create trigger litetq_jobs_changed after update of status, delayed on litetq_jobs "
+    "for each row when (new.status <> 'running' and (old.status <> new.status "
+    "or old.delayed <> new.delayed)) execute function litetq_notify()",
+    "drop trigger if exists litetq_messages_put on litetq_messages",
+    "create trigger litetq_messages_put after insert on litetq_messages "
+    "for each statement execute function litetq_notify()",
+)
+
+
+def _redact(url):
+    """A URL for messages and logs: the password, if any, replaced by ***."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    user = netloc[0].partition(":")[0]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+
+
+def _is_url(target):
+    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+
+
+def open_storage(target, synchronous=None, readonly=False):
+    """The storage for a SQLite path (or ":memory:"), or a postgresql:// URL."""
+    if _is_url(target):
+        if synchronous is not None:
+            raise ValueError("synchronous= is SQLite's; on PostgreSQL durability is the "
+                             "server's (see its synchronous_commit setting)")
+        return PostgresStorage(target, readonly)
+    return SQLiteStorage(target, "NORMAL" if synchronous is None else synchronous, readonly)
 
 
 # --- The queue API -----------------------------------------------------------
@@ -1691,7 +1947,7 @@ class Queue:
     `readonly=True` opens the database without ever writing to it.
     """
 
-    def __init__(self, path, synchronous="NORMAL", *, lease=DEFAULT_LEASE, readonly=False):
+    def __init__(self, path, synchronous=None, *, lease=DEFAULT_LEASE, readonly=False):
         self.path, self.lease = os.fspath(path), _seconds(lease, "lease", positive=True)
         self.storage = open_storage(self.path, synchronous, readonly)
         self._claims = {}  # job id -> token of the steps this process has claimed
@@ -1899,11 +2155,20 @@ class Queue:
         commits and within milliseconds by others' (Storage.wait_for_change), looking
         at most every WAIT_POLL however busy the database is."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        storage = self.storage
+        storage, failures = self.storage, 0
         while True:
             seen, looked = storage.changes, time.monotonic()
-            if predicate():
-                return True
+            try:
+                if predicate():
+                    return True
+                failures = 0
+            except _Unreachable as exc:  # a server restart: look again, ever more slowly
+                failures += 1
+                logger.warning("%s (trying again)", exc)
+                if deadline is not None and time.monotonic() + _backoff(failures) > deadline:
+                    raise
+                time.sleep(_backoff(failures))
+                continue
             remaining = 1.0 if deadline is None else deadline - time.monotonic()
             if remaining <= 0:
                 return False
@@ -2755,7 +3020,7 @@ class Worker:
 
     def __init__(self, path, queues=None, concurrency=None, imports=(), burst=False,
                  reload=False, cron=True, grace=30.0, lease=DEFAULT_LEASE,
-                 start_method=None, log_config=(None, "INFO"), synchronous="NORMAL"):
+                 start_method=None, log_config=(None, "INFO"), synchronous=None):
         self.path, self.queues, self.imports = path, queues or None, list(imports)
         self.concurrency = concurrency or os.cpu_count() or 1
         self.burst, self.reload, self.cron, self.grace, self.lease = (
@@ -3068,7 +3333,7 @@ def make_web_server(queue, host="127.0.0.1", port=8765, token=None):
             f"refusing to serve the litetq web page on {host!r} without a "
             "token: anyone who can reach that address could retry or cancel "
             "jobs. Pass token=... (litetq web --token T) or bind 127.0.0.1.")
-    cls = _WebServer6 if ":" in host else http.server.ThreadingHTTPServer
+    cls = _WebServer6 if ":" in host else _WebServer
     server = cls((host, port), _WebHandler)
     server.queue, server.token, server.loopback = queue, token, loopback
     return server
@@ -3097,7 +3362,12 @@ def _is_loopback(host):
         return False
 
 
-class _WebServer6(http.server.ThreadingHTTPServer):
+class _WebServer(http.server.ThreadingHTTPServer):
+    request_queue_size = 256  # connections the kernel holds while every thread is busy
+    daemon_threads = True
+
+
+class _WebServer6(_WebServer):
     address_family = socket.AF_INET6
 
 
@@ -3225,6 +3495,8 @@ def _route(method, path):
 
 class _WebHandler(http.server.BaseHTTPRequestHandler):
     """Routes requests; every answer but the page is JSON."""
+
+    timeout = 10  # seconds a connection may stay silent: idle ones cannot pin threads
 
     def do_GET(self):
         self._dispatch()
@@ -3723,8 +3995,7 @@ def _job_ids(text):
 
 
 def _synchronous_arg(parser):
-    parser.add_argument("--synchronous", type=str.upper, default="NORMAL",
-                        choices=["NORMAL", "FULL"],
+    parser.add_argument("--synchronous", type=str.upper, choices=["NORMAL", "FULL"],
                         help="SQLite: FULL makes every commit survive power loss "
                              "(default NORMAL: survives crashes of the application)")
 
@@ -3856,11 +4127,11 @@ def _configure_logging(logfile=None, level="INFO"):
     logger.setLevel(level)
 
 
-def _open(path, create=False, readonly=False, synchronous="NORMAL"):
+def _open(path, create=False, readonly=False, synchronous=None):
     """The queue at `path`. Admin commands refuse to create a database by mistake, and
     those that only read open it read-only: they work on a read-only file and never
     write a byte, nor create litetq's tables in an application's database."""
-    if not create and path != ":memory:" and not os.path.exists(path):
+    if not create and path != ":memory:" and not _is_url(path) and not os.path.exists(path):
         raise UsageError(f"no database at {path!r}")
     return Queue(path, synchronous, readonly=readonly)
 
