@@ -1850,6 +1850,8 @@ class PostgresStorage(Storage):
         return conn
 
     def _insert_many(self, conn, sql, rows):
+        if len(rows) == 1:
+            return [self._execute(conn, sql + " returning id", rows[0]).fetchone()[0]]
         cursor = conn.cursor(row_factory=self.psycopg.rows.tuple_row)
         cursor.executemany(self._sql(sql + " returning id"), rows, returning=True)
         ids = []
@@ -2150,33 +2152,43 @@ class Queue:
 
     # Waiting.
 
-    def _wait_until(self, predicate, timeout=None):
+    def _wait_until(self, predicate, timeout=None, job_id=None):
         """Wait for predicate() without a busy loop: woken at once by this process's
-        commits and within milliseconds by others' (Storage.wait_for_change), looking
-        at most every WAIT_POLL however busy the database is."""
+        commits and within milliseconds by others' (see Storage.wait_for_change). A
+        wait for a job to finish is woken by the watcher's one query for all such."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        storage, failures = self.storage, 0
-        while True:
-            seen, looked = storage.changes, time.monotonic()
-            try:
-                if predicate():
-                    return True
-                failures = 0
-            except _Unreachable as exc:  # a server restart: look again, ever more slowly
-                failures += 1
-                logger.warning("%s (trying again)", exc)
-                if deadline is not None and time.monotonic() + _backoff(failures) > deadline:
-                    raise
-                time.sleep(_backoff(failures))
-                continue
-            remaining = 1.0 if deadline is None else deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            storage.wait_for_change(seen, min(remaining, WAIT_POLL if storage.memory else 1.0))
-            pause = looked + WAIT_POLL - time.monotonic()  # however busy the database is
-            if pause > 0:
-                time.sleep(pause if deadline is None else
-                           max(0.0, min(pause, deadline - time.monotonic())))
+        storage, failures, finished = self.storage, 0, None
+        if job_id is not None and not storage.memory:
+            finished = threading.Event()
+            storage.watch_job(job_id, finished.set)
+        try:
+            while True:
+                seen, looked = storage.changes, time.monotonic()
+                try:
+                    if predicate():
+                        return True
+                    failures = 0
+                except _Unreachable as exc:  # a server restart: look again, ever more slowly
+                    failures += 1
+                    logger.warning("%s (trying again)", exc)
+                    if deadline is not None and time.monotonic() + _backoff(failures) > deadline:
+                        raise
+                    time.sleep(_backoff(failures))
+                    continue
+                remaining = 1.0 if deadline is None else deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                if finished is not None:  # and a look of our own each second, to be sure
+                    finished.wait(min(remaining, 1.0))
+                    continue
+                storage.wait_for_change(seen, min(remaining, WAIT_POLL if storage.memory else 1.0))
+                pause = looked + WAIT_POLL - time.monotonic()  # however busy the database is
+                if pause > 0:
+                    time.sleep(pause if deadline is None else
+                               max(0.0, min(pause, deadline - time.monotonic())))
+        finally:
+            if finished is not None:
+                storage.unwatch_job(job_id, finished.set)
 
     # Raw payload queues.
 
@@ -2479,7 +2491,7 @@ class Job:
         """Block until the job is terminal; returns the job."""
         if timeout is not None:
             timeout = _seconds(timeout, "timeout")
-        if not self.queue._wait_until(self.done, timeout):
+        if not self.queue._wait_until(self.done, timeout, self.id):
             raise TimeoutError(f"job {self.id} is still {self.status} after {timeout} s")
         return self
 
