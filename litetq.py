@@ -1801,10 +1801,13 @@ class PostgresStorage(Storage):
         try:
             conn = psycopg.connect(**self._params, autocommit=True)
         except psycopg.ProgrammingError as exc:
-            raise Error(f"malformed PostgreSQL URL {self.name!r}: {exc}") from None
+            raise Error(f"malformed PostgreSQL URL {self.name!r}: {_one_line(exc)}") from None
         except psycopg.Error as exc:
-            raise _Unreachable(f"cannot connect to {self.name}: "
-                               f"{str(exc).strip() or type(exc).__name__}") from None
+            text = _one_line(exc)
+            # A wrong password, user or database stays wrong: no point trying again.
+            permanent = "authentication failed" in text or "does not exist" in text
+            raise (Error if permanent else _Unreachable)(
+                f"cannot connect to {self.name}: {text}") from None
         if self.readonly:
             conn.execute("set default_transaction_read_only = on")
         return conn
@@ -1834,13 +1837,18 @@ class PostgresStorage(Storage):
 
     def _error(self, exc):
         errors = self.psycopg.errors
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        diag = getattr(exc, "diag", None)
+        text = diag and diag.message_primary or _one_line(exc)
         if isinstance(exc, (self.psycopg.OperationalError, self.psycopg.InterfaceError)) \
                 and not isinstance(exc, errors.QueryCanceled):
             return _Unreachable(f"{self.name}: the server dropped the connection: {text}")
         if isinstance(exc, errors.InsufficientPrivilege):
-            return Error(f"{self.name}: {text} (the database user needs the privilege; "
-                         f"litetq's tables are created on first use)")
+            return Error(f"{self.name}: {text} (litetq creates its tables on first use: "
+                         f"grant the user CREATE on the schema, or open it once as a user "
+                         f"who may)")
+        if isinstance(exc, errors.InvalidSchemaName):
+            return Error(f"{self.name}: {text} (the search_path names no schema that "
+                         f"exists: CREATE SCHEMA it first, or fix the URL's options)")
         return Error(f"{self.name}: {text}")
 
     def _adopt(self, conn):
@@ -1913,11 +1921,18 @@ POSTGRES_DDL = (
 )
 
 
+def _one_line(exc):
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def _redact(url):
     """A URL for messages and logs: the password, if any, replaced by ***."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
+    try:
+        parts = urllib.parse.urlsplit(url)
+        if parts.password is None:
+            return url
+    except ValueError as exc:
+        raise Error(f"malformed PostgreSQL URL: {exc}") from None
     netloc = parts.netloc.rpartition("@")
     user = netloc[0].partition(":")[0]
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
@@ -3258,8 +3273,9 @@ def _worker_process(path, synchronous, queues, imports, lease, slot, stop, super
         except Exception as exc:  # a database error: its steps' leases lapse; wait, go on
             failures, busy, slot[SLOT_JOB] = failures + 1, False, 0
             queue._drop_claims()
-            logger.warning("worker process: %s: %s (trying again in %.1f s)",
-                           type(exc).__name__, exc, _backoff(failures))
+            logger.warning("worker process: %s (trying again in %.1f s)",
+                           exc if isinstance(exc, Error) else f"{type(exc).__name__}: {exc}",
+                           _backoff(failures))
             stop.wait(_backoff(failures))
     queue.close()
 
