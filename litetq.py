@@ -263,6 +263,54 @@ def deserialize_task(obj):
     return obj
 
 
+# Checks of what callers pass, shared by tasks, the queue and the command line.
+
+def _clean_text(text):
+    """Text any database stores: lone surrogates and NUL characters escaped."""
+    text = str(text)
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.replace("\x00", "\\x00") if "\x00" in text else text
+
+
+def _seconds(value, name, positive=False):
+    """A finite number of seconds, at least 0 (or above it): else ValueError/TypeError."""
+    value = _number(value, name)
+    if value < 0 or positive and value == 0:
+        raise ValueError(f"{name} must be {'above' if positive else 'at least'} 0, "
+                         f"not {value!r}")
+    return value
+
+
+def _integer(value, name, low=-2 ** 63, high=2 ** 63 - 1):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__} "
+                        f"{_short_repr(value)}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be from {low} to {high}, not {value}")
+    return int(value)
+
+
+def _number(value, name, kind="a number of seconds"):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be {kind}, not {type(value).__name__} "
+                        f"{_short_repr(value)}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, not {value!r}")
+    return float(value)
+
+
+def _name(value, what):
+    """A queue name, unique key or entry name: a non-empty str a database can store."""
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, not {type(value).__name__} "
+                        f"{_short_repr(value)}")
+    if not value or _clean_text(value) != value:
+        raise ValueError(f"{what} must be a non-empty str without NUL characters or lone "
+                         f"surrogates, not {value!r}")
+    return value
+
+
 # --- Tasks -------------------------------------------------------------------
 
 _registry = {}   # task name -> TaskFunction
@@ -333,11 +381,13 @@ def _advance(value, rest):
 class TaskFunction:
     """What `@task` returns: calling it makes a `Task`; `.delay()` enqueues one."""
 
-    def __init__(self, func, name, queue, priority, retries, retry_delay, timeout, atomic, ttl):
+    def __init__(self, func, name, queue, priority, retries, retry_delay, timeout, atomic, ttl,
+                 concurrency, concurrency_key, rate):
         functools.update_wrapper(self, func)
         self.func, self.name, self.queue, self.priority = func, name, queue, priority
         self.retries, self.retry_delay, self.timeout = retries, retry_delay, timeout
         self.atomic, self.ttl = atomic, ttl
+        self.concurrency, self.concurrency_key, self.rate = concurrency, concurrency_key, rate
 
     def __call__(self, *args, **kwargs):
         return Task(self.name, args, kwargs)
@@ -349,10 +399,43 @@ class TaskFunction:
     def __repr__(self):
         return f"<task {self.name}>"
 
+    @property
+    def limits(self):
+        """(concurrency, starts per window, window seconds) as the claim reads them."""
+        rate, per = self.rate or (None, None)
+        return self.concurrency, rate, per
+
+    def limit_key(self, call):
+        """The key a step of `call` counts against, or None without a concurrency limit."""
+        if self.concurrency is None:
+            return None
+        if self.concurrency_key is None:
+            return self.name
+        try:
+            key = self.concurrency_key(*call.args, **call.kwargs)
+        except Exception as exc:
+            raise ValueError(f"concurrency_key of {self.name} raised {type(exc).__name__}: "
+                             f"{exc}") from exc
+        if not isinstance(key, str):
+            raise TypeError(f"concurrency_key of {self.name} must return a str, not "
+                            f"{type(key).__name__} {_short_repr(key)}")
+        return f"{self.name}:{_name(key, 'the concurrency key')}"
+
 
 def task(func=None, *, name=None, queue="default", priority=0, retries=0, retry_delay=1.0,
-         timeout=None, atomic=False, ttl=None):
+         timeout=None, atomic=False, ttl=None, concurrency=None, concurrency_key=None,
+         rate=None):
     """Register a function as a task: `@task` or `@task(retries=3, timeout=30, ...)`."""
+    options = (_name(queue, "queue"), _integer(priority, "priority"),
+               _integer(retries, "retries", 0), _seconds(retry_delay, "retry_delay"),
+               None if timeout is None else _seconds(timeout, "timeout", positive=True),
+               bool(atomic), None if ttl is None else _seconds(ttl, "ttl"),
+               None if concurrency is None else _integer(concurrency, "concurrency", 1),
+               concurrency_key, _rate(rate))
+    if concurrency_key is not None and (concurrency is None or not callable(concurrency_key)):
+        raise TypeError("concurrency_key must be a function of the task's arguments, "
+                        "given together with concurrency=N")
+
     def register(func):
         task_name = name or f"{_module_name(func)}.{func.__qualname__}"
         existing = _registry.get(task_name)
@@ -360,11 +443,21 @@ def task(func=None, *, name=None, queue="default", priority=0, retries=0, retry_
             raise ValueError(f"task name {task_name!r} is already used by "
                              f"{existing.func.__module__}.{existing.func.__qualname__}; "
                              f"give one of them @task(name=...)")
-        wrapper = TaskFunction(func, task_name, queue, priority, retries, retry_delay,
-                               timeout, atomic, ttl)
+        wrapper = TaskFunction(func, _name(task_name, "name"), *options)
         _registry[task_name] = wrapper
         return wrapper
     return register(func) if func is not None else register
+
+
+def _rate(text):
+    """"10/s", "600/m", "1000/h" -> (10, 1.0) ...; None stays None."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*([smh])\s*", text) if isinstance(text, str) else None
+    if not match or int(match[1]) < 1:
+        raise ValueError(f"rate must look like '10/s', '600/m' or '1000/h' (at least 1), "
+                         f"not {text!r}")
+    return int(match[1]), {"s": 1.0, "m": 60.0, "h": 3600.0}[match[2]]
 
 
 def _module_name(func):
@@ -479,7 +572,7 @@ create table if not exists litetq_jobs (
     args text not null,            -- codec JSON [args, kwargs] of the current step
     rest text,                     -- codec JSON list of calls a chain runs after this one
     due {real} not null,           -- not before this epoch time
-    delayed integer not null default 0,  -- queued and not yet due when last looked at
+    parked integer not null default 0,   -- why a queued step waits, see PARKED
     expires {real},                -- ttl: expire instead of running after this
     unique_key text,
     attempts integer not null default 0,
@@ -493,6 +586,7 @@ create table if not exists litetq_jobs (
     parent_id bigint,
     parent_token integer,          -- the parent's claim token when it spawned this job
     orphan integer not null default 0,   -- spawned by an attempt that did not succeed
+    limit_key text,                -- what a concurrency limit counts this step against
     resume text,                   -- while waiting on subtasks: 'continue' or 'complete'
     result text,
     error text,
@@ -502,9 +596,17 @@ create table if not exists litetq_jobs (
     finished {real}
 );
 create index if not exists litetq_jobs_ready on litetq_jobs (priority desc, due, id)
-    where status = 'queued' and delayed = 0;
-create index if not exists litetq_jobs_delayed on litetq_jobs (due)
-    where status = 'queued' and delayed = 1;
+    where status = 'queued' and parked = 0;
+create index if not exists litetq_jobs_due on litetq_jobs (due)
+    where status = 'queued' and parked = 1;
+create index if not exists litetq_jobs_held on litetq_jobs (limit_key, priority desc, due, id)
+    where status = 'queued' and parked = 2;
+create index if not exists litetq_jobs_paused on litetq_jobs (queue)
+    where status = 'queued' and parked = 3;
+create index if not exists litetq_jobs_slots on litetq_jobs (limit_key)
+    where status = 'running' and limit_key is not null;
+create index if not exists litetq_jobs_finished on litetq_jobs (status, finished)
+    where parent_id is null and finished is not null;
 create index if not exists litetq_jobs_lease on litetq_jobs (lease_until)
     where status = 'running';
 create index if not exists litetq_jobs_parent on litetq_jobs (parent_id)
@@ -528,15 +630,26 @@ create table if not exists litetq_cron_fired (
 create table if not exists litetq_workers (
     id text primary key, host text not null, pid integer not null, queues text,
     concurrency integer, started {real} not null, heartbeat {real} not null);
+create table if not exists litetq_limits (
+    name text primary key, concurrency integer, rate integer, per {real});
+create table if not exists litetq_starts (name text not null, time {real} not null);
+create index if not exists litetq_starts_name on litetq_starts (name, time);
+create table if not exists litetq_paused (queue text primary key);
 """
+# Why a queued step is not in the ready index, which claims read: 1 it is not due
+# yet (it joins when due: promote), 2 a concurrency limit holds it (it joins when a
+# step of its key stops running), 3 its queue is paused (it joins on resume). A
+# claim parks what it cannot start, so no claim looks at a held step twice.
+PARKED = {"due": 1, "limit": 2, "paused": 3}
 # What a version-1 database (litetq 0.1) needs to become version 2.
 MIGRATE_FROM_1 = """
-alter table litetq_jobs add column delayed integer not null default 0;
+alter table litetq_jobs add column parked integer not null default 0;
 alter table litetq_jobs add column token integer not null default 0;
 alter table litetq_jobs add column parent_token integer;
 alter table litetq_jobs add column orphan integer not null default 0;
+alter table litetq_jobs add column limit_key text;
 drop index if exists litetq_jobs_next;
-update litetq_jobs set delayed = 1 where status = 'queued' and due > litetq_now();
+update litetq_jobs set parked = 1 where status = 'queued' and due > litetq_now();
 """
 
 JOB_COLUMNS = ("id, queue, priority, status, name, args, rest, due, expires, unique_key, "
@@ -545,24 +658,44 @@ JOB_COLUMNS = ("id, queue, priority, status, name, args, rest, due, expires, uni
 CLAIM_COLUMNS = "id, name, args, rest, attempts, token, priority, due, expired"
 Claim = collections.namedtuple("Claim", CLAIM_COLUMNS)
 UNFINISHED_SQL = "('queued', 'running', 'waiting')"
+TREE = ("with recursive tree(id) as (select cast(? as bigint) union all select j.id from "
+        "litetq_jobs j join tree on j.parent_id = tree.id) select id from tree")
 TERMINAL_SQL = "('complete', 'failed', 'cancelled', 'expired')"
 NO_LIMIT = 2 ** 62  # "limit ?" for every row, in both dialects
 # A job row from Queue._job_row is (queue, priority, name, args) for a plain call
 # due now, which most jobs are: the short insert is half again as fast in bulk.
-# With any option it goes on: (at, delay, delayed, at, delay, ttl, rest, unique_key,
-# parent_id, parent_token), `at` and `delay` twice since due and expires need both.
+# With any option it goes on: (at, delay, parked, at, delay, ttl, rest, unique_key,
+# parent_id, parent_token, limit_key), `at` and `delay` twice since due and expires
+# need both.
 INSERT_PLAIN = ("insert into litetq_jobs (queue, priority, name, args, due, created, status) "
                 "values (?, ?, ?, ?, litetq_now(), litetq_now(), 'queued')")
 INSERT_JOB = (
-    "insert into litetq_jobs (queue, priority, name, args, due, delayed, expires, rest, "
-    "unique_key, parent_id, parent_token, created, status) values (?, ?, ?, ?, "
-    "coalesce(?, litetq_now() + ?), ?, coalesce(?, litetq_now() + ?) + ?, ?, ?, ?, ?, "
+    "insert into litetq_jobs (queue, priority, name, args, due, parked, expires, rest, "
+    "unique_key, parent_id, parent_token, limit_key, created, status) values (?, ?, ?, ?, "
+    "coalesce(?, litetq_now() + ?), ?, coalesce(?, litetq_now() + ?) + ?, ?, ?, ?, ?, ?, "
     "litetq_now(), 'queued')")
 INSERT_UNIQUE = (INSERT_JOB + " on conflict (unique_key) where unique_key is not null and "
                  f"status in {UNFINISHED_SQL} do nothing returning id")
 PLAIN_FIELDS = 4
+CLAIM_SET = ("status = 'running', worker = ?, token = token + 1, lease_until = litetq_now() + ?, "
+             "attempts = attempts + 1, started = litetq_now()")
+CLAIM_RETURNING = ("returning id, name, args, rest, attempts, token, priority, due, "
+                   "expires < litetq_now()")
+READY = ("select id from litetq_jobs where status = 'queued' and parked = 0{where} "
+         "order by priority desc, due, id limit ? for update skip locked")
+CLAIM = (f"update litetq_jobs set {CLAIM_SET} where id in ({READY}) and not exists "
+         "(select 1 from litetq_paused p where p.queue = litetq_jobs.queue) and not exists "
+         f"(select 1 from litetq_limits l where l.name = litetq_jobs.name) {CLAIM_RETURNING}")
+CLAIM_ONE = (f"update litetq_jobs set {CLAIM_SET}, limit_key = ? where id = ? "
+             f"{CLAIM_RETURNING}")
+CANDIDATES = ("select j.id, j.queue, j.name, j.limit_key, l.concurrency, l.rate, l.per, "
+              "j.priority, j.due from litetq_jobs j left join litetq_limits l on l.name = "
+              f"j.name where j.id in ({READY})")
 LOCK_WAIT_SLICE = 0.002  # longest sleep between tries for a lock another connection holds
 PROMOTE_EVERY = 0.05  # seconds between checks for delayed steps that came due, while busy
+PARK_BATCH = 256  # rows one claim may park before it returns what it has
+PURGE_BATCH = 100  # job trees deleted in one transaction
+LIMITS_CHECK = 1.0  # seconds a process trusts its knowledge of whether limits are in use
 CHANGE_COALESCE = 0.001  # wake-ups from other processes' commits at most this often
 WAL_LIMIT = 32 * 2 ** 20  # bytes: past this the supervisor checkpoints and truncates the WAL
 ATOMIC_SHARE = 0.8  # of the time, at most, back-to-back atomic steps hold SQLite's lock
@@ -601,14 +734,6 @@ def _transaction(method):
     return run
 
 
-def _clean_text(text):
-    """Text any database stores: lone surrogates and NUL characters escaped."""
-    text = str(text)
-    if not text.isascii():
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text.replace("\x00", "\\x00") if "\x00" in text else text
-
-
 class Storage:
     """Every query litetq makes, and every decision about a job's state; the dialects
     below (`SQLiteStorage`, `PostgresStorage`) say how to talk to their database.
@@ -630,6 +755,8 @@ class Storage:
         self._closed = False
         self._statements = {}  # shared SQL -> this dialect's text
         self._promote_at = 0.0  # monotonic time of the next check for delayed steps
+        self._limits_checked, self._limits_used = -LIMITS_CHECK, False
+        self._declared = {}  # task name -> the limits this process recorded for it
         self._changes = threading.Condition()  # see wait_for_change()
         self._change_count = 0
         self._waiting = 0
@@ -706,11 +833,11 @@ class Storage:
                 raise Error(f"{self.name}: the queue is closed")
             return self._connect()
         except BaseException:
-            self._free_slot()
+            self._return_slot()
             raise
 
     def _release(self, conn, reuse):
-        self._free_slot()
+        self._return_slot()
         if reuse and self._generation == _fork_generation and not self._closed:
             with self._pool_lock:
                 if len(self._idle) < POOL_SIZE:
@@ -725,7 +852,7 @@ class Storage:
                 with contextlib.suppress(Exception):
                     each.close()
 
-    def _free_slot(self):
+    def _return_slot(self):
         if self._slots is not None and self._generation == _fork_generation:
             with contextlib.suppress(ValueError):
                 self._slots.release()
@@ -948,7 +1075,7 @@ class Storage:
         if all(len(row) == PLAIN_FIELDS for row in rows):
             return self._insert_many(conn, INSERT_PLAIN, rows)
         full = [row if len(row) > PLAIN_FIELDS else row + (None, 0, 0, None, 0, None, None,
-                                                           None, None, None) for row in rows]
+                                                           None, None, None, None) for row in rows]
         if not any(row[11] is not None for row in full):
             return self._insert_many(conn, INSERT_JOB, full)
         return [self._insert_unique(conn, row) for row in full]
@@ -970,17 +1097,16 @@ class Storage:
 
         The claim is one UPDATE over the ready index: SQLite's write statement takes
         the lock before it reads, PostgreSQL's "skip locked" passes rows another
-        worker is taking, so no step is ever claimed twice."""
+        worker is taking, so no step is ever claimed twice. It passes over steps of
+        limited tasks and paused queues; when such are in use, _claim_held() takes or
+        parks those, in a transaction where the limits are counted exactly."""
         self.promote()
-        where = self._queue_filter(queues)
-        sql = ("update litetq_jobs set status = 'running', worker = ?, token = token + 1, "
-               "lease_until = litetq_now() + ?, attempts = attempts + 1, "
-               "started = litetq_now() where id in (select id from litetq_jobs "
-               f"where status = 'queued' and delayed = 0{where} order by priority desc, due, id "
-               "limit ? for update skip locked) returning id, name, args, rest, attempts, "
-               "token, priority, due, expires < litetq_now()")
         while True:  # until a claim holds a step that has not expired, or none is due
-            rows = self.change(sql, (worker, lease, *(queues or ()), limit))
+            rows = self.change(CLAIM.format(where=self._queue_filter(queues)),
+                               (worker, lease, *(queues or ()), limit))
+            if len(rows) < limit and self._limits_in_use():
+                rows += self.transact(lambda conn: self._claim_held(
+                    conn, worker, lease, queues, limit - len(rows)))
             claims = sorted(map(Claim._make, rows),  # RETURNING has no order
                             key=lambda claim: (-claim.priority, claim.due, claim.id))
             expired = [claim for claim in claims if claim.expired]
@@ -995,12 +1121,96 @@ class Storage:
         for claim in claims:  # never begun: the claim was no attempt
             self._execute(conn, "update litetq_jobs set attempts = attempts - 1 where id = ?",
                           (claim.id,))
+            key = self._execute(conn, "select limit_key from litetq_jobs where id = ?",
+                                (claim.id,)).fetchone()[0]
+            self._free_slot(conn, key)
             self._end(conn, claim.id, "expired", only_if="running",
                       error="expired: waited longer than its ttl")
 
+    def _limits_in_use(self):
+        """Whether any task has a limit or any queue is paused; looked up once a second.
+        (The claim's own conditions are exact: this only saves the slower path.)"""
+        now = time.monotonic()
+        if now >= self._limits_checked + LIMITS_CHECK:
+            self._limits_used = bool(self.query_one(
+                "select exists (select 1 from litetq_limits) or exists (select 1 from "
+                "litetq_paused)")[0])
+            self._limits_checked = now
+        return self._limits_used
+
+    def _claim_held(self, conn, worker, lease, queues, limit):
+        """Take or park each candidate in queue order: a step of a paused queue, or one
+        a limit holds, leaves the ready index (see PARKED); the rest are claimed.
+        Limits are counted under a lock per key, so claims on every host agree."""
+        paused = {queue for (queue,) in self._execute(conn, "select queue from litetq_paused")}
+        now = self._execute(conn, "select litetq_now()").fetchone()[0]
+        slots, starts, claimed, budget = {}, {}, [], PARK_BATCH
+        while len(claimed) < limit and budget > 0:
+            asked = min(limit - len(claimed), budget)
+            rows = self._execute(conn, CANDIDATES.format(where=self._queue_filter(queues)),
+                                 (*(queues or ()), asked)).fetchall()
+            for job_id, queue, name, key, concurrency, rate, per, _, _ in sorted(
+                    rows, key=lambda row: (-row[7], row[8], row[0])):
+                key = (key or name) if concurrency is not None else None
+                if queue in paused:
+                    self._execute(conn, "update litetq_jobs set parked = 3 where id = ?",
+                                  (job_id,))
+                elif key is not None and not self._take_slot(conn, key, concurrency, slots):
+                    self._execute(conn, "update litetq_jobs set parked = 2, limit_key = ? "
+                                  "where id = ?", (key, job_id))
+                elif rate is not None and (wait := self._rate_wait(conn, name, rate, per, now,
+                                                                   starts)):
+                    self._execute(conn, "update litetq_jobs set parked = 1, due = ? "
+                                  "where id = ?", (now + wait, job_id))
+                else:
+                    claimed += self._execute(conn, CLAIM_ONE, (worker, lease, key, job_id))
+                    if rate is not None:
+                        self._execute(conn, "insert into litetq_starts values "
+                                      "(?, litetq_now())", (name,))
+            budget -= len(rows)
+            if len(rows) < asked:
+                break
+        return claimed
+
+    def _take_slot(self, conn, key, concurrency, slots):
+        """True if a step of limit `key` may start now (and count it as started)."""
+        if key not in slots:
+            self._lock_key(conn, key)
+            running = self._execute(conn, "select count(*) from litetq_jobs where "
+                                    "status = 'running' and limit_key = ?", (key,)).fetchone()[0]
+            slots[key] = concurrency - running
+        slots[key] -= 1
+        return slots[key] >= 0
+
+    def _rate_wait(self, conn, name, rate, per, now, starts):
+        """0 if a step of `name` may start now under its rate (and count its start),
+        else the seconds until its window has room."""
+        if name not in starts:
+            self._lock_key(conn, f"rate {name}")
+            self._execute(conn, "delete from litetq_starts where name = ? and time <= ?",
+                          (name, now - per))
+            starts[name] = [time for (time,) in self._execute(
+                conn, "select time from litetq_starts where name = ? order by time", (name,))]
+        times = starts[name]
+        if len(times) < rate:
+            times.append(now)
+            return 0
+        return max(times[len(times) - rate] + per - now, 0.001)
+
+    def _lock_key(self, conn, key):
+        """Inside a transaction: one claim at a time counts the steps of `key`."""
+
+    def _free_slot(self, conn, key):
+        """A step of limit `key` stopped running: the first step it held joins the
+        ready ones again (the next claim takes it, or parks it again)."""
+        if key is not None:
+            self._execute(conn, "update litetq_jobs set parked = 0 where id in (select id "
+                          "from litetq_jobs where status = 'queued' and parked = 2 and "
+                          "limit_key = ? order by priority desc, due, id limit 1)", (key,))
+
     @staticmethod
-    def _queue_filter(queues):
-        return f" and queue in ({', '.join('?' * len(queues))})" if queues else ""
+    def _queue_filter(queues, column="queue"):
+        return f" and {column} in ({', '.join('?' * len(queues))})" if queues else ""
 
     def next_work(self, queues=None):
         """Seconds until a step of `queues` is due: 0.0 if one is, None if none is
@@ -1009,10 +1219,10 @@ class Storage:
         where, params = self._queue_filter(queues), tuple(queues or ())
         with self.connection() as conn:
             if self._execute(conn, "select 1 from litetq_jobs where status = 'queued' and "
-                             f"delayed = 0{where} limit 1", params).fetchone():
+                             f"parked = 0{where} limit 1", params).fetchone():
                 return 0.0
             wait = self._execute(conn, "select min(due) - litetq_now() from litetq_jobs "
-                                 f"where status = 'queued' and delayed = 1{where}",
+                                 f"where status = 'queued' and parked = 1{where}",
                                  params).fetchone()[0]
         return None if wait is None else max(wait, 0.0)
 
@@ -1024,10 +1234,10 @@ class Storage:
             return
         with self.connection() as conn:
             wait = self._execute(conn, "select min(due) - litetq_now() from litetq_jobs "
-                                 "where status = 'queued' and delayed = 1").fetchone()[0]
+                                 "where status = 'queued' and parked = 1").fetchone()[0]
             if wait is not None and wait <= 0:
-                self._execute(conn, "update litetq_jobs set delayed = 0 where status = "
-                              "'queued' and delayed = 1 and due <= litetq_now()")
+                self._execute(conn, "update litetq_jobs set parked = 0 where status = "
+                              "'queued' and parked = 1 and due <= litetq_now()")
                 wait = None
         self._promote_at = time.monotonic() + min(PROMOTE_EVERY, max(wait or 0.0, 0.0))
 
@@ -1064,7 +1274,8 @@ class Storage:
     def _succeeded_alone(self, conn, job_id, token, result, call):
         """The common case in one statement: no cancel flag, no subtasks of this step,
         and (to complete) no parent to tell. False sends the caller the long way."""
-        claimed = ("id = ? and token = ? and status = 'running' and cancel = 0 and not "
+        claimed = ("id = ? and token = ? and status = 'running' and cancel = 0 and "
+                   "limit_key is null and not "
                    "exists (select 1 from litetq_jobs c where c.parent_id = ? and "
                    f"c.orphan = 0 and (c.status in {UNFINISHED_SQL} or c.parent_token = ?))")
         if call is None:
@@ -1074,8 +1285,9 @@ class Storage:
             params = (result, job_id, token, job_id, token)
         else:
             sql = ("update litetq_jobs set status = 'queued', name = ?, args = ?, rest = ?, "
-                   "steps = steps + 1, attempts = 0, lost = 0, error = null, expires = null, "
-                   f"due = litetq_now(), delayed = 0, lease_until = null where {claimed}")
+                   "limit_key = ?, steps = steps + 1, attempts = 0, lost = 0, error = null, "
+                   "expires = null, "
+                   f"due = litetq_now(), parked = 0, lease_until = null where {claimed}")
             params = (*call, job_id, token, job_id, token)
         return self._execute(conn, sql, params).rowcount == 1
 
@@ -1085,8 +1297,8 @@ class Storage:
             return held
         if call is not None:
             self._execute(conn, "update litetq_jobs set name = ?, args = ?, rest = ?, "
-                          "steps = steps + 1, attempts = 0, lost = 0, error = null, "
-                          "expires = null where id = ?", (*call, job_id))
+                          "limit_key = ?, steps = steps + 1, attempts = 0, lost = 0, "
+                          "error = null, expires = null where id = ?", (*call, job_id))
         resume = "continue" if call is not None else "complete"
         self._execute(conn, "update litetq_jobs set status = 'waiting', resume = ?, result = ?, "
                       "lease_until = null where id = ?", (resume, result, job_id))
@@ -1107,7 +1319,7 @@ class Storage:
             self._end(conn, job_id, "failed", error=error, tb=tb)
             return "failed"
         self._execute(conn, "update litetq_jobs set status = 'queued', "
-                      "due = litetq_now() + ?, delayed = ?, error = ?, traceback = ?, "
+                      "due = litetq_now() + ?, parked = ?, error = ?, traceback = ?, "
                       "lease_until = null, expires = null where id = ?",
                       (retry_delay, int(retry_delay > 0), error, tb, job_id))
         return "queued"
@@ -1115,12 +1327,14 @@ class Storage:
     def _held(self, conn, job_id, token, error=None, tb=None):
         """Before a step's end is recorded: ("running", lost count) while this claim
         still holds it; (None, None) if the claim was lost; ("cancelled", None) if the
-        job was cancelled meanwhile, which ends it here."""
-        row = self._execute(conn, "select lost, cancel from litetq_jobs where id = ? and "
-                            "token = ? and status = 'running' for update",
+        job was cancelled meanwhile, which ends it here. Whatever comes next, the step
+        stops running in this transaction: its concurrency slot is free."""
+        row = self._execute(conn, "select lost, cancel, limit_key from litetq_jobs where "
+                            "id = ? and token = ? and status = 'running' for update",
                             (job_id, token)).fetchone()
         if row is None:
             return None, None
+        self._free_slot(conn, row[2])
         if row[1]:
             self._end(conn, job_id, "cancelled", error=error, tb=tb)
             return "cancelled", None
@@ -1156,7 +1370,7 @@ class Storage:
                       f"{MAX_LOST} times (the last time: {message})")
             return "failed"
         self._execute(conn, "update litetq_jobs set status = 'queued', due = litetq_now(), "
-                      "delayed = 0, error = ?, attempts = attempts - 1, lost = lost + 1, "
+                      "parked = 0, error = ?, attempts = attempts - 1, lost = lost + 1, "
                       "lease_until = null where id = ?", (message, job_id))
         return "queued"
 
@@ -1197,7 +1411,7 @@ class Storage:
             self._end(conn, job_id, "failed", error=f"subtask {child} ({name}) {status}{detail}")
         elif row[1] == "continue":
             self._execute(conn, "update litetq_jobs set status = 'queued', due = litetq_now(), "
-                          "delayed = 0, resume = null where id = ?", (job_id,))
+                          "parked = 0, resume = null where id = ?", (job_id,))
         else:
             self._execute(conn, "update litetq_jobs set error = null, traceback = null "
                           "where id = ?", (job_id,))
@@ -1205,10 +1419,7 @@ class Storage:
 
     def _cancel_tree(self, conn, job_id, include_self=True):
         """Cancel a job (if asked) and its unfinished descendants; flag running ones."""
-        ids = [row[0] for row in self._execute(
-            conn, "with recursive tree(id) as (select cast(? as bigint) union all "
-            "select j.id from litetq_jobs j join tree on j.parent_id = tree.id) "
-            "select id from tree", (job_id,))]
+        ids = [row[0] for row in self._execute(conn, TREE, (job_id,))]
         if not include_self:
             ids = ids[1:]
         changed = False
@@ -1246,7 +1457,7 @@ class Storage:
                         f"its unique key {key!r}")
         self._abandon(conn, job_id, token)  # its last attempt's subtasks start afresh too
         self._execute(conn, "update litetq_jobs set status = 'queued', due = litetq_now(), "
-                      "delayed = 0, attempts = 0, lost = 0, cancel = 0, expires = null, "
+                      "parked = 0, attempts = 0, lost = 0, cancel = 0, expires = null, "
                       "error = null, traceback = null, finished = null, resume = null "
                       "where id = ?", (job_id,))
         return True
@@ -1264,14 +1475,16 @@ class Storage:
     def _give_back(self, conn, where, params):
         """Queue again, uncounted, the running steps matching `where`; those whose job
         was cancelled meanwhile end as cancelled instead of running again."""
-        steps = self._execute(conn, f"select id, token, cancel from litetq_jobs where {where} "
-                              "and status = 'running' for update", params).fetchall()
-        for job_id, token, cancel in steps:
+        steps = self._execute(conn, f"select id, token, cancel, limit_key from litetq_jobs "
+                              f"where {where} and status = 'running' for update",
+                              params).fetchall()
+        for job_id, token, cancel, key in steps:
+            self._free_slot(conn, key)
             if cancel:
                 self._end(conn, job_id, "cancelled")
                 continue
             self._abandon(conn, job_id, token)
-            self._execute(conn, "update litetq_jobs set status = 'queued', delayed = 0, "
+            self._execute(conn, "update litetq_jobs set status = 'queued', parked = 0, "
                           "lease_until = null, attempts = attempts - 1 where id = ?", (job_id,))
         return len(steps)
 
@@ -1279,7 +1492,7 @@ class Storage:
         """True if a step is due in `queues` or claimed (begun or not) by one of the
         `workers`: one statement, so a step that finishes and queues its continuation
         between two reads cannot hide."""
-        due = ("status = 'queued' and (delayed = 0 or due <= litetq_now())"
+        due = ("status = 'queued' and (parked = 0 or parked = 1 and due <= litetq_now())"
                + self._queue_filter(queues))
         claimed = f"status = 'running' and worker in ({', '.join('?' * len(workers))})"
         return bool(self.query_one(
@@ -1330,15 +1543,91 @@ class Storage:
         return self.query_one("select litetq_now() - min(due) from litetq_jobs "
                               "where status = 'queued' and due <= litetq_now()")[0]
 
+    def purge(self, status, older_than, budget=None):
+        """Delete the job trees (a root and every subtask, with their logs) whose root
+        is `status` and finished over `older_than` seconds ago, PURGE_BATCH roots to
+        a transaction; a tree with an unfinished job in it stays. With `budget`, stop
+        after about that many seconds. Returns the number of jobs deleted."""
+        deleted, after = 0, (-math.inf, 0)
+        stop = None if budget is None else time.monotonic() + budget
+        while after is not None and (stop is None or time.monotonic() < stop):
+            count, after = self.transact(
+                lambda conn: self._purge_batch(conn, status, older_than, after))
+            deleted += count
+        return deleted
+
+    def _purge_batch(self, conn, status, older_than, after):
+        """One batch of purge(): (jobs deleted, where the next batch starts or None)."""
+        roots = self._execute(
+            conn, "select id, finished from litetq_jobs where parent_id is null and "
+            "finished is not null and status = ? and finished < litetq_now() - ? and "
+            "(finished > ? or finished = ? and id > ?) order by finished, id limit ?",
+            (status, older_than, after[0], after[0], after[1], PURGE_BATCH)).fetchall()
+        deleted = 0
+        for root, _ in roots:
+            tree = [row[0] for row in self._execute(conn, TREE, (root,))]
+            marks = ", ".join("?" * len(tree))
+            if self._execute(conn, f"select 1 from litetq_jobs where id in ({marks}) and "
+                             f"status in {UNFINISHED_SQL} limit 1", tree).fetchone():
+                continue  # a subtask still runs: the tree waits for the next pass
+            self._execute(conn, f"delete from litetq_logs where job_id in ({marks})", tree)
+            deleted += self._execute(conn, f"delete from litetq_jobs where id in ({marks})",
+                                     tree).rowcount
+        return deleted, (roots[-1][1], roots[-1][0]) if len(roots) == PURGE_BATCH else None
+
+    def forget_workers(self, older_than):
+        """Remove workers whose heartbeat stopped over `older_than` seconds ago."""
+        return self.change("delete from litetq_workers where heartbeat < litetq_now() - ?",
+                           (older_than,))
+
+    # Limits and paused queues.
+
+    def declare_limits(self, name, concurrency, rate, per):
+        """Record a task's limits, which claims read, once per process and change."""
+        if self._declared.get(name) == (concurrency, rate, per):
+            return
+        if concurrency is None and rate is None:
+            self.change("delete from litetq_limits where name = ?", (name,))
+        else:
+            self.change("insert into litetq_limits values (?, ?, ?, ?) on conflict (name) do "
+                        "update set concurrency = excluded.concurrency, rate = excluded.rate, "
+                        "per = excluded.per", (name, concurrency, rate, per))
+            self._limits_used = True
+        self._declared[name] = (concurrency, rate, per)
+
+    def pause(self, queue):
+        self.change("insert into litetq_paused values (?) on conflict (queue) do nothing",
+                    (queue,))
+        self._limits_used = True
+
     @_transaction
-    def purge(self, conn, statuses, older_than):
-        marks = ", ".join("?" * len(statuses))
-        ids = (f"select id from litetq_jobs where status in ({marks}) "
-               "and finished < litetq_now() - ?")
-        self._execute(conn, f"delete from litetq_logs where job_id in ({ids})",
-                      (*statuses, older_than))
-        return self._execute(conn, f"delete from litetq_jobs where id in ({ids})",
-                             (*statuses, older_than)).rowcount
+    def resume(self, conn, queue):
+        self._execute(conn, "delete from litetq_paused where queue = ?", (queue,))
+        return self._execute(conn, "update litetq_jobs set parked = 0 where status = 'queued' "
+                             "and parked = 3 and queue = ?", (queue,)).rowcount
+
+    def paused(self):
+        return {queue for (queue,) in self.query("select queue from litetq_paused")}
+
+    def free_held(self):
+        """The safety net under _free_slot(): for each key with free slots, release as
+        many held steps. The supervisor runs it now and then."""
+        held = self.query("select limit_key, count(*) from litetq_jobs where status = "
+                          "'queued' and parked = 2 group by limit_key")
+        for key, _ in held:
+            self.transact(lambda conn: self._free_held_key(conn, key))
+
+    def _free_held_key(self, conn, key):
+        self._lock_key(conn, key)
+        row = self._execute(conn, "select l.concurrency - (select count(*) from litetq_jobs "
+                            "where status = 'running' and limit_key = ?) from litetq_jobs j "
+                            "join litetq_limits l on l.name = j.name where j.status = 'queued' "
+                            "and j.parked = 2 and j.limit_key = ? limit 1", (key, key)).fetchone()
+        free = row[0] if row else 1  # a task no longer limited: its steps go free
+        if free > 0:
+            self._execute(conn, "update litetq_jobs set parked = 0 where id in (select id from "
+                          "litetq_jobs where status = 'queued' and parked = 2 and limit_key = ? "
+                          "order by priority desc, due, id limit ?)", (key, free))
 
     # Inside a step: logs, progress, cancellation.
 
@@ -1348,11 +1637,8 @@ class Storage:
 
     def logs(self, job_id):
         """Logs of a job and all its subtasks, oldest first."""
-        return self.query(
-            "with recursive tree(id) as (select cast(? as bigint) union all select j.id "
-            "from litetq_jobs j join tree on j.parent_id = tree.id) select time, level, "
-            "message, job_id from litetq_logs where job_id in (select id from tree) "
-            "order by time, id", (job_id,))
+        return self.query(f"select time, level, message, job_id from litetq_logs where "
+                          f"job_id in ({TREE}) order by time, id", (job_id,))
 
     def set_progress(self, job_id, progress):
         self.change("update litetq_jobs set progress = ? where id = ?", (progress, job_id))
@@ -1881,6 +2167,9 @@ class PostgresStorage(Storage):
                                 "where key = 'schema'").fetchone()
             return int(row[0]) if row else None
 
+    def _lock_key(self, conn, key):
+        self._execute(conn, "select pg_advisory_xact_lock(hashtext(?))", (f"litetq {key}",))
+
     def _lock_schema(self, conn):
         # Many processes may open an empty database at once: one creates the tables.
         self._execute(conn, "select pg_advisory_xact_lock(hashtext('litetq schema ' || "
@@ -1912,9 +2201,9 @@ POSTGRES_DDL = (
     "create trigger litetq_jobs_inserted after insert on litetq_jobs "
     "for each statement execute function litetq_notify()",
     "drop trigger if exists litetq_jobs_changed on litetq_jobs",
-    "create trigger litetq_jobs_changed after update of status, delayed on litetq_jobs "
+    "create trigger litetq_jobs_changed after update of status, parked on litetq_jobs "
     "for each row when (new.status <> 'running' and (old.status <> new.status "
-    "or old.delayed <> new.delayed)) execute function litetq_notify()",
+    "or old.parked <> new.parked)) execute function litetq_notify()",
     "drop trigger if exists litetq_messages_put on litetq_messages",
     "create trigger litetq_messages_put after insert on litetq_messages "
     "for each statement execute function litetq_notify()",
@@ -2001,6 +2290,7 @@ class Queue:
         """Durably add a call; returns its `Job`. With `conn`, the job is written in the
         caller's open transaction on the same database and appears only if it commits."""
         row = _job_row(task, queue, priority, delay, at, ttl, unique)
+        self._declare(row[2])
         job = Job(self, self.storage.insert_jobs([row], conn)[0])
         self.storage.changed()
         return job
@@ -2011,9 +2301,46 @@ class Queue:
         rows = [_job_row(t, queue, priority, delay, at, ttl, unique) for t in tasks]
         if not rows:
             return []
+        for name in {row[2] for row in rows}:
+            self._declare(name)
         jobs = [Job(self, job_id) for job_id in self.storage.insert_jobs(rows, conn)]
         self.storage.changed()
         return jobs
+
+    def _declare(self, name):
+        """Record the limits of the task `name` runs, for every claim to read."""
+        function = _registry.get(name)
+        if function is not None and (function.concurrency or function.rate):
+            self.storage.declare_limits(name, *function.limits)
+
+    # Flow control and retention.
+
+    def pause(self, queue):
+        """Workers start no new step from `queue` until resume(queue); running steps
+        finish, and enqueueing goes on. Stored in the database: every worker obeys."""
+        self.storage.pause(_name(queue, "queue"))
+
+    def resume(self, queue):
+        """Let workers take steps from a paused queue again."""
+        self.storage.resume(_name(queue, "queue"))
+        self.storage.changed()
+
+    def paused(self):
+        """The set of paused queue names."""
+        return self.storage.paused()
+
+    def purge(self, status=None, older_than=None):
+        """Delete finished jobs (whole trees: a root and its subtasks, with their logs)
+        whose root is `status` (a status or a list; default every terminal one) and
+        finished over `older_than` seconds ago (default 0). Returns the number deleted,
+        subtasks included; nothing unfinished is ever deleted."""
+        statuses = [status] if isinstance(status, str) else list(status or TERMINAL)
+        for each in statuses:
+            if each not in TERMINAL:
+                raise ValueError(f"purge() deletes only finished jobs ({', '.join(TERMINAL)}), "
+                                 f"not {each!r}")
+        older_than = 0.0 if older_than is None else _seconds(older_than, "older_than")
+        return sum(self.storage.purge(each, older_than) for each in statuses)
 
     # Reading jobs.
 
@@ -2080,6 +2407,8 @@ class Queue:
             params, kwargs = loads(claim.args)
             result, call = _outcome(function.func(*params, **kwargs),
                                     claim.rest and loads(claim.rest))
+            if call is not None:
+                self._declare(call[0])
             if defer and context._step is None:
                 self._finished.append((claim, result, call))
                 return "complete" if call is None else "queued"
@@ -2312,14 +2641,15 @@ def _job_row(task, queue, priority, delay, at, ttl, unique, parent=None, parent_
         ttl = function.ttl
     row = (_name(queue, "queue"), _integer(priority, "priority"), call.name,
            _dumps_call(call))
+    limit_key = function.limit_key(call) if function else None
     if rest or delay is not None or at is not None or ttl is not None or unique is not None \
-            or parent is not None:
+            or parent is not None or limit_key is not None:
         at, delay = _due(delay, at)
         delayed = int(delay > 0 or (at is not None and at > time.time()))
         ttl = None if ttl is None else _seconds(ttl, "ttl")
         unique = None if unique is None else _name(unique, "unique")
         row += (at, delay, delayed, at, delay, ttl, _dumps(rest, "chain") if rest else None,
-                unique, parent, parent_token)
+                unique, parent, parent_token, limit_key)
     return row
 
 
@@ -2328,24 +2658,6 @@ class _Unsaved(Error):
 
     def __init__(self, exc):
         super().__init__(f"could not save the step's outcome: {exc}")
-
-
-def _seconds(value, name, positive=False):
-    """A finite number of seconds, at least 0 (or above it): else ValueError/TypeError."""
-    value = _number(value, name)
-    if value < 0 or positive and value == 0:
-        raise ValueError(f"{name} must be {'above' if positive else 'at least'} 0, "
-                         f"not {value!r}")
-    return value
-
-
-def _integer(value, name, low=-2 ** 63, high=2 ** 63 - 1):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__} "
-                        f"{_short_repr(value)}")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be from {low} to {high}, not {value}")
-    return int(value)
 
 
 def _valid_id(value):
@@ -2359,17 +2671,6 @@ def _valid_id(value):
     return value
 
 
-def _name(value, what):
-    """A queue name, unique key or entry name: a non-empty str a database can store."""
-    if not isinstance(value, str):
-        raise TypeError(f"{what} must be a str, not {type(value).__name__} "
-                        f"{_short_repr(value)}")
-    if not value or _clean_text(value) != value:
-        raise ValueError(f"{what} must be a non-empty str without NUL characters or lone "
-                         f"surrogates, not {value!r}")
-    return value
-
-
 def _due(delay, at):
     """(at, delay) for the INSERT: at an epoch time, or `delay` seconds from now."""
     if delay is not None and at is not None:
@@ -2379,15 +2680,6 @@ def _due(delay, at):
     if isinstance(at, datetime.datetime):
         return at.timestamp(), 0.0  # a naive datetime is local time, as timestamp() says
     return (None if at is None else _number(at, "at", "a datetime or an epoch time")), 0.0
-
-
-def _number(value, name, kind="a number of seconds"):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be {kind}, not {type(value).__name__} "
-                        f"{_short_repr(value)}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, not {value!r}")
-    return float(value)
 
 
 def _dumps_call(call):
@@ -2410,7 +2702,9 @@ def _outcome(value, rest):
             return _dumps(value, "result"), None
         except (TypeError, ValueError) as exc:
             raise Fatal(str(exc)) from None
-    return None, (call.name, _dumps_call(call), _dumps(rest, "chain") if rest else None)
+    function = _registry.get(call.name)  # the limits of the task it calls apply to it
+    return None, (call.name, _dumps_call(call), _dumps(rest, "chain") if rest else None,
+                  function.limit_key(call) if function else None)
 
 
 _default = None
@@ -2627,7 +2921,8 @@ class Context:
         if set(options) - known:
             raise TypeError(f"spawn() got unknown options: {', '.join(set(options) - known)}")
         row = _job_row(task, **{k: options.get(k) for k in known}, parent=self.job.id,
-                             parent_token=self._token)
+                       parent_token=self._token)
+        queue._declare(row[2])
         if self._atomic:
             self.db  # in the step's transaction: spawned if and only if the step commits
         job = Job(queue, queue.storage.insert_jobs([row])[0])
@@ -3016,6 +3311,9 @@ MAX_BATCH = 64  # steps a worker process claims at once when the queue is deep
 BATCH_TIME = 0.005  # seconds of work a batch may hold before its results are committed
 QUICK_STEP = 0.001  # seconds: a task usually this quick may have its result batched
 MAX_BACKOFF = 5.0  # seconds, at most, between tries against a failing database
+KEEP = {"complete": 86400.0, "failed": 7 * 86400.0, "cancelled": 7 * 86400.0,
+        "expired": 7 * 86400.0}  # seconds finished jobs are kept, by status (None: forever)
+RETAIN_BUDGET = 0.1  # seconds the supervisor spends deleting old jobs of a status, a second
 
 
 def _import_modules(names):
@@ -3047,12 +3345,14 @@ class Worker:
 
     def __init__(self, path, queues=None, concurrency=None, imports=(), burst=False,
                  reload=False, cron=True, grace=30.0, lease=DEFAULT_LEASE,
-                 start_method=None, log_config=(None, "INFO"), synchronous=None):
+                 start_method=None, log_config=(None, "INFO"), synchronous=None, keep=None):
         self.path, self.queues, self.imports = path, queues or None, list(imports)
         self.concurrency = concurrency or os.cpu_count() or 1
         self.burst, self.reload, self.cron, self.grace, self.lease = (
             burst, reload, cron, grace, lease)
         self.synchronous = synchronous
+        self.keep = {**KEEP, **(keep or {})}
+        self._ticks = 0
         self.context = multiprocessing.get_context(start_method)
         self.log_config = log_config
         self.signals = 0  # set by the signal handlers, read by the loop
@@ -3087,8 +3387,11 @@ class Worker:
         self.signals += 1  # only a flag: logging or I/O here can deadlock
 
     def _register(self):
-        self.queue.storage.register_worker(self.worker_id, ",".join(self.queues or ["*"]),
-                                           self.concurrency)
+        storage = self.queue.storage
+        storage.register_worker(self.worker_id, ",".join(self.queues or ["*"]),
+                                self.concurrency)
+        for function in list(_registry.values()):  # what it imported decides the limits
+            storage.declare_limits(function.name, *function.limits)
         for spec, name, tz, queue, function in _periodic:
             self.queue.schedule(name, spec, function(), tz=tz, queue=queue)
 
@@ -3136,6 +3439,16 @@ class Worker:
         if self.cron:
             for job in self.queue.fire_due():
                 logger.info("cron: enqueued job %s %r", job.id, job.task)
+        self._ticks += 1
+        if self._ticks % 5 == 0:
+            storage.free_held()
+        for status, keep in self.keep.items():
+            if keep is not None:
+                deleted = storage.purge(status, keep, budget=RETAIN_BUDGET)
+                if deleted:
+                    logger.info("retention: deleted %d jobs of %s trees", deleted, status)
+        if self._ticks % 60 == 0:
+            storage.forget_workers(7 * 86400)
 
     def _idle(self):
         """Burst mode: nothing due in our queues and none of our processes busy."""
@@ -4022,6 +4335,19 @@ def _job_ids(text):
     return int(text)
 
 
+def _keep(text):
+    """'complete=2h,failed=forever' -> {"complete": 7200.0, "failed": None}."""
+    keep = {}
+    for item in text.split(","):
+        status, equals, age = item.strip().partition("=")
+        if status not in TERMINAL or not equals:
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: give STATUS=AGE, STATUS one of {', '.join(TERMINAL)} "
+                f"and AGE like 2h, 30d or forever")
+        keep[status] = None if age.strip() == "forever" else _duration(age.strip())
+    return keep
+
+
 def _synchronous_arg(parser):
     parser.add_argument("--synchronous", type=str.upper, choices=["NORMAL", "FULL"],
                         help="SQLite: FULL makes every commit survive power loss "
@@ -4062,6 +4388,9 @@ def build_parser():
                              f"(default {DEFAULT_LEASE:g})")
     worker.add_argument("--start-method", choices=multiprocessing.get_all_start_methods(),
                         help="how worker processes start (default: the platform's)")
+    worker.add_argument("--keep", type=_keep, default={}, metavar="STATUS=AGE,...",
+                        help="how long finished jobs are kept, e.g. complete=2h,failed=30d "
+                             "or failed=forever (default complete=1d, the others 7d)")
     _synchronous_arg(worker)
 
     command("status", "counts per queue and status, oldest wait, live workers")
@@ -4079,7 +4408,10 @@ def build_parser():
     retry.add_argument("--failed", action="store_true", help="every failed job")
     cancel = command("cancel", "cancel jobs (running ones when their step ends)")
     cancel.add_argument("ids", type=_job_ids, nargs="+", metavar="ID")
-    purge = command("purge", "delete finished jobs")
+    for name, what in (("pause", "workers start no new step from these queues"),
+                       ("resume", "let workers take steps from paused queues again")):
+        command(name, what).add_argument("queues", nargs="+", metavar="QUEUE")
+    purge = command("purge", "delete finished jobs (whole trees of a root and its subtasks)")
     purge.add_argument("--status", default=",".join(TERMINAL),
                        help=f"comma-separated (default {','.join(TERMINAL)})")
     purge.add_argument("--older-than", type=_duration, default=0.0,
@@ -4168,16 +4500,17 @@ def _cmd_worker(args):
     queues = [q for q in (args.queues or "").split(",") if q] or None
     worker = Worker(args.db, queues, args.concurrency, args.imports, args.burst, args.reload,
                     args.cron, args.grace, args.lease, args.start_method,
-                    (args.logfile, args.log_level), args.synchronous)
+                    (args.logfile, args.log_level), args.synchronous, args.keep)
     return worker.run()
 
 
 def _cmd_status(args):
     with _open(args.db, readonly=True) as queue:
-        stats = queue.stats()
+        stats, paused = queue.stats(), queue.paused()
         statuses = UNFINISHED + TERMINAL
-        rows = [[name, *(str(counts.get(s, 0)) for s in statuses)]
-                for name, counts in sorted(stats.items())]
+        rows = [[name + (" (paused)" if name in paused else ""),
+                 *(str(stats.get(name, {}).get(s, 0)) for s in statuses)]
+                for name in sorted(set(stats) | paused)]
         _print_table(["queue", *statuses], rows or [["(no jobs)"] + [""] * len(statuses)])
         wait = queue.storage.oldest_wait()
         print(f"\noldest due job has waited {wait:.1f} s" if wait else "\nno job is waiting")
@@ -4258,8 +4591,18 @@ def _cmd_purge(args):
         raise UsageError(f"can only purge finished jobs ({', '.join(TERMINAL)}), "
                          f"not {', '.join(sorted(unknown))}")
     with _open(args.db) as queue:
-        count = queue.storage.purge(statuses, args.older_than)
+        count = queue.purge(statuses, args.older_than)
         print(f"purged {count} jobs")
+    return 0
+
+
+def _cmd_pause(args):
+    for name in args.queues:
+        _name(name, "queue")
+    with _open(args.db) as queue:
+        for name in args.queues:
+            getattr(queue, args.command)(name)
+        print(f"{args.command}d: {' '.join(args.queues)}")
     return 0
 
 
@@ -4417,7 +4760,8 @@ def _demo_tour(demo, queue):
          lambda job: f", subtasks {[child.id for child in job.children()]}")
 
 
-COMMANDS = {"worker": _cmd_worker, "status": _cmd_status, "jobs": _cmd_jobs, "show": _cmd_show,
+COMMANDS = {"worker": _cmd_worker, "pause": _cmd_pause, "resume": _cmd_pause,
+            "status": _cmd_status, "jobs": _cmd_jobs, "show": _cmd_show,
             "retry": _cmd_retry, "cancel": _cmd_cancel, "purge": _cmd_purge,
             "enqueue": _cmd_enqueue, "cron": _cmd_cron, "web": _cmd_web, "demo": _cmd_demo}
 
