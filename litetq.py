@@ -587,7 +587,8 @@ create table if not exists litetq_jobs (
     parent_token integer,          -- the parent's claim token when it spawned this job
     orphan integer not null default 0,   -- spawned by an attempt that did not succeed
     limit_key text,                -- what a concurrency limit counts this step against
-    resume text,                   -- while waiting on subtasks: 'continue' or 'complete'
+    resume text,                   -- while waiting on subtasks: 'complete', or the JSON
+                                   -- [name, args, rest, limit_key] of the next step
     result text,
     error text,
     traceback text,
@@ -697,7 +698,7 @@ PARK_BATCH = 256  # rows one claim may park before it returns what it has
 PURGE_BATCH = 100  # job trees deleted in one transaction
 LIMITS_CHECK = 1.0  # seconds a process trusts its knowledge of whether limits are in use
 CHANGE_COALESCE = 0.001  # wake-ups from other processes' commits at most this often
-WAL_LIMIT = 32 * 2 ** 20  # bytes: past this the supervisor checkpoints and truncates the WAL
+WAL_LIMIT = 16 * 2 ** 20  # bytes: past this the supervisor checkpoints and truncates the WAL
 ATOMIC_SHARE = 0.8  # of the time, at most, back-to-back atomic steps hold SQLite's lock
 
 _fork_generation = 0  # bumped in a forked child: inherited connections must not be used
@@ -1295,11 +1296,9 @@ class Storage:
         held, _ = self._held(conn, job_id, token)
         if held != "running":
             return held
-        if call is not None:
-            self._execute(conn, "update litetq_jobs set name = ?, args = ?, rest = ?, "
-                          "limit_key = ?, steps = steps + 1, attempts = 0, lost = 0, "
-                          "error = null, expires = null where id = ?", (*call, job_id))
-        resume = "continue" if call is not None else "complete"
+        # The continuation waits in `resume` until the subtasks finish: should one fail
+        # and the job be retried, it is this step that runs again, with new subtasks.
+        resume = "complete" if call is None else json.dumps(call)
         self._execute(conn, "update litetq_jobs set status = 'waiting', resume = ?, result = ?, "
                       "lease_until = null where id = ?", (resume, result, job_id))
         self._settle(conn, job_id)
@@ -1409,9 +1408,11 @@ class Storage:
             child, name, status, error = bad
             detail = f": {error}" if status == "failed" else f" ({status})"
             self._end(conn, job_id, "failed", error=f"subtask {child} ({name}) {status}{detail}")
-        elif row[1] == "continue":
-            self._execute(conn, "update litetq_jobs set status = 'queued', due = litetq_now(), "
-                          "parked = 0, resume = null where id = ?", (job_id,))
+        elif row[1] != "complete":  # the continuation: the job's next step
+            self._execute(conn, "update litetq_jobs set status = 'queued', name = ?, args = ?, "
+                          "rest = ?, limit_key = ?, steps = steps + 1, attempts = 0, lost = 0, "
+                          "error = null, expires = null, due = litetq_now(), parked = 0, "
+                          "resume = null where id = ?", (*json.loads(row[1]), job_id))
         else:
             self._execute(conn, "update litetq_jobs set error = null, traceback = null "
                           "where id = ?", (job_id,))
@@ -1975,12 +1976,11 @@ class SQLiteStorage(Storage):
                 return
         except OSError:
             return
-        with self.connection() as conn:
-            conn.execute("pragma busy_timeout = 1000")
-            try:
-                conn.execute("pragma wal_checkpoint(truncate)").fetchall()
-            finally:
-                conn.execute("pragma busy_timeout = 0")
+        with self.connection() as conn:  # tried as often as writers try for the lock
+            deadline = time.monotonic() + 1.0
+            while conn.execute("pragma wal_checkpoint(truncate)").fetchone()[0] and \
+                    time.monotonic() < deadline:
+                time.sleep(0.0002 * (0.5 + random.random()))
 
     def _watch(self):
         """Hear other connections' commits: inotify on the WAL file where there is one
@@ -1992,6 +1992,7 @@ class SQLiteStorage(Storage):
             notifier = _FileWatch(self.path + "-wal")
         try:
             version = conn.execute("pragma data_version").fetchone()[0]
+            self._heard()  # what committed before we looked: waiters look for themselves
             while not self._closed:
                 if notifier is not None:
                     notifier.wait(0.25)
@@ -2183,6 +2184,7 @@ class PostgresStorage(Storage):
         conn = self._connect()
         try:
             conn.execute("listen litetq")
+            self._heard()  # what committed before we listened: waiters look for themselves
             while not self._closed:
                 for _ in conn.notifies(timeout=1.0, stop_after=1):
                     self._heard()
