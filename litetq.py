@@ -119,6 +119,10 @@ class Expired(Error):
     """The job waited longer than its ttl and never ran."""
 
 
+class _Unreachable(Error):
+    """The database server could not be reached, or dropped the connection."""
+
+
 class Fatal(Error):
     """Raise inside a task to fail its job at once, whatever retries remain."""
 
@@ -259,6 +263,54 @@ def deserialize_task(obj):
     return obj
 
 
+# Checks of what callers pass, shared by tasks, the queue and the command line.
+
+def _clean_text(text):
+    """Text any database stores: lone surrogates and NUL characters escaped."""
+    text = str(text)
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.replace("\x00", "\\x00") if "\x00" in text else text
+
+
+def _seconds(value, name, positive=False):
+    """A finite number of seconds, at least 0 (or above it): else ValueError/TypeError."""
+    value = _number(value, name)
+    if value < 0 or positive and value == 0:
+        raise ValueError(f"{name} must be {'above' if positive else 'at least'} 0, "
+                         f"not {value!r}")
+    return value
+
+
+def _integer(value, name, low=-2 ** 63, high=2 ** 63 - 1):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__} "
+                        f"{_short_repr(value)}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be from {low} to {high}, not {value}")
+    return int(value)
+
+
+def _number(value, name, kind="a number of seconds"):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be {kind}, not {type(value).__name__} "
+                        f"{_short_repr(value)}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, not {value!r}")
+    return float(value)
+
+
+def _name(value, what):
+    """A queue name, unique key or entry name: a non-empty str a database can store."""
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, not {type(value).__name__} "
+                        f"{_short_repr(value)}")
+    if not value or _clean_text(value) != value:
+        raise ValueError(f"{what} must be a non-empty str without NUL characters or lone "
+                         f"surrogates, not {value!r}")
+    return value
+
+
 # --- Tasks -------------------------------------------------------------------
 
 _registry = {}   # task name -> TaskFunction
@@ -329,11 +381,13 @@ def _advance(value, rest):
 class TaskFunction:
     """What `@task` returns: calling it makes a `Task`; `.delay()` enqueues one."""
 
-    def __init__(self, func, name, queue, priority, retries, retry_delay, timeout, atomic, ttl):
+    def __init__(self, func, name, queue, priority, retries, retry_delay, timeout, atomic, ttl,
+                 concurrency, concurrency_key, rate):
         functools.update_wrapper(self, func)
         self.func, self.name, self.queue, self.priority = func, name, queue, priority
         self.retries, self.retry_delay, self.timeout = retries, retry_delay, timeout
         self.atomic, self.ttl = atomic, ttl
+        self.concurrency, self.concurrency_key, self.rate = concurrency, concurrency_key, rate
 
     def __call__(self, *args, **kwargs):
         return Task(self.name, args, kwargs)
@@ -345,10 +399,43 @@ class TaskFunction:
     def __repr__(self):
         return f"<task {self.name}>"
 
+    @property
+    def limits(self):
+        """(concurrency, starts per window, window seconds) as the claim reads them."""
+        rate, per = self.rate or (None, None)
+        return self.concurrency, rate, per
+
+    def limit_key(self, call):
+        """The key a step of `call` counts against, or None without a concurrency limit."""
+        if self.concurrency is None:
+            return None
+        if self.concurrency_key is None:
+            return self.name
+        try:
+            key = self.concurrency_key(*call.args, **call.kwargs)
+        except Exception as exc:
+            raise ValueError(f"concurrency_key of {self.name} raised {type(exc).__name__}: "
+                             f"{exc}") from exc
+        if not isinstance(key, str):
+            raise TypeError(f"concurrency_key of {self.name} must return a str, not "
+                            f"{type(key).__name__} {_short_repr(key)}")
+        return f"{self.name}:{_name(key, 'the concurrency key')}"
+
 
 def task(func=None, *, name=None, queue="default", priority=0, retries=0, retry_delay=1.0,
-         timeout=None, atomic=False, ttl=None):
+         timeout=None, atomic=False, ttl=None, concurrency=None, concurrency_key=None,
+         rate=None):
     """Register a function as a task: `@task` or `@task(retries=3, timeout=30, ...)`."""
+    options = (_name(queue, "queue"), _integer(priority, "priority"),
+               _integer(retries, "retries", 0), _seconds(retry_delay, "retry_delay"),
+               None if timeout is None else _seconds(timeout, "timeout", positive=True),
+               bool(atomic), None if ttl is None else _seconds(ttl, "ttl"),
+               None if concurrency is None else _integer(concurrency, "concurrency", 1),
+               concurrency_key, _rate(rate))
+    if concurrency_key is not None and (concurrency is None or not callable(concurrency_key)):
+        raise TypeError("concurrency_key must be a function of the task's arguments, "
+                        "given together with concurrency=N")
+
     def register(func):
         task_name = name or f"{_module_name(func)}.{func.__qualname__}"
         existing = _registry.get(task_name)
@@ -356,11 +443,21 @@ def task(func=None, *, name=None, queue="default", priority=0, retries=0, retry_
             raise ValueError(f"task name {task_name!r} is already used by "
                              f"{existing.func.__module__}.{existing.func.__qualname__}; "
                              f"give one of them @task(name=...)")
-        wrapper = TaskFunction(func, task_name, queue, priority, retries, retry_delay,
-                               timeout, atomic, ttl)
+        wrapper = TaskFunction(func, _name(task_name, "name"), *options)
         _registry[task_name] = wrapper
         return wrapper
     return register(func) if func is not None else register
+
+
+def _rate(text):
+    """"10/s", "600/m", "1000/h" -> (10, 1.0) ...; None stays None."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*([smh])\s*", text) if isinstance(text, str) else None
+    if not match or int(match[1]) < 1:
+        raise ValueError(f"rate must look like '10/s', '600/m' or '1000/h' (at least 1), "
+                         f"not {text!r}")
+    return int(match[1]), {"s": 1.0, "m": 60.0, "h": 3600.0}[match[2]]
 
 
 def _module_name(func):
@@ -475,7 +572,7 @@ create table if not exists litetq_jobs (
     args text not null,            -- codec JSON [args, kwargs] of the current step
     rest text,                     -- codec JSON list of calls a chain runs after this one
     due {real} not null,           -- not before this epoch time
-    delayed integer not null default 0,  -- queued and not yet due when last looked at
+    parked integer not null default 0,   -- why a queued step waits, see PARKED
     expires {real},                -- ttl: expire instead of running after this
     unique_key text,
     attempts integer not null default 0,
@@ -489,7 +586,9 @@ create table if not exists litetq_jobs (
     parent_id bigint,
     parent_token integer,          -- the parent's claim token when it spawned this job
     orphan integer not null default 0,   -- spawned by an attempt that did not succeed
-    resume text,                   -- while waiting on subtasks: 'continue' or 'complete'
+    limit_key text,                -- what a concurrency limit counts this step against
+    resume text,                   -- while waiting on subtasks: 'complete', or the JSON
+                                   -- [name, args, rest, limit_key] of the next step
     result text,
     error text,
     traceback text,
@@ -498,9 +597,17 @@ create table if not exists litetq_jobs (
     finished {real}
 );
 create index if not exists litetq_jobs_ready on litetq_jobs (priority desc, due, id)
-    where status = 'queued' and delayed = 0;
-create index if not exists litetq_jobs_delayed on litetq_jobs (due)
-    where status = 'queued' and delayed = 1;
+    where status = 'queued' and parked = 0;
+create index if not exists litetq_jobs_due on litetq_jobs (due)
+    where status = 'queued' and parked = 1;
+create index if not exists litetq_jobs_held on litetq_jobs (limit_key, priority desc, due, id)
+    where status = 'queued' and parked = 2;
+create index if not exists litetq_jobs_paused on litetq_jobs (queue)
+    where status = 'queued' and parked = 3;
+create index if not exists litetq_jobs_slots on litetq_jobs (limit_key)
+    where status = 'running' and limit_key is not null;
+create index if not exists litetq_jobs_finished on litetq_jobs (status, finished)
+    where parent_id is null and finished is not null;
 create index if not exists litetq_jobs_lease on litetq_jobs (lease_until)
     where status = 'running';
 create index if not exists litetq_jobs_parent on litetq_jobs (parent_id)
@@ -524,15 +631,26 @@ create table if not exists litetq_cron_fired (
 create table if not exists litetq_workers (
     id text primary key, host text not null, pid integer not null, queues text,
     concurrency integer, started {real} not null, heartbeat {real} not null);
+create table if not exists litetq_limits (
+    name text primary key, concurrency integer, rate integer, per {real});
+create table if not exists litetq_starts (name text not null, time {real} not null);
+create index if not exists litetq_starts_name on litetq_starts (name, time);
+create table if not exists litetq_paused (queue text primary key);
 """
+# Why a queued step is not in the ready index, which claims read: 1 it is not due
+# yet (it joins when due: promote), 2 a concurrency limit holds it (it joins when a
+# step of its key stops running), 3 its queue is paused (it joins on resume). A
+# claim parks what it cannot start, so no claim looks at a held step twice.
+PARKED = {"due": 1, "limit": 2, "paused": 3}
 # What a version-1 database (litetq 0.1) needs to become version 2.
 MIGRATE_FROM_1 = """
-alter table litetq_jobs add column delayed integer not null default 0;
+alter table litetq_jobs add column parked integer not null default 0;
 alter table litetq_jobs add column token integer not null default 0;
 alter table litetq_jobs add column parent_token integer;
 alter table litetq_jobs add column orphan integer not null default 0;
+alter table litetq_jobs add column limit_key text;
 drop index if exists litetq_jobs_next;
-update litetq_jobs set delayed = 1 where status = 'queued' and due > litetq_now();
+update litetq_jobs set parked = 1 where status = 'queued' and due > litetq_now();
 """
 
 JOB_COLUMNS = ("id, queue, priority, status, name, args, rest, due, expires, unique_key, "
@@ -541,25 +659,46 @@ JOB_COLUMNS = ("id, queue, priority, status, name, args, rest, due, expires, uni
 CLAIM_COLUMNS = "id, name, args, rest, attempts, token, priority, due, expired"
 Claim = collections.namedtuple("Claim", CLAIM_COLUMNS)
 UNFINISHED_SQL = "('queued', 'running', 'waiting')"
+TREE = ("with recursive tree(id) as (select cast(? as bigint) union all select j.id from "
+        "litetq_jobs j join tree on j.parent_id = tree.id) select id from tree")
+TERMINAL_SQL = "('complete', 'failed', 'cancelled', 'expired')"
 NO_LIMIT = 2 ** 62  # "limit ?" for every row, in both dialects
 # A job row from Queue._job_row is (queue, priority, name, args) for a plain call
 # due now, which most jobs are: the short insert is half again as fast in bulk.
-# With any option it goes on: (at, delay, delayed, at, delay, ttl, rest, unique_key,
-# parent_id, parent_token), `at` and `delay` twice since due and expires need both.
+# With any option it goes on: (at, delay, parked, at, delay, ttl, rest, unique_key,
+# parent_id, parent_token, limit_key), `at` and `delay` twice since due and expires
+# need both.
 INSERT_PLAIN = ("insert into litetq_jobs (queue, priority, name, args, due, created, status) "
                 "values (?, ?, ?, ?, litetq_now(), litetq_now(), 'queued')")
 INSERT_JOB = (
-    "insert into litetq_jobs (queue, priority, name, args, due, delayed, expires, rest, "
-    "unique_key, parent_id, parent_token, created, status) values (?, ?, ?, ?, "
-    "coalesce(?, litetq_now() + ?), ?, coalesce(?, litetq_now() + ?) + ?, ?, ?, ?, ?, "
+    "insert into litetq_jobs (queue, priority, name, args, due, parked, expires, rest, "
+    "unique_key, parent_id, parent_token, limit_key, created, status) values (?, ?, ?, ?, "
+    "coalesce(?, litetq_now() + ?), ?, coalesce(?, litetq_now() + ?) + ?, ?, ?, ?, ?, ?, "
     "litetq_now(), 'queued')")
 INSERT_UNIQUE = (INSERT_JOB + " on conflict (unique_key) where unique_key is not null and "
                  f"status in {UNFINISHED_SQL} do nothing returning id")
 PLAIN_FIELDS = 4
+CLAIM_SET = ("status = 'running', worker = ?, token = token + 1, lease_until = litetq_now() + ?, "
+             "attempts = attempts + 1, started = litetq_now()")
+CLAIM_RETURNING = ("returning id, name, args, rest, attempts, token, priority, due, "
+                   "expires < litetq_now()")
+READY = ("select id from litetq_jobs where status = 'queued' and parked = 0{where} "
+         "order by priority desc, due, id limit ? for update skip locked")
+CLAIM = (f"update litetq_jobs set {CLAIM_SET} where id in ({READY}) and not exists "
+         "(select 1 from litetq_paused p where p.queue = litetq_jobs.queue) and not exists "
+         f"(select 1 from litetq_limits l where l.name = litetq_jobs.name) {CLAIM_RETURNING}")
+CLAIM_ONE = (f"update litetq_jobs set {CLAIM_SET}, limit_key = ? where id = ? "
+             f"{CLAIM_RETURNING}")
+CANDIDATES = ("select j.id, j.queue, j.name, j.limit_key, l.concurrency, l.rate, l.per, "
+              "j.priority, j.due from litetq_jobs j left join litetq_limits l on l.name = "
+              f"j.name where j.id in ({READY})")
 LOCK_WAIT_SLICE = 0.002  # longest sleep between tries for a lock another connection holds
 PROMOTE_EVERY = 0.05  # seconds between checks for delayed steps that came due, while busy
+PARK_BATCH = 256  # rows one claim may park before it returns what it has
+PURGE_BATCH = 100  # job trees deleted in one transaction
+LIMITS_CHECK = 1.0  # seconds a process trusts its knowledge of whether limits are in use
 CHANGE_COALESCE = 0.001  # wake-ups from other processes' commits at most this often
-WAL_LIMIT = 32 * 2 ** 20  # bytes: past this the supervisor checkpoints and truncates the WAL
+WAL_LIMIT = 16 * 2 ** 20  # bytes: past this the supervisor checkpoints and truncates the WAL
 ATOMIC_SHARE = 0.8  # of the time, at most, back-to-back atomic steps hold SQLite's lock
 
 _fork_generation = 0  # bumped in a forked child: inherited connections must not be used
@@ -577,6 +716,16 @@ os.register_at_fork(after_in_child=_after_fork)
 _held = contextvars.ContextVar("litetq_held", default={})
 
 
+class _Rows(list):
+    """A read's rows, with the two cursor methods callers use."""
+
+    def fetchall(self):
+        return self
+
+    def fetchone(self):
+        return self[0] if self else None
+
+
 def _transaction(method):
     """A storage method whose body is one write transaction: `method(self, conn, ...)`.
     Inside an open transaction (an atomic step's) it runs as a savepoint of it."""
@@ -584,14 +733,6 @@ def _transaction(method):
     def run(self, *args, **kwargs):
         return self.transact(lambda conn: method(self, conn, *args, **kwargs))
     return run
-
-
-def _clean_text(text):
-    """Text any database stores: lone surrogates and NUL characters escaped."""
-    text = str(text)
-    if not text.isascii():
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text.replace("\x00", "\\x00") if "\x00" in text else text
 
 
 class Storage:
@@ -604,6 +745,7 @@ class Storage:
 
     memory = False  # one shared in-process database (SQLite's ":memory:")
     driver_errors = ()  # the driver's exception classes, turned into litetq.Error
+    max_connections = None  # in use at once, per process and storage (None: no limit)
 
     def __init__(self, name, readonly=False):
         self.name, self.readonly = name, readonly
@@ -614,10 +756,14 @@ class Storage:
         self._closed = False
         self._statements = {}  # shared SQL -> this dialect's text
         self._promote_at = 0.0  # monotonic time of the next check for delayed steps
+        self._limits_checked, self._limits_used = -LIMITS_CHECK, False
+        self._declared = {}  # task name -> the limits this process recorded for it
         self._changes = threading.Condition()  # see wait_for_change()
         self._change_count = 0
         self._waiting = 0
         self._watcher = None  # (fork generation, thread) hearing other processes' commits
+        self._slots = None  # a semaphore of max_connections
+        self._watched = {}  # job id -> callbacks of waiters for it to finish
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.name!r}>"
@@ -651,7 +797,7 @@ class Storage:
         return conn
 
     def _watch(self):
-        """Run in a thread: call self._changed_all() whenever another process commits."""
+        """Run in a thread: call self._heard() whenever another process commits."""
 
     def maintain(self):
         """Called by every worker's supervisor several times a second."""
@@ -673,14 +819,26 @@ class Storage:
         if self._generation != _fork_generation:  # forked: the parent's connections are its own
             self._inherited.extend(self._idle)
             self._idle, self._generation = [], _fork_generation
-        with self._pool_lock:
-            if self._idle:
-                return self._idle.pop()
-        if self._closed:
-            raise Error(f"{self.name}: the queue is closed")
-        return self._connect()
+            self._slots = None
+        if self.max_connections:
+            if self._slots is None:
+                self._slots = threading.BoundedSemaphore(self.max_connections)
+            if not self._slots.acquire(timeout=BUSY_TIMEOUT):
+                raise Error(f"{self.name}: all {self.max_connections} connections of this "
+                            f"process stayed in use for {BUSY_TIMEOUT:g} s")
+        try:
+            with self._pool_lock:
+                if self._idle:
+                    return self._idle.pop()
+            if self._closed:
+                raise Error(f"{self.name}: the queue is closed")
+            return self._connect()
+        except BaseException:
+            self._return_slot()
+            raise
 
     def _release(self, conn, reuse):
+        self._return_slot()
         if reuse and self._generation == _fork_generation and not self._closed:
             with self._pool_lock:
                 if len(self._idle) < POOL_SIZE:
@@ -688,6 +846,17 @@ class Storage:
                     return
         with contextlib.suppress(Exception):
             conn.close()
+        if not reuse:  # the database went away: the idle ones are as stale
+            with self._pool_lock:
+                idle, self._idle = self._idle, []
+            for each in idle:
+                with contextlib.suppress(Exception):
+                    each.close()
+
+    def _return_slot(self):
+        if self._slots is not None and self._generation == _fork_generation:
+            with contextlib.suppress(ValueError):
+                self._slots.release()
 
     def _reusable(self, conn):
         return True
@@ -772,12 +941,22 @@ class Storage:
             self._release(conn, reuse)
 
     def query(self, sql, params=()):
-        with self.connection() as conn:
-            return self._execute(conn, sql, params).fetchall()
+        return self._read(sql, params).fetchall()
 
     def query_one(self, sql, params=()):
-        with self.connection() as conn:
-            return self._execute(conn, sql, params).fetchone()
+        return self._read(sql, params).fetchone()
+
+    def _read(self, sql, params):
+        """A cursor on a read, tried once more on a new connection if the one it had
+        was dropped (a server restart closes every pooled connection)."""
+        for attempt in (1, 2):
+            try:
+                with self.connection() as conn:
+                    cursor = self._execute(conn, sql, params)
+                    return _Rows(cursor.fetchall())
+            except _Unreachable:
+                if attempt == 2 or _held.get().get(self) is not None:
+                    raise
 
     def change(self, sql, params=()):
         """One statement that writes, in a transaction of its own; returns its cursor's
@@ -796,8 +975,12 @@ class Storage:
         with self._changes:
             self._changes.notify_all()
 
-    # Hearing about commits: one thread per process and storage listens for other
-    # processes' commits; commits of this process call changed() themselves.
+    # Hearing about commits. One thread per process and storage (the watcher) hears
+    # every commit, this process's own included: the dialect's _watch() calls
+    # _heard() for each. Waiters wait on a condition it notifies; those waiting for a
+    # job to finish are checked all together by one query per change, so a thousand
+    # waiters cost what one does. ":memory:" has no watcher: its commits call
+    # changed() themselves.
 
     def changed(self):
         """Wake this process's waiters: the database may have changed."""
@@ -823,6 +1006,20 @@ class Storage:
                     self._waiting -= 1
             return self._change_count
 
+    def watch_job(self, job_id, callback):
+        """Call `callback()` (once, from the watcher) when the job may have finished."""
+        self._start_watcher()
+        with self._pool_lock:
+            self._watched.setdefault(job_id, []).append(callback)
+
+    def unwatch_job(self, job_id, callback):
+        with self._pool_lock:
+            callbacks = self._watched.get(job_id, [])
+            if callback in callbacks:
+                callbacks.remove(callback)
+            if not callbacks:
+                self._watched.pop(job_id, None)
+
     def _start_watcher(self):
         if self.memory or (self._watcher and self._watcher[0] == _fork_generation):
             return
@@ -840,13 +1037,28 @@ class Storage:
                 self._watch()
             except Exception as exc:  # the database is away: waiters fall back to polling
                 logger.warning("%s: cannot listen for changes (%s); retrying", self.name, exc)
-                self._changed_all()
+                self._heard()
                 time.sleep(1.0)
 
-    def _changed_all(self):
+    def _heard(self):
+        """A commit happened: wake the waiters, and those of finished jobs."""
         with self._changes:
             self._change_count += 1
             self._changes.notify_all()
+        with self._pool_lock:
+            ids = list(self._watched)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            try:
+                done = self.query(f"select id from litetq_jobs where id in "
+                                  f"({', '.join('?' * len(chunk))}) and status in "
+                                  f"{TERMINAL_SQL}", chunk)
+            except Error:  # the waiters look for themselves now and then
+                return
+            with self._pool_lock:
+                callbacks = [cb for (job_id,) in done for cb in self._watched.pop(job_id, ())]
+            for callback in callbacks:
+                callback()
 
     # Enqueueing.
 
@@ -864,7 +1076,7 @@ class Storage:
         if all(len(row) == PLAIN_FIELDS for row in rows):
             return self._insert_many(conn, INSERT_PLAIN, rows)
         full = [row if len(row) > PLAIN_FIELDS else row + (None, 0, 0, None, 0, None, None,
-                                                           None, None, None) for row in rows]
+                                                           None, None, None, None) for row in rows]
         if not any(row[11] is not None for row in full):
             return self._insert_many(conn, INSERT_JOB, full)
         return [self._insert_unique(conn, row) for row in full]
@@ -886,17 +1098,16 @@ class Storage:
 
         The claim is one UPDATE over the ready index: SQLite's write statement takes
         the lock before it reads, PostgreSQL's "skip locked" passes rows another
-        worker is taking, so no step is ever claimed twice."""
+        worker is taking, so no step is ever claimed twice. It passes over steps of
+        limited tasks and paused queues; when such are in use, _claim_held() takes or
+        parks those, in a transaction where the limits are counted exactly."""
         self.promote()
-        where = self._queue_filter(queues)
-        sql = ("update litetq_jobs set status = 'running', worker = ?, token = token + 1, "
-               "lease_until = litetq_now() + ?, attempts = attempts + 1, "
-               "started = litetq_now() where id in (select id from litetq_jobs "
-               f"where status = 'queued' and delayed = 0{where} order by priority desc, due, id "
-               "limit ? for update skip locked) returning id, name, args, rest, attempts, "
-               "token, priority, due, expires < litetq_now()")
         while True:  # until a claim holds a step that has not expired, or none is due
-            rows = self.change(sql, (worker, lease, *(queues or ()), limit))
+            rows = self.change(CLAIM.format(where=self._queue_filter(queues)),
+                               (worker, lease, *(queues or ()), limit))
+            if len(rows) < limit and self._limits_in_use():
+                rows += self.transact(lambda conn: self._claim_held(
+                    conn, worker, lease, queues, limit - len(rows)))
             claims = sorted(map(Claim._make, rows),  # RETURNING has no order
                             key=lambda claim: (-claim.priority, claim.due, claim.id))
             expired = [claim for claim in claims if claim.expired]
@@ -911,12 +1122,96 @@ class Storage:
         for claim in claims:  # never begun: the claim was no attempt
             self._execute(conn, "update litetq_jobs set attempts = attempts - 1 where id = ?",
                           (claim.id,))
+            key = self._execute(conn, "select limit_key from litetq_jobs where id = ?",
+                                (claim.id,)).fetchone()[0]
+            self._free_slot(conn, key)
             self._end(conn, claim.id, "expired", only_if="running",
                       error="expired: waited longer than its ttl")
 
+    def _limits_in_use(self):
+        """Whether any task has a limit or any queue is paused; looked up once a second.
+        (The claim's own conditions are exact: this only saves the slower path.)"""
+        now = time.monotonic()
+        if now >= self._limits_checked + LIMITS_CHECK:
+            self._limits_used = bool(self.query_one(
+                "select exists (select 1 from litetq_limits) or exists (select 1 from "
+                "litetq_paused)")[0])
+            self._limits_checked = now
+        return self._limits_used
+
+    def _claim_held(self, conn, worker, lease, queues, limit):
+        """Take or park each candidate in queue order: a step of a paused queue, or one
+        a limit holds, leaves the ready index (see PARKED); the rest are claimed.
+        Limits are counted under a lock per key, so claims on every host agree."""
+        paused = {queue for (queue,) in self._execute(conn, "select queue from litetq_paused")}
+        now = self._execute(conn, "select litetq_now()").fetchone()[0]
+        slots, starts, claimed, budget = {}, {}, [], PARK_BATCH
+        while len(claimed) < limit and budget > 0:
+            asked = min(limit - len(claimed), budget)
+            rows = self._execute(conn, CANDIDATES.format(where=self._queue_filter(queues)),
+                                 (*(queues or ()), asked)).fetchall()
+            for job_id, queue, name, key, concurrency, rate, per, _, _ in sorted(
+                    rows, key=lambda row: (-row[7], row[8], row[0])):
+                key = (key or name) if concurrency is not None else None
+                if queue in paused:
+                    self._execute(conn, "update litetq_jobs set parked = 3 where id = ?",
+                                  (job_id,))
+                elif key is not None and not self._take_slot(conn, key, concurrency, slots):
+                    self._execute(conn, "update litetq_jobs set parked = 2, limit_key = ? "
+                                  "where id = ?", (key, job_id))
+                elif rate is not None and (wait := self._rate_wait(conn, name, rate, per, now,
+                                                                   starts)):
+                    self._execute(conn, "update litetq_jobs set parked = 1, due = ? "
+                                  "where id = ?", (now + wait, job_id))
+                else:
+                    claimed += self._execute(conn, CLAIM_ONE, (worker, lease, key, job_id))
+                    if rate is not None:
+                        self._execute(conn, "insert into litetq_starts values "
+                                      "(?, litetq_now())", (name,))
+            budget -= len(rows)
+            if len(rows) < asked:
+                break
+        return claimed
+
+    def _take_slot(self, conn, key, concurrency, slots):
+        """True if a step of limit `key` may start now (and count it as started)."""
+        if key not in slots:
+            self._lock_key(conn, key)
+            running = self._execute(conn, "select count(*) from litetq_jobs where "
+                                    "status = 'running' and limit_key = ?", (key,)).fetchone()[0]
+            slots[key] = concurrency - running
+        slots[key] -= 1
+        return slots[key] >= 0
+
+    def _rate_wait(self, conn, name, rate, per, now, starts):
+        """0 if a step of `name` may start now under its rate (and count its start),
+        else the seconds until its window has room."""
+        if name not in starts:
+            self._lock_key(conn, f"rate {name}")
+            self._execute(conn, "delete from litetq_starts where name = ? and time <= ?",
+                          (name, now - per))
+            starts[name] = [time for (time,) in self._execute(
+                conn, "select time from litetq_starts where name = ? order by time", (name,))]
+        times = starts[name]
+        if len(times) < rate:
+            times.append(now)
+            return 0
+        return max(times[len(times) - rate] + per - now, 0.001)
+
+    def _lock_key(self, conn, key):
+        """Inside a transaction: one claim at a time counts the steps of `key`."""
+
+    def _free_slot(self, conn, key):
+        """A step of limit `key` stopped running: the first step it held joins the
+        ready ones again (the next claim takes it, or parks it again)."""
+        if key is not None:
+            self._execute(conn, "update litetq_jobs set parked = 0 where id in (select id "
+                          "from litetq_jobs where status = 'queued' and parked = 2 and "
+                          "limit_key = ? order by priority desc, due, id limit 1)", (key,))
+
     @staticmethod
-    def _queue_filter(queues):
-        return f" and queue in ({', '.join('?' * len(queues))})" if queues else ""
+    def _queue_filter(queues, column="queue"):
+        return f" and {column} in ({', '.join('?' * len(queues))})" if queues else ""
 
     def next_work(self, queues=None):
         """Seconds until a step of `queues` is due: 0.0 if one is, None if none is
@@ -925,10 +1220,10 @@ class Storage:
         where, params = self._queue_filter(queues), tuple(queues or ())
         with self.connection() as conn:
             if self._execute(conn, "select 1 from litetq_jobs where status = 'queued' and "
-                             f"delayed = 0{where} limit 1", params).fetchone():
+                             f"parked = 0{where} limit 1", params).fetchone():
                 return 0.0
             wait = self._execute(conn, "select min(due) - litetq_now() from litetq_jobs "
-                                 f"where status = 'queued' and delayed = 1{where}",
+                                 f"where status = 'queued' and parked = 1{where}",
                                  params).fetchone()[0]
         return None if wait is None else max(wait, 0.0)
 
@@ -940,10 +1235,10 @@ class Storage:
             return
         with self.connection() as conn:
             wait = self._execute(conn, "select min(due) - litetq_now() from litetq_jobs "
-                                 "where status = 'queued' and delayed = 1").fetchone()[0]
+                                 "where status = 'queued' and parked = 1").fetchone()[0]
             if wait is not None and wait <= 0:
-                self._execute(conn, "update litetq_jobs set delayed = 0 where status = "
-                              "'queued' and delayed = 1 and due <= litetq_now()")
+                self._execute(conn, "update litetq_jobs set parked = 0 where status = "
+                              "'queued' and parked = 1 and due <= litetq_now()")
                 wait = None
         self._promote_at = time.monotonic() + min(PROMOTE_EVERY, max(wait or 0.0, 0.0))
 
@@ -980,7 +1275,8 @@ class Storage:
     def _succeeded_alone(self, conn, job_id, token, result, call):
         """The common case in one statement: no cancel flag, no subtasks of this step,
         and (to complete) no parent to tell. False sends the caller the long way."""
-        claimed = ("id = ? and token = ? and status = 'running' and cancel = 0 and not "
+        claimed = ("id = ? and token = ? and status = 'running' and cancel = 0 and "
+                   "limit_key is null and not "
                    "exists (select 1 from litetq_jobs c where c.parent_id = ? and "
                    f"c.orphan = 0 and (c.status in {UNFINISHED_SQL} or c.parent_token = ?))")
         if call is None:
@@ -990,8 +1286,9 @@ class Storage:
             params = (result, job_id, token, job_id, token)
         else:
             sql = ("update litetq_jobs set status = 'queued', name = ?, args = ?, rest = ?, "
-                   "steps = steps + 1, attempts = 0, lost = 0, error = null, expires = null, "
-                   f"due = litetq_now(), delayed = 0, lease_until = null where {claimed}")
+                   "limit_key = ?, steps = steps + 1, attempts = 0, lost = 0, error = null, "
+                   "expires = null, "
+                   f"due = litetq_now(), parked = 0, lease_until = null where {claimed}")
             params = (*call, job_id, token, job_id, token)
         return self._execute(conn, sql, params).rowcount == 1
 
@@ -999,11 +1296,9 @@ class Storage:
         held, _ = self._held(conn, job_id, token)
         if held != "running":
             return held
-        if call is not None:
-            self._execute(conn, "update litetq_jobs set name = ?, args = ?, rest = ?, "
-                          "steps = steps + 1, attempts = 0, lost = 0, error = null, "
-                          "expires = null where id = ?", (*call, job_id))
-        resume = "continue" if call is not None else "complete"
+        # The continuation waits in `resume` until the subtasks finish: should one fail
+        # and the job be retried, it is this step that runs again, with new subtasks.
+        resume = "complete" if call is None else json.dumps(call)
         self._execute(conn, "update litetq_jobs set status = 'waiting', resume = ?, result = ?, "
                       "lease_until = null where id = ?", (resume, result, job_id))
         self._settle(conn, job_id)
@@ -1023,7 +1318,7 @@ class Storage:
             self._end(conn, job_id, "failed", error=error, tb=tb)
             return "failed"
         self._execute(conn, "update litetq_jobs set status = 'queued', "
-                      "due = litetq_now() + ?, delayed = ?, error = ?, traceback = ?, "
+                      "due = litetq_now() + ?, parked = ?, error = ?, traceback = ?, "
                       "lease_until = null, expires = null where id = ?",
                       (retry_delay, int(retry_delay > 0), error, tb, job_id))
         return "queued"
@@ -1031,12 +1326,14 @@ class Storage:
     def _held(self, conn, job_id, token, error=None, tb=None):
         """Before a step's end is recorded: ("running", lost count) while this claim
         still holds it; (None, None) if the claim was lost; ("cancelled", None) if the
-        job was cancelled meanwhile, which ends it here."""
-        row = self._execute(conn, "select lost, cancel from litetq_jobs where id = ? and "
-                            "token = ? and status = 'running' for update",
+        job was cancelled meanwhile, which ends it here. Whatever comes next, the step
+        stops running in this transaction: its concurrency slot is free."""
+        row = self._execute(conn, "select lost, cancel, limit_key from litetq_jobs where "
+                            "id = ? and token = ? and status = 'running' for update",
                             (job_id, token)).fetchone()
         if row is None:
             return None, None
+        self._free_slot(conn, row[2])
         if row[1]:
             self._end(conn, job_id, "cancelled", error=error, tb=tb)
             return "cancelled", None
@@ -1072,7 +1369,7 @@ class Storage:
                       f"{MAX_LOST} times (the last time: {message})")
             return "failed"
         self._execute(conn, "update litetq_jobs set status = 'queued', due = litetq_now(), "
-                      "delayed = 0, error = ?, attempts = attempts - 1, lost = lost + 1, "
+                      "parked = 0, error = ?, attempts = attempts - 1, lost = lost + 1, "
                       "lease_until = null where id = ?", (message, job_id))
         return "queued"
 
@@ -1111,9 +1408,11 @@ class Storage:
             child, name, status, error = bad
             detail = f": {error}" if status == "failed" else f" ({status})"
             self._end(conn, job_id, "failed", error=f"subtask {child} ({name}) {status}{detail}")
-        elif row[1] == "continue":
-            self._execute(conn, "update litetq_jobs set status = 'queued', due = litetq_now(), "
-                          "delayed = 0, resume = null where id = ?", (job_id,))
+        elif row[1] != "complete":  # the continuation: the job's next step
+            self._execute(conn, "update litetq_jobs set status = 'queued', name = ?, args = ?, "
+                          "rest = ?, limit_key = ?, steps = steps + 1, attempts = 0, lost = 0, "
+                          "error = null, expires = null, due = litetq_now(), parked = 0, "
+                          "resume = null where id = ?", (*json.loads(row[1]), job_id))
         else:
             self._execute(conn, "update litetq_jobs set error = null, traceback = null "
                           "where id = ?", (job_id,))
@@ -1121,10 +1420,7 @@ class Storage:
 
     def _cancel_tree(self, conn, job_id, include_self=True):
         """Cancel a job (if asked) and its unfinished descendants; flag running ones."""
-        ids = [row[0] for row in self._execute(
-            conn, "with recursive tree(id) as (select cast(? as bigint) union all "
-            "select j.id from litetq_jobs j join tree on j.parent_id = tree.id) "
-            "select id from tree", (job_id,))]
+        ids = [row[0] for row in self._execute(conn, TREE, (job_id,))]
         if not include_self:
             ids = ids[1:]
         changed = False
@@ -1162,7 +1458,7 @@ class Storage:
                         f"its unique key {key!r}")
         self._abandon(conn, job_id, token)  # its last attempt's subtasks start afresh too
         self._execute(conn, "update litetq_jobs set status = 'queued', due = litetq_now(), "
-                      "delayed = 0, attempts = 0, lost = 0, cancel = 0, expires = null, "
+                      "parked = 0, attempts = 0, lost = 0, cancel = 0, expires = null, "
                       "error = null, traceback = null, finished = null, resume = null "
                       "where id = ?", (job_id,))
         return True
@@ -1180,14 +1476,16 @@ class Storage:
     def _give_back(self, conn, where, params):
         """Queue again, uncounted, the running steps matching `where`; those whose job
         was cancelled meanwhile end as cancelled instead of running again."""
-        steps = self._execute(conn, f"select id, token, cancel from litetq_jobs where {where} "
-                              "and status = 'running' for update", params).fetchall()
-        for job_id, token, cancel in steps:
+        steps = self._execute(conn, f"select id, token, cancel, limit_key from litetq_jobs "
+                              f"where {where} and status = 'running' for update",
+                              params).fetchall()
+        for job_id, token, cancel, key in steps:
+            self._free_slot(conn, key)
             if cancel:
                 self._end(conn, job_id, "cancelled")
                 continue
             self._abandon(conn, job_id, token)
-            self._execute(conn, "update litetq_jobs set status = 'queued', delayed = 0, "
+            self._execute(conn, "update litetq_jobs set status = 'queued', parked = 0, "
                           "lease_until = null, attempts = attempts - 1 where id = ?", (job_id,))
         return len(steps)
 
@@ -1195,7 +1493,7 @@ class Storage:
         """True if a step is due in `queues` or claimed (begun or not) by one of the
         `workers`: one statement, so a step that finishes and queues its continuation
         between two reads cannot hide."""
-        due = ("status = 'queued' and (delayed = 0 or due <= litetq_now())"
+        due = ("status = 'queued' and (parked = 0 or parked = 1 and due <= litetq_now())"
                + self._queue_filter(queues))
         claimed = f"status = 'running' and worker in ({', '.join('?' * len(workers))})"
         return bool(self.query_one(
@@ -1246,15 +1544,91 @@ class Storage:
         return self.query_one("select litetq_now() - min(due) from litetq_jobs "
                               "where status = 'queued' and due <= litetq_now()")[0]
 
+    def purge(self, status, older_than, budget=None):
+        """Delete the job trees (a root and every subtask, with their logs) whose root
+        is `status` and finished over `older_than` seconds ago, PURGE_BATCH roots to
+        a transaction; a tree with an unfinished job in it stays. With `budget`, stop
+        after about that many seconds. Returns the number of jobs deleted."""
+        deleted, after = 0, (-math.inf, 0)
+        stop = None if budget is None else time.monotonic() + budget
+        while after is not None and (stop is None or time.monotonic() < stop):
+            count, after = self.transact(
+                lambda conn: self._purge_batch(conn, status, older_than, after))
+            deleted += count
+        return deleted
+
+    def _purge_batch(self, conn, status, older_than, after):
+        """One batch of purge(): (jobs deleted, where the next batch starts or None)."""
+        roots = self._execute(
+            conn, "select id, finished from litetq_jobs where parent_id is null and "
+            "finished is not null and status = ? and finished < litetq_now() - ? and "
+            "(finished > ? or finished = ? and id > ?) order by finished, id limit ?",
+            (status, older_than, after[0], after[0], after[1], PURGE_BATCH)).fetchall()
+        deleted = 0
+        for root, _ in roots:
+            tree = [row[0] for row in self._execute(conn, TREE, (root,))]
+            marks = ", ".join("?" * len(tree))
+            if self._execute(conn, f"select 1 from litetq_jobs where id in ({marks}) and "
+                             f"status in {UNFINISHED_SQL} limit 1", tree).fetchone():
+                continue  # a subtask still runs: the tree waits for the next pass
+            self._execute(conn, f"delete from litetq_logs where job_id in ({marks})", tree)
+            deleted += self._execute(conn, f"delete from litetq_jobs where id in ({marks})",
+                                     tree).rowcount
+        return deleted, (roots[-1][1], roots[-1][0]) if len(roots) == PURGE_BATCH else None
+
+    def forget_workers(self, older_than):
+        """Remove workers whose heartbeat stopped over `older_than` seconds ago."""
+        return self.change("delete from litetq_workers where heartbeat < litetq_now() - ?",
+                           (older_than,))
+
+    # Limits and paused queues.
+
+    def declare_limits(self, name, concurrency, rate, per):
+        """Record a task's limits, which claims read, once per process and change."""
+        if self._declared.get(name) == (concurrency, rate, per):
+            return
+        if concurrency is None and rate is None:
+            self.change("delete from litetq_limits where name = ?", (name,))
+        else:
+            self.change("insert into litetq_limits values (?, ?, ?, ?) on conflict (name) do "
+                        "update set concurrency = excluded.concurrency, rate = excluded.rate, "
+                        "per = excluded.per", (name, concurrency, rate, per))
+            self._limits_used = True
+        self._declared[name] = (concurrency, rate, per)
+
+    def pause(self, queue):
+        self.change("insert into litetq_paused values (?) on conflict (queue) do nothing",
+                    (queue,))
+        self._limits_used = True
+
     @_transaction
-    def purge(self, conn, statuses, older_than):
-        marks = ", ".join("?" * len(statuses))
-        ids = (f"select id from litetq_jobs where status in ({marks}) "
-               "and finished < litetq_now() - ?")
-        self._execute(conn, f"delete from litetq_logs where job_id in ({ids})",
-                      (*statuses, older_than))
-        return self._execute(conn, f"delete from litetq_jobs where id in ({ids})",
-                             (*statuses, older_than)).rowcount
+    def resume(self, conn, queue):
+        self._execute(conn, "delete from litetq_paused where queue = ?", (queue,))
+        return self._execute(conn, "update litetq_jobs set parked = 0 where status = 'queued' "
+                             "and parked = 3 and queue = ?", (queue,)).rowcount
+
+    def paused(self):
+        return {queue for (queue,) in self.query("select queue from litetq_paused")}
+
+    def free_held(self):
+        """The safety net under _free_slot(): for each key with free slots, release as
+        many held steps. The supervisor runs it now and then."""
+        held = self.query("select limit_key, count(*) from litetq_jobs where status = "
+                          "'queued' and parked = 2 group by limit_key")
+        for key, _ in held:
+            self.transact(lambda conn: self._free_held_key(conn, key))
+
+    def _free_held_key(self, conn, key):
+        self._lock_key(conn, key)
+        row = self._execute(conn, "select l.concurrency - (select count(*) from litetq_jobs "
+                            "where status = 'running' and limit_key = ?) from litetq_jobs j "
+                            "join litetq_limits l on l.name = j.name where j.status = 'queued' "
+                            "and j.parked = 2 and j.limit_key = ? limit 1", (key, key)).fetchone()
+        free = row[0] if row else 1  # a task no longer limited: its steps go free
+        if free > 0:
+            self._execute(conn, "update litetq_jobs set parked = 0 where id in (select id from "
+                          "litetq_jobs where status = 'queued' and parked = 2 and limit_key = ? "
+                          "order by priority desc, due, id limit ?)", (key, free))
 
     # Inside a step: logs, progress, cancellation.
 
@@ -1264,11 +1638,8 @@ class Storage:
 
     def logs(self, job_id):
         """Logs of a job and all its subtasks, oldest first."""
-        return self.query(
-            "with recursive tree(id) as (select cast(? as bigint) union all select j.id "
-            "from litetq_jobs j join tree on j.parent_id = tree.id) select time, level, "
-            "message, job_id from litetq_logs where job_id in (select id from tree) "
-            "order by time, id", (job_id,))
+        return self.query(f"select time, level, message, job_id from litetq_logs where "
+                          f"job_id in ({TREE}) order by time, id", (job_id,))
 
     def set_progress(self, job_id, progress):
         self.change("update litetq_jobs set progress = ? where id = ?", (progress, job_id))
@@ -1402,6 +1773,7 @@ class Storage:
             for statement in SCHEMA.format(**ddl_types).split(";"):
                 if statement.strip():
                     self._execute(conn, statement)
+            self._after_schema(conn)
             self._execute(conn, "insert into litetq_meta values ('schema', ?) on conflict (key) "
                           "do update set value = excluded.value", (str(SCHEMA_VERSION),))
         self.transact(create)
@@ -1412,6 +1784,9 @@ class Storage:
 
     def _lock_schema(self, conn):
         """Inside the schema's transaction: keep other processes from creating it too."""
+
+    def _after_schema(self, conn):
+        """What a dialect adds to the tables (PostgreSQL: the NOTIFY triggers)."""
 
 
 def _epoch():
@@ -1601,12 +1976,11 @@ class SQLiteStorage(Storage):
                 return
         except OSError:
             return
-        with self.connection() as conn:
-            conn.execute("pragma busy_timeout = 1000")
-            try:
-                conn.execute("pragma wal_checkpoint(truncate)").fetchall()
-            finally:
-                conn.execute("pragma busy_timeout = 0")
+        with self.connection() as conn:  # tried as often as writers try for the lock
+            deadline = time.monotonic() + 1.0
+            while conn.execute("pragma wal_checkpoint(truncate)").fetchone()[0] and \
+                    time.monotonic() < deadline:
+                time.sleep(0.0002 * (0.5 + random.random()))
 
     def _watch(self):
         """Hear other connections' commits: inotify on the WAL file where there is one
@@ -1618,6 +1992,7 @@ class SQLiteStorage(Storage):
             notifier = _FileWatch(self.path + "-wal")
         try:
             version = conn.execute("pragma data_version").fetchone()[0]
+            self._heard()  # what committed before we looked: waiters look for themselves
             while not self._closed:
                 if notifier is not None:
                     notifier.wait(0.25)
@@ -1631,7 +2006,7 @@ class SQLiteStorage(Storage):
                     latest = conn.execute("pragma data_version").fetchone()[0]
                     if latest != version:
                         version = latest
-                        self._changed_all()
+                        self._heard()
                         time.sleep(CHANGE_COALESCE)
                         break
                     time.sleep(0.0002 if notifier is not None else 0)
@@ -1674,9 +2049,198 @@ class _FileWatch:
         os.close(self.fd)
 
 
-def open_storage(target, synchronous="NORMAL", readonly=False):
-    """The storage for a database path, or (see PostgresStorage) a PostgreSQL URL."""
-    return SQLiteStorage(target, synchronous, readonly)
+class PostgresStorage(Storage):
+    """PostgreSQL through psycopg 3, for queues shared by many hosts.
+
+    Row locks instead of one writer: claims skip rows another worker is taking
+    ("for update skip locked"), atomic steps of different jobs run side by side,
+    and a waiting parent's row is locked before its subtasks are counted. Every
+    time is the server's clock (`litetq_now()` is clock_timestamp()), so clock
+    skew between hosts never makes a live lease look lapsed. Triggers NOTIFY the
+    channel "litetq" when work arrives or a job changes state; each process LISTENs
+    on a connection of its own, and everyone also polls, so a lost notification
+    only delays. Tables live in the schema the connection's search_path selects.
+    """
+
+    max_connections = 10
+
+    def __init__(self, url, readonly=False):
+        try:
+            import psycopg
+            import psycopg.rows
+        except ImportError:
+            raise Error('litetq needs psycopg 3 for PostgreSQL: '
+                        'pip install "litetq[postgres]"') from None
+        self.psycopg, self.url = psycopg, url
+        self.driver_errors = (psycopg.Error,)
+        super().__init__(_redact(url), readonly)
+        try:
+            self._params = psycopg.conninfo.conninfo_to_dict(url)
+        except psycopg.Error as exc:
+            raise Error(f"malformed PostgreSQL URL {self.name!r}: {exc}") from None
+        self._params.setdefault("connect_timeout", "10")
+        self._params.setdefault("tcp_user_timeout", "10000")  # ms: a vanished host errs
+        self._open_schema({"id": "bigint generated by default as identity primary key",
+                           "real": "double precision"})
+
+    def _connect(self):
+        psycopg = self.psycopg
+        try:
+            conn = psycopg.connect(**self._params, autocommit=True)
+        except psycopg.ProgrammingError as exc:
+            raise Error(f"malformed PostgreSQL URL {self.name!r}: {_one_line(exc)}") from None
+        except psycopg.Error as exc:
+            text = _one_line(exc)
+            # A wrong password, user or database stays wrong: no point trying again.
+            permanent = "authentication failed" in text or "does not exist" in text
+            raise (Error if permanent else _Unreachable)(
+                f"cannot connect to {self.name}: {text}") from None
+        if self.readonly:
+            conn.execute("set default_transaction_read_only = on")
+        return conn
+
+    def _translate(self, sql):
+        return (sql.replace("%", "%%").replace("?", "%s")
+                .replace("litetq_now()", "extract(epoch from clock_timestamp())::float8"))
+
+    def _execute(self, conn, sql, params=()):
+        return conn.cursor(row_factory=self.psycopg.rows.tuple_row).execute(
+            self._sql(sql), params)
+
+    def _in_transaction(self, conn):
+        return conn.info.transaction_status != self.psycopg.pq.TransactionStatus.IDLE
+
+    def _reusable(self, conn):
+        if conn.closed or conn.broken:
+            return False
+        if self._in_transaction(conn):
+            with contextlib.suppress(self.psycopg.Error):
+                conn.rollback()
+        return not conn.closed and not self._in_transaction(conn)
+
+    def _retryable(self, exc):
+        errors = self.psycopg.errors
+        return isinstance(exc, (errors.DeadlockDetected, errors.SerializationFailure))
+
+    def _error(self, exc):
+        errors = self.psycopg.errors
+        diag = getattr(exc, "diag", None)
+        text = diag and diag.message_primary or _one_line(exc)
+        if isinstance(exc, (self.psycopg.OperationalError, self.psycopg.InterfaceError)) \
+                and not isinstance(exc, errors.QueryCanceled):
+            return _Unreachable(f"{self.name}: the server dropped the connection: {text}")
+        if isinstance(exc, errors.InsufficientPrivilege):
+            return Error(f"{self.name}: {text} (litetq creates its tables on first use: "
+                         f"grant the user CREATE on the schema, or open it once as a user "
+                         f"who may)")
+        if isinstance(exc, errors.InvalidSchemaName):
+            return Error(f"{self.name}: {text} (the search_path names no schema that "
+                         f"exists: CREATE SCHEMA it first, or fix the URL's options)")
+        return Error(f"{self.name}: {text}")
+
+    def _adopt(self, conn):
+        if not isinstance(conn, self.psycopg.Connection):
+            raise TypeError(f"conn= must be an open psycopg connection to {self.name}, "
+                            f"not {type(conn).__module__}.{type(conn).__name__}")
+        return conn
+
+    def _insert_many(self, conn, sql, rows):
+        if len(rows) == 1:
+            return [self._execute(conn, sql + " returning id", rows[0]).fetchone()[0]]
+        cursor = conn.cursor(row_factory=self.psycopg.rows.tuple_row)
+        cursor.executemany(self._sql(sql + " returning id"), rows, returning=True)
+        ids = []
+        while True:
+            ids.append(cursor.fetchone()[0])
+            if not cursor.nextset():
+                return ids
+
+    def clock(self):
+        return self.query_one("select litetq_now()")[0]
+
+    def _schema_version(self, conn=None):
+        with contextlib.ExitStack() as stack:
+            if conn is None:
+                conn = stack.enter_context(self.connection())
+            if self._execute(conn, "select to_regclass('litetq_meta')").fetchone()[0] is None:
+                return None
+            row = self._execute(conn, "select value from litetq_meta "
+                                "where key = 'schema'").fetchone()
+            return int(row[0]) if row else None
+
+    def _lock_key(self, conn, key):
+        self._execute(conn, "select pg_advisory_xact_lock(hashtext(?))", (f"litetq {key}",))
+
+    def _lock_schema(self, conn):
+        # Many processes may open an empty database at once: one creates the tables.
+        self._execute(conn, "select pg_advisory_xact_lock(hashtext('litetq schema ' || "
+                      "coalesce(current_schema(), '')))")
+
+    def _after_schema(self, conn):
+        for statement in POSTGRES_DDL:
+            self._execute(conn, statement)
+
+    def _watch(self):
+        conn = self._connect()
+        try:
+            conn.execute("listen litetq")
+            self._heard()  # what committed before we listened: waiters look for themselves
+            while not self._closed:
+                for _ in conn.notifies(timeout=1.0, stop_after=1):
+                    self._heard()
+                    time.sleep(CHANGE_COALESCE)
+        finally:
+            conn.close()
+
+
+# Notifications: new work (an insert, a step queued again, a delayed step due) and
+# every change of status that a waiter may be waiting for. Claims (to 'running')
+# and lease renewals notify nobody.
+POSTGRES_DDL = (
+    "create or replace function litetq_notify() returns trigger language plpgsql as "
+    "$$ begin perform pg_notify('litetq', ''); return null; end $$",
+    "drop trigger if exists litetq_jobs_inserted on litetq_jobs",
+    "create trigger litetq_jobs_inserted after insert on litetq_jobs "
+    "for each statement execute function litetq_notify()",
+    "drop trigger if exists litetq_jobs_changed on litetq_jobs",
+    "create trigger litetq_jobs_changed after update of status, parked on litetq_jobs "
+    "for each row when (new.status <> 'running' and (old.status <> new.status "
+    "or old.parked <> new.parked)) execute function litetq_notify()",
+    "drop trigger if exists litetq_messages_put on litetq_messages",
+    "create trigger litetq_messages_put after insert on litetq_messages "
+    "for each statement execute function litetq_notify()",
+)
+
+
+def _one_line(exc):
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _redact(url):
+    """A URL for messages and logs: the password, if any, replaced by ***."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        if parts.password is None:
+            return url
+    except ValueError as exc:
+        raise Error(f"malformed PostgreSQL URL: {exc}") from None
+    netloc = parts.netloc.rpartition("@")
+    user = netloc[0].partition(":")[0]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+
+
+def _is_url(target):
+    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+
+
+def open_storage(target, synchronous=None, readonly=False):
+    """The storage for a SQLite path (or ":memory:"), or a postgresql:// URL."""
+    if _is_url(target):
+        if synchronous is not None:
+            raise ValueError("synchronous= is SQLite's; on PostgreSQL durability is the "
+                             "server's (see its synchronous_commit setting)")
+        return PostgresStorage(target, readonly)
+    return SQLiteStorage(target, "NORMAL" if synchronous is None else synchronous, readonly)
 
 
 # --- The queue API -----------------------------------------------------------
@@ -1691,7 +2255,7 @@ class Queue:
     `readonly=True` opens the database without ever writing to it.
     """
 
-    def __init__(self, path, synchronous="NORMAL", *, lease=DEFAULT_LEASE, readonly=False):
+    def __init__(self, path, synchronous=None, *, lease=DEFAULT_LEASE, readonly=False):
         self.path, self.lease = os.fspath(path), _seconds(lease, "lease", positive=True)
         self.storage = open_storage(self.path, synchronous, readonly)
         self._claims = {}  # job id -> token of the steps this process has claimed
@@ -1728,6 +2292,7 @@ class Queue:
         """Durably add a call; returns its `Job`. With `conn`, the job is written in the
         caller's open transaction on the same database and appears only if it commits."""
         row = _job_row(task, queue, priority, delay, at, ttl, unique)
+        self._declare(row[2])
         job = Job(self, self.storage.insert_jobs([row], conn)[0])
         self.storage.changed()
         return job
@@ -1738,9 +2303,46 @@ class Queue:
         rows = [_job_row(t, queue, priority, delay, at, ttl, unique) for t in tasks]
         if not rows:
             return []
+        for name in {row[2] for row in rows}:
+            self._declare(name)
         jobs = [Job(self, job_id) for job_id in self.storage.insert_jobs(rows, conn)]
         self.storage.changed()
         return jobs
+
+    def _declare(self, name):
+        """Record the limits of the task `name` runs, for every claim to read."""
+        function = _registry.get(name)
+        if function is not None and (function.concurrency or function.rate):
+            self.storage.declare_limits(name, *function.limits)
+
+    # Flow control and retention.
+
+    def pause(self, queue):
+        """Workers start no new step from `queue` until resume(queue); running steps
+        finish, and enqueueing goes on. Stored in the database: every worker obeys."""
+        self.storage.pause(_name(queue, "queue"))
+
+    def resume(self, queue):
+        """Let workers take steps from a paused queue again."""
+        self.storage.resume(_name(queue, "queue"))
+        self.storage.changed()
+
+    def paused(self):
+        """The set of paused queue names."""
+        return self.storage.paused()
+
+    def purge(self, status=None, older_than=None):
+        """Delete finished jobs (whole trees: a root and its subtasks, with their logs)
+        whose root is `status` (a status or a list; default every terminal one) and
+        finished over `older_than` seconds ago (default 0). Returns the number deleted,
+        subtasks included; nothing unfinished is ever deleted."""
+        statuses = [status] if isinstance(status, str) else list(status or TERMINAL)
+        for each in statuses:
+            if each not in TERMINAL:
+                raise ValueError(f"purge() deletes only finished jobs ({', '.join(TERMINAL)}), "
+                                 f"not {each!r}")
+        older_than = 0.0 if older_than is None else _seconds(older_than, "older_than")
+        return sum(self.storage.purge(each, older_than) for each in statuses)
 
     # Reading jobs.
 
@@ -1807,6 +2409,8 @@ class Queue:
             params, kwargs = loads(claim.args)
             result, call = _outcome(function.func(*params, **kwargs),
                                     claim.rest and loads(claim.rest))
+            if call is not None:
+                self._declare(call[0])
             if defer and context._step is None:
                 self._finished.append((claim, result, call))
                 return "complete" if call is None else "queued"
@@ -1894,24 +2498,43 @@ class Queue:
 
     # Waiting.
 
-    def _wait_until(self, predicate, timeout=None):
+    def _wait_until(self, predicate, timeout=None, job_id=None):
         """Wait for predicate() without a busy loop: woken at once by this process's
-        commits and within milliseconds by others' (Storage.wait_for_change), looking
-        at most every WAIT_POLL however busy the database is."""
+        commits and within milliseconds by others' (see Storage.wait_for_change). A
+        wait for a job to finish is woken by the watcher's one query for all such."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        storage = self.storage
-        while True:
-            seen, looked = storage.changes, time.monotonic()
-            if predicate():
-                return True
-            remaining = 1.0 if deadline is None else deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            storage.wait_for_change(seen, min(remaining, WAIT_POLL if storage.memory else 1.0))
-            pause = looked + WAIT_POLL - time.monotonic()  # however busy the database is
-            if pause > 0:
-                time.sleep(pause if deadline is None else
-                           max(0.0, min(pause, deadline - time.monotonic())))
+        storage, failures, finished = self.storage, 0, None
+        if job_id is not None and not storage.memory:
+            finished = threading.Event()
+            storage.watch_job(job_id, finished.set)
+        try:
+            while True:
+                seen, looked = storage.changes, time.monotonic()
+                try:
+                    if predicate():
+                        return True
+                    failures = 0
+                except _Unreachable as exc:  # a server restart: look again, ever more slowly
+                    failures += 1
+                    logger.warning("%s (trying again)", exc)
+                    if deadline is not None and time.monotonic() + _backoff(failures) > deadline:
+                        raise
+                    time.sleep(_backoff(failures))
+                    continue
+                remaining = 1.0 if deadline is None else deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                if finished is not None:  # and a look of our own each second, to be sure
+                    finished.wait(min(remaining, 1.0))
+                    continue
+                storage.wait_for_change(seen, min(remaining, WAIT_POLL if storage.memory else 1.0))
+                pause = looked + WAIT_POLL - time.monotonic()  # however busy the database is
+                if pause > 0:
+                    time.sleep(pause if deadline is None else
+                               max(0.0, min(pause, deadline - time.monotonic())))
+        finally:
+            if finished is not None:
+                storage.unwatch_job(job_id, finished.set)
 
     # Raw payload queues.
 
@@ -2020,14 +2643,15 @@ def _job_row(task, queue, priority, delay, at, ttl, unique, parent=None, parent_
         ttl = function.ttl
     row = (_name(queue, "queue"), _integer(priority, "priority"), call.name,
            _dumps_call(call))
+    limit_key = function.limit_key(call) if function else None
     if rest or delay is not None or at is not None or ttl is not None or unique is not None \
-            or parent is not None:
+            or parent is not None or limit_key is not None:
         at, delay = _due(delay, at)
         delayed = int(delay > 0 or (at is not None and at > time.time()))
         ttl = None if ttl is None else _seconds(ttl, "ttl")
         unique = None if unique is None else _name(unique, "unique")
         row += (at, delay, delayed, at, delay, ttl, _dumps(rest, "chain") if rest else None,
-                unique, parent, parent_token)
+                unique, parent, parent_token, limit_key)
     return row
 
 
@@ -2036,24 +2660,6 @@ class _Unsaved(Error):
 
     def __init__(self, exc):
         super().__init__(f"could not save the step's outcome: {exc}")
-
-
-def _seconds(value, name, positive=False):
-    """A finite number of seconds, at least 0 (or above it): else ValueError/TypeError."""
-    value = _number(value, name)
-    if value < 0 or positive and value == 0:
-        raise ValueError(f"{name} must be {'above' if positive else 'at least'} 0, "
-                         f"not {value!r}")
-    return value
-
-
-def _integer(value, name, low=-2 ** 63, high=2 ** 63 - 1):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__} "
-                        f"{_short_repr(value)}")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be from {low} to {high}, not {value}")
-    return int(value)
 
 
 def _valid_id(value):
@@ -2067,17 +2673,6 @@ def _valid_id(value):
     return value
 
 
-def _name(value, what):
-    """A queue name, unique key or entry name: a non-empty str a database can store."""
-    if not isinstance(value, str):
-        raise TypeError(f"{what} must be a str, not {type(value).__name__} "
-                        f"{_short_repr(value)}")
-    if not value or _clean_text(value) != value:
-        raise ValueError(f"{what} must be a non-empty str without NUL characters or lone "
-                         f"surrogates, not {value!r}")
-    return value
-
-
 def _due(delay, at):
     """(at, delay) for the INSERT: at an epoch time, or `delay` seconds from now."""
     if delay is not None and at is not None:
@@ -2087,15 +2682,6 @@ def _due(delay, at):
     if isinstance(at, datetime.datetime):
         return at.timestamp(), 0.0  # a naive datetime is local time, as timestamp() says
     return (None if at is None else _number(at, "at", "a datetime or an epoch time")), 0.0
-
-
-def _number(value, name, kind="a number of seconds"):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be {kind}, not {type(value).__name__} "
-                        f"{_short_repr(value)}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, not {value!r}")
-    return float(value)
 
 
 def _dumps_call(call):
@@ -2118,7 +2704,9 @@ def _outcome(value, rest):
             return _dumps(value, "result"), None
         except (TypeError, ValueError) as exc:
             raise Fatal(str(exc)) from None
-    return None, (call.name, _dumps_call(call), _dumps(rest, "chain") if rest else None)
+    function = _registry.get(call.name)  # the limits of the task it calls apply to it
+    return None, (call.name, _dumps_call(call), _dumps(rest, "chain") if rest else None,
+                  function.limit_key(call) if function else None)
 
 
 _default = None
@@ -2214,7 +2802,7 @@ class Job:
         """Block until the job is terminal; returns the job."""
         if timeout is not None:
             timeout = _seconds(timeout, "timeout")
-        if not self.queue._wait_until(self.done, timeout):
+        if not self.queue._wait_until(self.done, timeout, self.id):
             raise TimeoutError(f"job {self.id} is still {self.status} after {timeout} s")
         return self
 
@@ -2335,7 +2923,8 @@ class Context:
         if set(options) - known:
             raise TypeError(f"spawn() got unknown options: {', '.join(set(options) - known)}")
         row = _job_row(task, **{k: options.get(k) for k in known}, parent=self.job.id,
-                             parent_token=self._token)
+                       parent_token=self._token)
+        queue._declare(row[2])
         if self._atomic:
             self.db  # in the step's transaction: spawned if and only if the step commits
         job = Job(queue, queue.storage.insert_jobs([row])[0])
@@ -2724,6 +3313,9 @@ MAX_BATCH = 64  # steps a worker process claims at once when the queue is deep
 BATCH_TIME = 0.005  # seconds of work a batch may hold before its results are committed
 QUICK_STEP = 0.001  # seconds: a task usually this quick may have its result batched
 MAX_BACKOFF = 5.0  # seconds, at most, between tries against a failing database
+KEEP = {"complete": 86400.0, "failed": 7 * 86400.0, "cancelled": 7 * 86400.0,
+        "expired": 7 * 86400.0}  # seconds finished jobs are kept, by status (None: forever)
+RETAIN_BUDGET = 0.1  # seconds the supervisor spends deleting old jobs of a status, a second
 
 
 def _import_modules(names):
@@ -2755,12 +3347,14 @@ class Worker:
 
     def __init__(self, path, queues=None, concurrency=None, imports=(), burst=False,
                  reload=False, cron=True, grace=30.0, lease=DEFAULT_LEASE,
-                 start_method=None, log_config=(None, "INFO"), synchronous="NORMAL"):
+                 start_method=None, log_config=(None, "INFO"), synchronous=None, keep=None):
         self.path, self.queues, self.imports = path, queues or None, list(imports)
         self.concurrency = concurrency or os.cpu_count() or 1
         self.burst, self.reload, self.cron, self.grace, self.lease = (
             burst, reload, cron, grace, lease)
         self.synchronous = synchronous
+        self.keep = {**KEEP, **(keep or {})}
+        self._ticks = 0
         self.context = multiprocessing.get_context(start_method)
         self.log_config = log_config
         self.signals = 0  # set by the signal handlers, read by the loop
@@ -2795,8 +3389,11 @@ class Worker:
         self.signals += 1  # only a flag: logging or I/O here can deadlock
 
     def _register(self):
-        self.queue.storage.register_worker(self.worker_id, ",".join(self.queues or ["*"]),
-                                           self.concurrency)
+        storage = self.queue.storage
+        storage.register_worker(self.worker_id, ",".join(self.queues or ["*"]),
+                                self.concurrency)
+        for function in list(_registry.values()):  # what it imported decides the limits
+            storage.declare_limits(function.name, *function.limits)
         for spec, name, tz, queue, function in _periodic:
             self.queue.schedule(name, spec, function(), tz=tz, queue=queue)
 
@@ -2844,6 +3441,16 @@ class Worker:
         if self.cron:
             for job in self.queue.fire_due():
                 logger.info("cron: enqueued job %s %r", job.id, job.task)
+        self._ticks += 1
+        if self._ticks % 5 == 0:
+            storage.free_held()
+        for status, keep in self.keep.items():
+            if keep is not None:
+                deleted = storage.purge(status, keep, budget=RETAIN_BUDGET)
+                if deleted:
+                    logger.info("retention: deleted %d jobs of %s trees", deleted, status)
+        if self._ticks % 60 == 0:
+            storage.forget_workers(7 * 86400)
 
     def _idle(self):
         """Burst mode: nothing due in our queues and none of our processes busy."""
@@ -2981,8 +3588,9 @@ def _worker_process(path, synchronous, queues, imports, lease, slot, stop, super
         except Exception as exc:  # a database error: its steps' leases lapse; wait, go on
             failures, busy, slot[SLOT_JOB] = failures + 1, False, 0
             queue._drop_claims()
-            logger.warning("worker process: %s: %s (trying again in %.1f s)",
-                           type(exc).__name__, exc, _backoff(failures))
+            logger.warning("worker process: %s (trying again in %.1f s)",
+                           exc if isinstance(exc, Error) else f"{type(exc).__name__}: {exc}",
+                           _backoff(failures))
             stop.wait(_backoff(failures))
     queue.close()
 
@@ -3729,9 +4337,21 @@ def _job_ids(text):
     return int(text)
 
 
+def _keep(text):
+    """'complete=2h,failed=forever' -> {"complete": 7200.0, "failed": None}."""
+    keep = {}
+    for item in text.split(","):
+        status, equals, age = item.strip().partition("=")
+        if status not in TERMINAL or not equals:
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: give STATUS=AGE, STATUS one of {', '.join(TERMINAL)} "
+                f"and AGE like 2h, 30d or forever")
+        keep[status] = None if age.strip() == "forever" else _duration(age.strip())
+    return keep
+
+
 def _synchronous_arg(parser):
-    parser.add_argument("--synchronous", type=str.upper, default="NORMAL",
-                        choices=["NORMAL", "FULL"],
+    parser.add_argument("--synchronous", type=str.upper, choices=["NORMAL", "FULL"],
                         help="SQLite: FULL makes every commit survive power loss "
                              "(default NORMAL: survives crashes of the application)")
 
@@ -3770,6 +4390,9 @@ def build_parser():
                              f"(default {DEFAULT_LEASE:g})")
     worker.add_argument("--start-method", choices=multiprocessing.get_all_start_methods(),
                         help="how worker processes start (default: the platform's)")
+    worker.add_argument("--keep", type=_keep, default={}, metavar="STATUS=AGE,...",
+                        help="how long finished jobs are kept, e.g. complete=2h,failed=30d "
+                             "or failed=forever (default complete=1d, the others 7d)")
     _synchronous_arg(worker)
 
     command("status", "counts per queue and status, oldest wait, live workers")
@@ -3787,7 +4410,10 @@ def build_parser():
     retry.add_argument("--failed", action="store_true", help="every failed job")
     cancel = command("cancel", "cancel jobs (running ones when their step ends)")
     cancel.add_argument("ids", type=_job_ids, nargs="+", metavar="ID")
-    purge = command("purge", "delete finished jobs")
+    for name, what in (("pause", "workers start no new step from these queues"),
+                       ("resume", "let workers take steps from paused queues again")):
+        command(name, what).add_argument("queues", nargs="+", metavar="QUEUE")
+    purge = command("purge", "delete finished jobs (whole trees of a root and its subtasks)")
     purge.add_argument("--status", default=",".join(TERMINAL),
                        help=f"comma-separated (default {','.join(TERMINAL)})")
     purge.add_argument("--older-than", type=_duration, default=0.0,
@@ -3863,11 +4489,11 @@ def _configure_logging(logfile=None, level="INFO"):
     logger.setLevel(level)
 
 
-def _open(path, create=False, readonly=False, synchronous="NORMAL"):
+def _open(path, create=False, readonly=False, synchronous=None):
     """The queue at `path`. Admin commands refuse to create a database by mistake, and
     those that only read open it read-only: they work on a read-only file and never
     write a byte, nor create litetq's tables in an application's database."""
-    if not create and path != ":memory:" and not os.path.exists(path):
+    if not create and path != ":memory:" and not _is_url(path) and not os.path.exists(path):
         raise UsageError(f"no database at {path!r}")
     return Queue(path, synchronous, readonly=readonly)
 
@@ -3876,16 +4502,17 @@ def _cmd_worker(args):
     queues = [q for q in (args.queues or "").split(",") if q] or None
     worker = Worker(args.db, queues, args.concurrency, args.imports, args.burst, args.reload,
                     args.cron, args.grace, args.lease, args.start_method,
-                    (args.logfile, args.log_level), args.synchronous)
+                    (args.logfile, args.log_level), args.synchronous, args.keep)
     return worker.run()
 
 
 def _cmd_status(args):
     with _open(args.db, readonly=True) as queue:
-        stats = queue.stats()
+        stats, paused = queue.stats(), queue.paused()
         statuses = UNFINISHED + TERMINAL
-        rows = [[name, *(str(counts.get(s, 0)) for s in statuses)]
-                for name, counts in sorted(stats.items())]
+        rows = [[name + (" (paused)" if name in paused else ""),
+                 *(str(stats.get(name, {}).get(s, 0)) for s in statuses)]
+                for name in sorted(set(stats) | paused)]
         _print_table(["queue", *statuses], rows or [["(no jobs)"] + [""] * len(statuses)])
         wait = queue.storage.oldest_wait()
         print(f"\noldest due job has waited {wait:.1f} s" if wait else "\nno job is waiting")
@@ -3966,8 +4593,18 @@ def _cmd_purge(args):
         raise UsageError(f"can only purge finished jobs ({', '.join(TERMINAL)}), "
                          f"not {', '.join(sorted(unknown))}")
     with _open(args.db) as queue:
-        count = queue.storage.purge(statuses, args.older_than)
+        count = queue.purge(statuses, args.older_than)
         print(f"purged {count} jobs")
+    return 0
+
+
+def _cmd_pause(args):
+    for name in args.queues:
+        _name(name, "queue")
+    with _open(args.db) as queue:
+        for name in args.queues:
+            getattr(queue, args.command)(name)
+        print(f"{args.command}d: {' '.join(args.queues)}")
     return 0
 
 
@@ -4125,7 +4762,8 @@ def _demo_tour(demo, queue):
          lambda job: f", subtasks {[child.id for child in job.children()]}")
 
 
-COMMANDS = {"worker": _cmd_worker, "status": _cmd_status, "jobs": _cmd_jobs, "show": _cmd_show,
+COMMANDS = {"worker": _cmd_worker, "pause": _cmd_pause, "resume": _cmd_pause,
+            "status": _cmd_status, "jobs": _cmd_jobs, "show": _cmd_show,
             "retry": _cmd_retry, "cancel": _cmd_cancel, "purge": _cmd_purge,
             "enqueue": _cmd_enqueue, "cron": _cmd_cron, "web": _cmd_web, "demo": _cmd_demo}
 
