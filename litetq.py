@@ -1809,6 +1809,7 @@ class SQLiteStorage(Storage):
     """
 
     driver_errors = (sqlite3.Error,)
+    max_connections = 16  # one writes at a time anyway; fewer connections, fewer open files
 
     def __init__(self, path, synchronous="NORMAL", readonly=False):
         level = str(synchronous).upper()
