@@ -9,10 +9,12 @@ nothing: its lease lapses and another worker runs the step again.
 """
 
 import argparse
+import asyncio
 import base64
 import bisect
 import calendar
 import collections
+import concurrent.futures
 import contextlib
 import contextvars
 import datetime
@@ -341,13 +343,15 @@ class Task:
         return f"{self.name.rpartition('.')[2]}({', '.join(parts)})"
 
     def run_once(self):
-        """Run the function once, here, and return what it returns (maybe a Task)."""
+        """Run the function once, here, and return what it returns (maybe a Task). An
+        async task runs on an event loop of its own: outside a running one."""
         function = _lookup_task(self.name)
         token = _current.set(Context())
         try:
-            return function.func(*self.args, **self.kwargs)
+            value = function.func(*self.args, **self.kwargs)
         finally:
             _current.reset(token)
+        return _run_coroutine(value, f"{self!r}.run_once()") if function.is_async else value
 
     def run(self):
         """Run here, following continuations and chains, to a final value."""
@@ -357,6 +361,69 @@ class Task:
             call, rest, value = _advance(value, rest)
             if call is None:
                 return value
+
+    def arun_once(self):
+        """`await ref.arun_once()`: run_once() inside an event loop; a sync task runs
+        on a thread, so the loop never waits for it."""
+        _running_loop(f"{self!r}.arun_once()")
+        return self._arun_once()
+
+    async def _arun_once(self):
+        function = _lookup_task(self.name)
+        if not function.is_async:
+            return await asyncio.to_thread(self.run_once)
+        token = _current.set(Context())
+        try:
+            return await function.func(*self.args, **self.kwargs)
+        finally:
+            _current.reset(token)
+
+    def arun(self):
+        """`await ref.arun()`: run() inside an event loop."""
+        _running_loop(f"{self!r}.arun()")
+        return self._arun()
+
+    async def _arun(self):
+        call, rest = _flatten(self, [])
+        while True:
+            value = await call._arun_once()
+            call, rest, value = _advance(value, rest)
+            if call is None:
+                return value
+
+
+def _running_loop(what):
+    """The running event loop; RuntimeError saying what to do where there is none."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        raise RuntimeError(f"{what} needs a running event loop: await it inside async code "
+                           f"(outside one, use the sync form)") from None
+
+
+def _run_coroutine(coroutine, what):
+    """Run an async task's coroutine to its end from sync code: on a new event loop,
+    or, where this thread already runs one, on a thread of its own."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    box = []
+    thread = threading.Thread(target=lambda: box.append(_capture(asyncio.run, coroutine)),
+                              name="litetq-run")
+    thread.start()
+    thread.join()
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+def _capture(function, *args):
+    try:
+        return "value", function(*args)
+    except BaseException as exc:
+        return "error", exc
 
 
 def _flatten(call, rest):
@@ -388,6 +455,7 @@ class TaskFunction:
         self.retries, self.retry_delay, self.timeout = retries, retry_delay, timeout
         self.atomic, self.ttl = atomic, ttl
         self.concurrency, self.concurrency_key, self.rate = concurrency, concurrency_key, rate
+        self.is_async = inspect.iscoroutinefunction(func)
 
     def __call__(self, *args, **kwargs):
         return Task(self.name, args, kwargs)
@@ -395,6 +463,10 @@ class TaskFunction:
     def delay(self, *args, **kwargs):
         """Enqueue a call on the default queue (see `use()`); returns its `Job`."""
         return _default_queue().enqueue(Task(self.name, args, kwargs))
+
+    async def adelay(self, *args, **kwargs):
+        """`await task.adelay(...)`: delay() without blocking the event loop."""
+        return await _default_queue().aenqueue(Task(self.name, args, kwargs))
 
     def __repr__(self):
         return f"<task {self.name}>"
@@ -764,6 +836,7 @@ class Storage:
         self._watcher = None  # (fork generation, thread) hearing other processes' commits
         self._slots = None  # a semaphore of max_connections
         self._watched = {}  # job id -> callbacks of waiters for it to finish
+        self._look = threading.Event()  # wakes _look_at_jobs
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.name!r}>"
@@ -911,8 +984,8 @@ class Storage:
         return conn.in_transaction
 
     def begin_step(self):
-        """Open an atomic step's transaction; until end_step(), everything this context
-        does with this storage runs in it. Returns (connection, token for end_step)."""
+        """Open an atomic step's transaction on a connection of its own, and return it
+        (see hold())."""
         conn = self._acquire()
         try:
             self._begin(conn)
@@ -922,12 +995,20 @@ class Storage:
         except BaseException:
             self._release(conn, self._reusable(conn))
             raise
-        return conn, _held.set({**_held.get(), self: conn})
+        return conn
 
-    def end_step(self, conn, token, commit):
+    def hold(self, conn):
+        """Until unhold(), what this context (thread or asyncio task) does with this
+        storage runs on `conn`, in the atomic step's transaction. Returns a token."""
+        return _held.set({**_held.get(), self: conn})
+
+    @staticmethod
+    def unhold(token):
+        _held.reset(token)
+
+    def end_step(self, conn, commit):
         """Commit or roll back an atomic step's transaction and give its connection back.
         A failed commit rolls back and raises Error."""
-        _held.reset(token)
         reuse = True
         try:
             if self._in_transaction(conn):  # unless the task ended it itself
@@ -1007,10 +1088,13 @@ class Storage:
             return self._change_count
 
     def watch_job(self, job_id, callback):
-        """Call `callback()` (once, from the watcher) when the job may have finished."""
+        """Call `callback()` once, from a thread of litetq's, when the job is finished
+        (or gone). One query looks at every watched job, after each change and once a
+        second: ten thousand waiters cost what one does."""
         self._start_watcher()
         with self._pool_lock:
             self._watched.setdefault(job_id, []).append(callback)
+        self._look.set()
 
     def unwatch_job(self, job_id, callback):
         with self._pool_lock:
@@ -1026,10 +1110,12 @@ class Storage:
         with self._pool_lock:
             if self._watcher and self._watcher[0] == _fork_generation:
                 return
-            thread = threading.Thread(target=self._watch_guarded, daemon=True,
-                                      name="litetq-watch")
-            self._watcher = (_fork_generation, thread)
-        thread.start()
+            threads = [threading.Thread(target=target, daemon=True, name=name) for target, name
+                       in ((self._watch_guarded, "litetq-watch"), (self._look_at_jobs,
+                                                                   "litetq-jobs"))]
+            self._watcher = (_fork_generation, threads)
+        for thread in threads:
+            thread.start()
 
     def _watch_guarded(self):
         while not self._closed:
@@ -1041,24 +1127,35 @@ class Storage:
                 time.sleep(1.0)
 
     def _heard(self):
-        """A commit happened: wake the waiters, and those of finished jobs."""
+        """A commit happened: wake the waiters, and have the watched jobs looked at."""
         with self._changes:
             self._change_count += 1
             self._changes.notify_all()
-        with self._pool_lock:
-            ids = list(self._watched)
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-            try:
-                done = self.query(f"select id from litetq_jobs where id in "
-                                  f"({', '.join('?' * len(chunk))}) and status in "
-                                  f"{TERMINAL_SQL}", chunk)
-            except Error:  # the waiters look for themselves now and then
-                return
+        if self._watched:
+            self._look.set()
+
+    def _look_at_jobs(self):
+        """The thread behind watch_job(): when told, or each second, one query per 500
+        watched jobs finds those finished or gone, and calls their callbacks."""
+        while not self._closed:
+            self._look.wait(1.0)
+            self._look.clear()
             with self._pool_lock:
-                callbacks = [cb for (job_id,) in done for cb in self._watched.pop(job_id, ())]
-            for callback in callbacks:
-                callback()
+                ids = list(self._watched)
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                try:
+                    rows = self.query(f"select id, status in {TERMINAL_SQL} from litetq_jobs "
+                                      f"where id in ({', '.join('?' * len(chunk))})", chunk)
+                except Error:  # the database is away: the next look will tell
+                    break
+                pending = {job_id for job_id, done in rows if not done}
+                with self._pool_lock:
+                    callbacks = [callback for job_id in chunk if job_id not in pending
+                                 for callback in self._watched.pop(job_id, ())]
+                for callback in callbacks:
+                    callback()
+            time.sleep(CHANGE_COALESCE)
 
     # Enqueueing.
 
@@ -1820,6 +1917,7 @@ class SQLiteStorage(Storage):
         self.synchronous, self.busy_timeout = level, BUSY_TIMEOUT
         self._lock = threading.RLock()  # ":memory:": the shared connection's
         self._step_pause_until = 0.0  # monotonic time before which no atomic step begins
+        self._step_began = {}  # id of an atomic step's connection -> when it began
         self._shared = self._connect() if self.memory else None
         if self.readonly and not os.path.exists(path):
             raise Error(f"no database at {path!r}")
@@ -1937,18 +2035,17 @@ class SQLiteStorage(Storage):
         pause = self._step_pause_until - time.monotonic()
         if pause > 0:
             time.sleep(pause)
-        began = time.monotonic()
-        conn, token = super().begin_step()
-        return conn, (token, began)
+        conn = super().begin_step()
+        self._step_began[id(conn)] = time.monotonic()
+        return conn
 
-    def end_step(self, conn, token, commit):
-        token, began = token
+    def end_step(self, conn, commit):
         try:
-            super().end_step(conn, token, commit)
+            super().end_step(conn, commit)
         finally:
             now = time.monotonic()
-            self._step_pause_until = now + min((now - began) * (1 - ATOMIC_SHARE) / ATOMIC_SHARE,
-                                               0.02)
+            held = now - self._step_began.pop(id(conn), now)
+            self._step_pause_until = now + min(held * (1 - ATOMIC_SHARE) / ATOMIC_SHARE, 0.02)
 
     def clock(self):
         return time.time()
@@ -1977,11 +2074,17 @@ class SQLiteStorage(Storage):
                 return
         except OSError:
             return
-        with self.connection() as conn:  # tried as often as writers try for the lock
-            deadline = time.monotonic() + 1.0
-            while conn.execute("pragma wal_checkpoint(truncate)").fetchone()[0] and \
-                    time.monotonic() < deadline:
-                time.sleep(0.0002 * (0.5 + random.random()))
+        # Tried as often as writers try for the lock; once it has the lock, each try
+        # waits a little for readers of older snapshots to finish.
+        with self.connection() as conn:
+            conn.execute("pragma busy_timeout = 20")
+            try:
+                deadline = time.monotonic() + 1.0
+                while conn.execute("pragma wal_checkpoint(truncate)").fetchone()[0] and \
+                        time.monotonic() < deadline:
+                    time.sleep(0.0002 * (0.5 + random.random()))
+            finally:
+                conn.execute("pragma busy_timeout = 0")
 
     def _watch(self):
         """Hear other connections' commits: inotify on the WAL file where there is one
@@ -2403,6 +2506,8 @@ class Queue:
             function = _lookup_task(claim.name)
         except Error as exc:
             return self.storage.step_failed(claim.id, claim.token, str(exc), None)
+        if function.is_async:  # here, outside a worker's loop: one of its own
+            return _run_coroutine(self._aexecute(claim), f"job {claim.id}")
         context = Context(self, Job(self, claim.id), claim.attempts, function.atomic,
                           claim.token)
         reset = _current.set(context)
@@ -2429,6 +2534,45 @@ class Queue:
             logger.warning("job %s lost its claim while running (its lease lapsed)", claim.id)
         return status
 
+    async def _aexecute(self, claim, timeout=None):
+        """Run a claimed async step on the running loop and record its outcome;
+        returns the job's new status. Storage calls go to threads, so the loop never
+        waits for the database; a timeout cancels this step and no other."""
+        try:
+            function = _lookup_task(claim.name)
+        except Error as exc:
+            return await asyncio.to_thread(self.storage.step_failed, claim.id, claim.token,
+                                           str(exc), None)
+        context = Context(self, Job(self, claim.id), claim.attempts, function.atomic,
+                          claim.token)
+        reset = _current.set(context)
+        try:
+            try:
+                if function.atomic:  # opened first, so ctx.db never blocks the loop
+                    context._began(await asyncio.to_thread(self.storage.begin_step))
+                params, kwargs = loads(claim.args)
+                value = function.func(*params, **kwargs)
+                if inspect.isawaitable(value):
+                    value = await _within(value, timeout)
+                result, call = _outcome(value, claim.rest and loads(claim.rest))
+                if call is not None:
+                    await asyncio.to_thread(self._declare, call[0])
+                try:
+                    status = await asyncio.to_thread(self.storage.step_succeeded, claim.id,
+                                                     claim.token, result, call)
+                    await context._aend_transaction(commit=True)
+                except Exception as exc:  # the database refused it: this attempt failed
+                    raise _Unsaved(exc) from None
+            except Exception as exc:
+                tb = "" if isinstance(exc, _TimedOut) else traceback.format_exc()
+                await context._aend_transaction(commit=False)
+                return await asyncio.to_thread(self._fail_attempt, function, claim, exc, tb)
+        finally:
+            _current.reset(reset)
+        if status is None:
+            logger.warning("job %s lost its claim while running (its lease lapsed)", claim.id)
+        return status
+
     def _fail_attempt(self, function, claim, exc, tb=None, error=None):
         """Queue the step again if retries are left, else fail the job."""
         retry_delay = None
@@ -2436,7 +2580,8 @@ class Queue:
             retry_delay = exc.delay if isinstance(exc, Retry) and exc.delay is not None else min(
                 function.retry_delay * 2 ** (claim.attempts - 1), MAX_RETRY_DELAY)
         if error is None:
-            error = str(exc) if isinstance(exc, (Fatal, _Unsaved)) else f"{type(exc).__name__}: {exc}"
+            error = (str(exc) if isinstance(exc, (Fatal, _Unsaved, _TimedOut))
+                     else f"{type(exc).__name__}: {exc}")
         return self.storage.step_failed(claim.id, claim.token, error,
                                         traceback.format_exc() if tb is None else tb,
                                         retry_delay)
@@ -2526,7 +2671,9 @@ class Queue:
                 if remaining <= 0:
                     return False
                 if finished is not None:  # and a look of our own each second, to be sure
-                    finished.wait(min(remaining, 1.0))
+                    if finished.wait(min(remaining, 1.0)):  # finished, then maybe retried
+                        finished.clear()
+                        storage.watch_job(job_id, finished.set)
                     continue
                 storage.wait_for_change(seen, min(remaining, WAIT_POLL if storage.memory else 1.0))
                 pause = looked + WAIT_POLL - time.monotonic()  # however busy the database is
@@ -2536,6 +2683,45 @@ class Queue:
         finally:
             if finished is not None:
                 storage.unwatch_job(job_id, finished.set)
+
+    async def _await_finished(self, job_id, timeout):
+        """Wait in the running event loop until the job is finished: no thread, no
+        poll of its own (Storage.watch_job), so thousands of waiters cost little."""
+        loop, deadline = asyncio.get_running_loop(), None
+        if timeout is not None:
+            deadline = loop.time() + _seconds(timeout, "timeout")
+        while True:
+            if self.storage.memory:  # one process, nothing to watch: look every WAIT_POLL
+                if self.storage.job_field(job_id, "status") in TERMINAL:
+                    return
+                woken = asyncio.sleep(WAIT_POLL)
+            else:
+                future = loop.create_future()
+
+                def wake(future=future):
+                    loop.call_soon_threadsafe(_resolve, future)
+                self.storage.watch_job(job_id, wake)
+                woken = future
+            try:
+                await asyncio.wait_for(woken, None if deadline is None else
+                                       max(deadline - loop.time(), 0))
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"job {job_id} is not finished after {timeout} s") from None
+            finally:
+                if not self.storage.memory:
+                    self.storage.unwatch_job(job_id, wake)
+            if not self.storage.memory:
+                status = await asyncio.to_thread(self.storage.job_field, job_id, "status")
+                if status in TERMINAL:
+                    return
+
+    async def aenqueue(self, task, **options):
+        """`await q.aenqueue(...)`: enqueue() without blocking the event loop."""
+        if inspect.iscoroutine(task):
+            task.close()
+            raise TypeError("aenqueue() takes a Task such as hello('world'), not a coroutine: "
+                            "call the task, do not await it")
+        return await asyncio.to_thread(self.enqueue, task, **options)
 
     # Raw payload queues.
 
@@ -2630,6 +2816,8 @@ def _job_row(task, queue, priority, delay, at, ttl, unique, parent=None, parent_
     """The INSERT_JOB parameters for `task`; options default to the task's own. Every
     option is checked here, before anything is written."""
     if not isinstance(task, Task):
+        if inspect.iscoroutine(task):
+            task.close()  # never to be awaited: no "never awaited" warning
         raise TypeError(f"enqueue() takes a Task such as hello('world'), "
                         f"not {type(task).__name__} {_short_repr(task)}")
     call, rest = _flatten(task, []) if task.name == CHAIN else (task, None)
@@ -2656,6 +2844,25 @@ def _job_row(task, queue, priority, delay, at, ttl, unique, parent=None, parent_
     return row
 
 
+async def _within(awaitable, timeout):
+    """Await an async step's coroutine; past `timeout` seconds, cancel it (it has
+    CANCEL_GRACE seconds to yield before the supervisor kills its process)."""
+    if not timeout:
+        return await awaitable
+    step = asyncio.ensure_future(awaitable)  # a task of its own, with this context
+    done, _ = await asyncio.wait({step}, timeout=timeout)
+    if not done:
+        step.cancel()
+        with contextlib.suppress(BaseException):
+            await step
+        raise _TimedOut(f"timed out after {timeout:g} s")
+    return step.result()
+
+
+class _TimedOut(Error):
+    """An async step ran past its timeout and was cancelled."""
+
+
 class _Unsaved(Error):
     """The database refused a finished step's outcome (inside `_execute`)."""
 
@@ -2672,6 +2879,11 @@ def _valid_id(value):
     if not 0 < value < 2 ** 63:
         raise NotFound(f"no job {value}: job ids are from 1 to {2 ** 63 - 1}")
     return value
+
+
+def _resolve(future):
+    if not future.done():
+        future.set_result(None)
 
 
 def _due(delay, at):
@@ -2809,7 +3021,17 @@ class Job:
 
     def result(self, timeout=None):
         """Block until terminal and return the final value, or raise what happened."""
-        row = self.wait(timeout).queue.storage.job(self.id)
+        return self._final(self.wait(timeout).queue.storage.job(self.id))
+
+    async def aresult(self, timeout=None):
+        """`await job.aresult()`: result() without blocking the event loop."""
+        await self.queue._await_finished(self.id, timeout)
+        return self._final(await asyncio.to_thread(self.queue.storage.job, self.id))
+
+    def __await__(self):
+        return self.aresult().__await__()
+
+    def _final(self, row):
         status = row["status"]
         if status == "complete":
             return loads(row["result"]) if row["result"] is not None else None
@@ -2944,8 +3166,13 @@ class Context:
         if not self._atomic:
             raise RuntimeError("ctx.db is only for tasks declared with @task(atomic=True)")
         if self._step is None:
-            self._step = queue.storage.begin_step()
+            self._began(queue.storage.begin_step())
         return self._step[0]
+
+    def _began(self, conn):
+        """The atomic step's transaction is open on `conn`: this step's storage calls
+        (log, spawn, its outcome) run in it, in this step's context only."""
+        self._step = (conn, self._queue.storage.hold(conn))
 
     def _need_queue(self, what):
         if self._queue is None:
@@ -2957,12 +3184,23 @@ class Context:
         """End an atomic step's transaction, if it opened one. A commit that fails
         raises Error, having rolled back; a rollback never raises."""
         if self._step is not None:
-            (conn, token), self._step = self._step, None
-            if commit:
-                self._queue.storage.end_step(conn, token, True)
-            else:
-                with contextlib.suppress(Error):
-                    self._queue.storage.end_step(conn, token, False)
+            self._end(self._let_go(), commit)
+
+    async def _aend_transaction(self, commit):
+        if self._step is not None:
+            await asyncio.to_thread(self._end, self._let_go(), commit)
+
+    def _let_go(self):
+        (conn, token), self._step = self._step, None
+        self._queue.storage.unhold(token)  # in the step's own context
+        return conn
+
+    def _end(self, conn, commit):
+        if commit:
+            self._queue.storage.end_step(conn, True)
+        else:
+            with contextlib.suppress(Error):
+                self._queue.storage.end_step(conn, False)
 
 
 # --- Cron ----------------------------------------------------------------------
@@ -3306,14 +3544,27 @@ def _cron_fold_end(zone, wall):
 
 
 # --- The worker --------------------------------------------------------------
+#
+# A Worker is a supervisor and `concurrency` worker processes (or threads). Each
+# one claims steps and runs them: sync steps on its own thread, one at a time;
+# async steps on an event loop of its own thread, up to `async_concurrency` at
+# once. It tells the supervisor in a shared array of slots (slot 0 for the sync
+# step, 1.. for async ones) which step runs and until when it may, so the
+# supervisor can kill a step past its timeout and recover the steps of a process
+# that died. The supervisor also runs the cron table, requeues the steps of
+# workers that vanished (their leases lapsed), applies retention and keeps the
+# database tidy; it survives every database error: it logs it, waits and tries
+# again.
 
 TICK = 0.05  # seconds between the supervisor's checks of its processes
 IDLE_WAIT = 0.1  # longest an idle worker process sleeps between looks for work (and stop)
-SLOT_JOB, SLOT_TOKEN, SLOT_DEADLINE, SLOT_TIMEOUT = range(4)  # a process's shared slot
+SLOT_JOB, SLOT_TOKEN, SLOT_DEADLINE, SLOT_TIMEOUT = range(4)  # the fields of one slot
 MAX_BATCH = 64  # steps a worker process claims at once when the queue is deep
 BATCH_TIME = 0.005  # seconds of work a batch may hold before its results are committed
 QUICK_STEP = 0.001  # seconds: a task usually this quick may have its result batched
 MAX_BACKOFF = 5.0  # seconds, at most, between tries against a failing database
+ASYNC_CONCURRENCY = 16  # async steps a worker process runs at once, by default
+CANCEL_GRACE = 1.0  # seconds an async step past its timeout has to yield to cancellation
 KEEP = {"complete": 86400.0, "failed": 7 * 86400.0, "cancelled": 7 * 86400.0,
         "expired": 7 * 86400.0}  # seconds finished jobs are kept, by status (None: forever)
 RETAIN_BUDGET = 0.1  # seconds the supervisor spends deleting old jobs of a status, a second
@@ -3332,62 +3583,111 @@ def _backoff(failures):
     return min(0.05 * 2 ** failures, MAX_BACKOFF)
 
 
-class _Child:
-    """A worker process the supervisor runs, and the slot where it says what it runs."""
-
-    def __init__(self, slot):
-        self.slot, self.process, self.started, self.quick_deaths, self.restart_at = (
-            slot, None, 0.0, 0, 0.0)
-
-
 class Worker:
-    """The supervisor of `python -m litetq worker`: runs `concurrency` worker processes,
-    replaces dead ones, kills steps over their timeout, runs the cron table, requeues
-    the steps of workers that vanished and keeps the database tidy. It survives every
-    database error: it logs it, waits and tries again."""
+    """Run steps from a database: `Worker(db).run()` is `python -m litetq worker DB`.
 
-    def __init__(self, path, queues=None, concurrency=None, imports=(), burst=False,
-                 reload=False, cron=True, grace=30.0, lease=DEFAULT_LEASE,
-                 start_method=None, log_config=(None, "INFO"), synchronous=None, keep=None):
-        self.path, self.queues, self.imports = path, queues or None, list(imports)
-        self.concurrency = concurrency or os.cpu_count() or 1
-        self.burst, self.reload, self.cron, self.grace, self.lease = (
-            burst, reload, cron, grace, lease)
-        self.synchronous = synchronous
+    `db` is a path, a URL or a Queue. By default `concurrency` worker processes (the
+    CPU count) run the steps; with `threads=True`, threads of this process do, for
+    web apps and tests (a step past its timeout is then marked failed, but cannot be
+    killed). `.start()` returns at once and `.stop(grace=30)` stops as SIGTERM does;
+    `with Worker(...)` does both. Signal handlers are installed only by `.run()` in the
+    main thread.
+    """
+
+    def __init__(self, db, *, queues=None, concurrency=None, threads=False, imports=(),
+                 burst=False, reload=False, cron=True, grace=30.0, lease=DEFAULT_LEASE,
+                 async_concurrency=ASYNC_CONCURRENCY, keep=None, synchronous=None,
+                 start_method=None, log_config=None):
+        self.path = db.path if isinstance(db, Queue) else os.fspath(db)
+        if isinstance(queues, str) or queues is not None and not all(
+                isinstance(name, str) for name in queues):
+            raise TypeError(f"queues must be a list of queue names, not {queues!r}")
+        self.queues, self.imports, self.threads = list(queues or ()) or None, list(imports), threads
+        self.concurrency = _integer(concurrency or os.cpu_count() or 1, "concurrency", 1, 256)
+        self.async_concurrency = _integer(async_concurrency, "async_concurrency", 1, 1024)
+        self.grace, self.lease = _seconds(grace, "grace"), _seconds(lease, "lease", True)
+        self.burst, self.reload, self.cron, self.synchronous = burst, reload, cron, synchronous
         self.keep = {**KEEP, **(keep or {})}
-        self._ticks = 0
         self.context = multiprocessing.get_context(start_method)
         self.log_config = log_config
-        self.signals = 0  # set by the signal handlers, read by the loop
-        self.children = []
+        self.signals = 0  # set by the signal handlers and stop(), read by the loop
+        self.children, self._thread, self._ticks = [], None, 0
+
+    def __repr__(self):
+        return f"<litetq.Worker {self.path!r}>"
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.stop(self.grace)
+
+    def start(self):
+        """Run in a thread of this process; returns the worker at once."""
+        if self._thread is not None:
+            raise RuntimeError("this worker was started already")
+        self._started, self._failed = threading.Event(), None
+        self._thread = threading.Thread(target=self._run_quietly, name="litetq-worker",
+                                        daemon=True)
+        self._thread.start()
+        self._started.wait()
+        if self._failed is not None:
+            raise self._failed
+        return self
+
+    def _run_quietly(self):
+        try:
+            self._main()
+        except BaseException as exc:  # start() raises what stopped it from starting
+            self._failed = exc
+            logger.exception("worker %s stopped", self.path)
+        finally:
+            self._started.set()
+
+    def stop(self, grace=30.0):
+        """Stop as SIGTERM would: running steps get `grace` seconds to finish, the
+        rest are queued again uncounted. Returns once the worker has stopped."""
+        self.grace = _seconds(grace, "grace")
+        self.signals += 1
+        if self._thread is not None:
+            self._thread.join()
 
     def run(self):
         """Supervise until a signal (or, with burst, until nothing is due); returns 0."""
-        _import_modules(self.imports)
-        queue = Queue(self.path, self.synchronous, lease=self.lease)
-        self.queue, self.worker_id = queue, f"{socket.gethostname()}:{os.getpid()}"
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
-        watched = self._watched_files() if self.reload else {}
-        self._until_done(self._register)
-        self.stop = self.context.Event()
-        self.children = [_Child(self.context.Array("d", 4, lock=False))
-                         for _ in range(self.concurrency)]
-        for child in self.children:
-            self._start(child)
-        logger.info("worker %s: %d processes on %s, queues %s", self.worker_id,
-                    self.concurrency, self.path, ",".join(self.queues or ["all"]))
-        try:
-            restart = self._supervise(watched)
-        finally:
-            self._shut_down()
-        if restart:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._on_signal)
+        if self._main() and self.reload:
             logger.info("source changed: restarting")
             os.execv(sys.executable, [sys.executable, "-m", "litetq", *sys.argv[1:]])
         return 0
 
     def _on_signal(self, signum, frame):
         self.signals += 1  # only a flag: logging or I/O here can deadlock
+
+    def _main(self):
+        """The supervisor; returns True when a source change asks for a restart."""
+        _import_modules(self.imports)
+        self.queue = Queue(self.path, self.synchronous, lease=self.lease)
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        watched = self._watched_files() if self.reload else {}
+        self._until_done(self._register)
+        self.stop_event = threading.Event() if self.threads else self.context.Event()
+        size = 4 * (1 + self.async_concurrency)
+        self.children = [_Child(n, [0.0] * size if self.threads else
+                                self.context.Array("d", size, lock=False))
+                         for n in range(self.concurrency)]
+        for child in self.children:
+            self._start(child)
+        logger.info("worker %s: %d %s on %s, queues %s", self.worker_id, self.concurrency,
+                    "threads" if self.threads else "processes", self.path,
+                    ",".join(self.queues or ["all"]))
+        if getattr(self, "_started", None):
+            self._started.set()
+        try:
+            return self._supervise(watched)
+        finally:
+            self._shut_down()
 
     def _register(self):
         storage = self.queue.storage
@@ -3432,7 +3732,7 @@ class Worker:
                 failures += 1
                 logger.warning("supervisor: %s (trying again in %.1f s)", exc,
                                _backoff(failures))
-        logger.info("signal received: finishing running steps (grace %g s)", self.grace)
+        logger.info("stopping: running steps have %g s to finish", self.grace)
         return False
 
     def _every_second(self):
@@ -3454,9 +3754,8 @@ class Worker:
             storage.forget_workers(7 * 86400)
 
     def _idle(self):
-        """Burst mode: nothing due in our queues and none of our processes busy."""
-        workers = [f"{socket.gethostname()}:{child.process.pid}" for child in self.children
-                   if child.process is not None]
+        """Burst mode: nothing due in our queues and none of our workers busy."""
+        workers = [child.worker_id for child in self.children if child.runner is not None]
         return not self.queue.storage.has_work(self.queues, workers) and not self._messages_due()
 
     def _messages_due(self):
@@ -3464,55 +3763,76 @@ class Worker:
         return bool(names) and self.queue.storage.messages_due(names)
 
     def _start(self, child):
-        child.slot[SLOT_JOB] = 0
-        child.process = self.context.Process(
-            target=_worker_process, name="litetq-worker", daemon=True,
-            args=(self.path, self.synchronous, self.queues, self.imports, self.lease,
-                  child.slot, self.stop, os.getpid(), self.log_config))
-        child.process.start()
+        for index in range(0, len(child.slots), 4):
+            child.slots[index + SLOT_JOB] = 0
+        if self.threads:
+            child.runner = threading.Thread(
+                target=_worker_thread, name=f"litetq-worker-{child.number}", daemon=True,
+                args=(self, child))
+            child.worker_id = f"{self.worker_id}/{child.number}"
+        else:
+            child.runner = self.context.Process(
+                target=_worker_process, name="litetq-worker", daemon=True,
+                args=(self.path, self.synchronous, self.queues, self.imports, self.lease,
+                      self.async_concurrency, child.slots, self.stop_event, os.getpid(),
+                      self.log_config))
+        child.runner.start()
+        if not self.threads:
+            child.worker_id = f"{socket.gethostname()}:{child.runner.pid}"
         child.started = time.monotonic()
 
     def _check_children(self):
         """Replace dead processes and kill overdue steps. A step whose process died is
         run again, uncounted (its third loss fails it); a timed-out step has failed an
-        attempt, and its retries apply. A process that keeps dying as it starts is
+        attempt, and its retries apply; the other steps of a process killed for one
+        are recovered as after any death. A process that keeps dying as it starts is
         started again ever more slowly, up to every MAX_BACKOFF seconds."""
+        now = time.monotonic()
         for child in self.children:
-            process, slot = child.process, child.slot
-            if process is None:
-                if time.monotonic() >= child.restart_at:
+            if child.runner is None:
+                if now >= child.restart_at:
                     self._start(child)
                 continue
-            job_id, token = int(slot[SLOT_JOB]), int(slot[SLOT_TOKEN])
-            if not process.is_alive():
-                child.process = None
-                if job_id:
-                    slot[SLOT_JOB] = 0
-                    self._log_step(job_id, self.queue.storage.lose(
-                        job_id, token, _exit_message(process.exitcode)))
-                self._replace(child, process)
-            elif job_id and slot[SLOT_DEADLINE] and time.monotonic() > slot[SLOT_DEADLINE]:
-                process.kill()
-                process.join()
-                child.process, slot[SLOT_JOB] = None, 0
-                self._log_step(job_id, self.queue._fail_claim(
-                    job_id, token, f"timed out after {slot[SLOT_TIMEOUT]:g} s"))
-                self._replace(child, process)
+            if not child.runner.is_alive():
+                self._recover(child, None, _exit_message(getattr(child.runner, "exitcode", 0)))
+                continue
+            for index, job_id, token, deadline, timeout in child.steps():
+                if deadline and now > deadline:
+                    message = f"timed out after {timeout:g} s"
+                    if self.threads:  # no killing a thread: its outcome will not count
+                        child.slots[index + SLOT_DEADLINE] = 0
+                        self._log_step(job_id, self.queue._fail_claim(job_id, token, message))
+                    else:
+                        child.runner.kill()
+                        child.runner.join()
+                        self._recover(child, index, message)
+                    break
 
-    def _replace(self, child, dead):
-        """Start a process in a dead one's place, at once unless it died young; give
-        back the steps it had claimed but not begun (not counted as attempts)."""
+    def _recover(self, child, overdue, message):
+        """A process died, or was killed for the step in slot `overdue`: that step's
+        attempt failed; its other steps are lost (run again uncounted); a new process
+        takes its place, at once unless it died young."""
+        dead = child.worker_id
+        for index, job_id, token, _, _ in child.steps():
+            child.slots[index + SLOT_JOB] = 0
+            if index == overdue:
+                self._log_step(job_id, self.queue._fail_claim(job_id, token, message))
+            else:
+                self._log_step(job_id, self.queue.storage.lose(
+                    job_id, token, message if overdue is None else
+                    f"lost with its worker process, killed for a step past its timeout"))
+        child.runner = None
         quick = time.monotonic() - child.started < 1.0
-        child.quick_deaths = child.quick_deaths + 1 if quick else 0
+        child.quick_deaths = child.quick_deaths + 1 if quick and overdue is None else 0
         child.restart_at = time.monotonic() + (_backoff(child.quick_deaths)
                                                if child.quick_deaths else 0)
         if child.quick_deaths:
-            logger.warning("worker process %s died %.1f s after it started; the next starts "
-                           "in %.1f s", dead.pid, time.monotonic() - child.started,
+            logger.warning("worker %s died %.1f s after it started; the next starts in %.1f s",
+                           child.worker_id, time.monotonic() - child.started,
                            child.restart_at - time.monotonic())
         else:
             self._start(child)
-        self.queue.storage.release(f"{socket.gethostname()}:{dead.pid}")
+        self.queue.storage.release(dead)
 
     def _log_step(self, job_id, status):
         """The log line of a step that ended with its process."""
@@ -3524,23 +3844,23 @@ class Worker:
 
     def _shut_down(self):
         """Let running steps finish within the grace period, then requeue the rest."""
-        self.stop.set()
-        running = [child.process for child in self.children if child.process is not None]
+        self.stop_event.set()
+        runners = [child.runner for child in self.children if child.runner is not None]
         deadline = time.monotonic() + self.grace
-        while any(p.is_alive() for p in running) and self.signals < 2:
+        while any(runner.is_alive() for runner in runners) and self.signals < 2:
             if time.monotonic() > deadline:
                 break
             time.sleep(TICK)
         for child in self.children:
-            process = child.process
-            if process is not None and process.is_alive():
-                process.kill()
-                process.join()
-                if child.slot[SLOT_JOB]:
-                    logger.info("job %d: requeued (worker stopping)", child.slot[SLOT_JOB])
-            if process is not None:
+            runner = child.runner
+            if runner is not None and runner.is_alive() and not self.threads:
+                runner.kill()
+                runner.join()
+                for _, job_id, _, _, _ in child.steps():
+                    logger.info("job %d: requeued (worker stopping)", job_id)
+            if runner is not None:
                 with contextlib.suppress(Error):
-                    self.queue.storage.release(f"{socket.gethostname()}:{process.pid}")
+                    self.queue.storage.release(child.worker_id)
         with contextlib.suppress(Error):
             self.queue.storage.unregister_worker(self.worker_id)
         self.queue.close()
@@ -3556,6 +3876,22 @@ class Worker:
         return times
 
 
+class _Child:
+    """A worker process (or thread) the supervisor runs, and its slots: four numbers
+    per step it runs, slot 0 for its sync step and one per async step."""
+
+    def __init__(self, number, slots):
+        self.number, self.slots, self.runner, self.worker_id = number, slots, None, None
+        self.started, self.quick_deaths, self.restart_at = 0.0, 0, 0.0
+
+    def steps(self):
+        """(slot index, job id, token, deadline, timeout) of each step it runs."""
+        slots = self.slots
+        return [(index, int(slots[index + SLOT_JOB]), int(slots[index + SLOT_TOKEN]),
+                 slots[index + SLOT_DEADLINE], slots[index + SLOT_TIMEOUT])
+                for index in range(0, len(slots), 4) if slots[index + SLOT_JOB]]
+
+
 def _exit_message(code):
     if code is not None and code < 0:
         with contextlib.suppress(ValueError):
@@ -3563,83 +3899,162 @@ def _exit_message(code):
     return f"worker process died with exit code {code}"
 
 
-def _worker_process(path, synchronous, queues, imports, lease, slot, stop, supervisor,
-                    log_config):
-    """A worker process: claim a step, run it, record it; until told to stop. A failing
-    database (full, locked too long, away) makes it wait and try again, never exit."""
+def _worker_process(path, synchronous, queues, imports, lease, async_concurrency, slots,
+                    stop, supervisor, log_config):
+    """A worker process, until told to stop or orphaned."""
     for sig in (signal.SIGINT, signal.SIGTERM):  # the supervisor decides when we stop
         signal.signal(sig, signal.SIG_IGN)
-    if multiprocessing.get_start_method() != "fork":
+    if log_config and multiprocessing.get_start_method() != "fork":
         _configure_logging(*log_config)
     _import_modules(imports)
     queue = Queue(path, synchronous, lease=lease)
+    _worker_loop(queue, queues, slots, stop, lambda: os.getppid() == supervisor,
+                 async_concurrency)
+
+
+def _worker_thread(worker, child):
+    """A worker thread (Worker(threads=True)): a queue of its own, sharing the process."""
+    queue = Queue(worker.path, worker.synchronous, lease=worker.lease)
+    queue._worker_id = (os.getpid(), child.worker_id)
+    _worker_loop(queue, worker.queues, child.slots, worker.stop_event, lambda: True,
+                 worker.async_concurrency)
+
+
+def _worker_loop(queue, queues, slots, stop, alive, async_concurrency):
+    """Claim steps and run them, until told to stop. A failing database (full, locked
+    too long, away) makes it wait and try again, never exit."""
     storage, worker_id, batch, busy, failures = queue.storage, queue.worker_id, 1, False, 0
-    while not stop.is_set() and os.getppid() == supervisor:
-        try:
-            seen = storage.changes
-            # Look before claiming: the claim takes SQLite's write lock, the look does not.
-            wait = 0.0 if busy else storage.next_work(queues)
-            claims = storage.claim(worker_id, lease, queues, limit=batch) if wait == 0.0 else []
-            busy = len(claims) == batch
-            if claims:
-                batch = _run_batch(queue, claims, slot, batch, stop)
-            elif not queue._consume_one(queues):
-                storage.wait_for_change(seen, IDLE_WAIT if not wait else min(wait, IDLE_WAIT))
-            failures = 0
-        except Exception as exc:  # a database error: its steps' leases lapse; wait, go on
-            failures, busy, slot[SLOT_JOB] = failures + 1, False, 0
-            queue._drop_claims()
-            logger.warning("worker process: %s (trying again in %.1f s)",
-                           exc if isinstance(exc, Error) else f"{type(exc).__name__}: {exc}",
-                           _backoff(failures))
-            stop.wait(_backoff(failures))
-    queue.close()
-
-
-def _run_batch(queue, claims, slot, batch, stop):
-    """Run claimed steps; quick ones have their results committed together. Returns
-    the next batch size: doubled while the queue is deep and steps are quick, so one
-    transaction claims many steps, never more than BATCH_TIME of work."""
-    started = time.monotonic()
-    for claim in claims:
-        queue._claims[claim.id] = claim.token
+    steps = _Steps(queue, slots, async_concurrency)
     try:
-        for done, claim in enumerate(claims):
-            if stop.is_set():  # shutting down: give back the steps not begun
-                for unbegun in claims[done:]:
-                    queue.storage.requeue(unbegun.id, unbegun.token)
-                    queue._claims.pop(unbegun.id, None)
-                break
-            _run_reported(queue, claim, slot)
+        while not stop.is_set() and alive():
+            try:
+                seen = storage.changes
+                # Look before claiming: the claim takes SQLite's write lock, the look not.
+                wait = 0.0 if busy else storage.next_work(queues)
+                limit = 1 if steps.async_running else batch
+                claims = storage.claim(worker_id, queue.lease, queues, limit) if wait == 0.0 else []
+                busy = len(claims) == limit
+                if claims:
+                    batch = steps.run_batch(claims, batch, stop)
+                elif not queue._consume_one(queues):
+                    storage.wait_for_change(seen, IDLE_WAIT if not wait else min(wait, IDLE_WAIT))
+                failures = 0
+            except Exception as exc:  # a database error: its steps' leases lapse; wait, go on
+                failures, busy, slots[SLOT_JOB] = failures + 1, False, 0
+                queue._drop_claims()
+                logger.warning("worker: %s (trying again in %.1f s)",
+                               exc if isinstance(exc, Error) else f"{type(exc).__name__}: {exc}",
+                               _backoff(failures))
+                stop.wait(_backoff(failures))
     finally:
-        queue._save_finished()
-    if len(claims) < batch:  # the queue ran dry
-        return len(claims)
-    per_step = (time.monotonic() - started) / len(claims)
-    return max(1, min(batch * 2, MAX_BATCH, int(BATCH_TIME / per_step)))
+        steps.close()  # lets running async steps finish: the supervisor minds the grace
+        queue.close()
 
 
-def _run_reported(queue, claim, slot):
-    """Run a claimed step, telling the supervisor what runs and until when it may."""
-    job_id, name = claim.id, claim.name
-    with contextlib.suppress(Error):  # an unknown task fails in _run_step, not here
-        function = None
-        function = _lookup_task(name)
-    timeout = function.timeout if function and function.timeout else 0
-    expected = queue._durations.get(name)
-    # Results wait for the batch's commit only behind steps known to be quick, and
-    # never behind a step that may be killed.
-    if timeout or expected is None or expected > QUICK_STEP:
-        queue._save_finished()
-    started = time.monotonic()
-    slot[SLOT_TOKEN], slot[SLOT_TIMEOUT] = claim.token, timeout
-    slot[SLOT_DEADLINE] = started + timeout if timeout else 0
-    slot[SLOT_JOB] = job_id
-    status = queue._run_step(claim, defer=True)
-    slot[SLOT_JOB] = 0
-    took = time.monotonic() - started
-    queue._durations[name] = took if expected is None else 0.8 * expected + 0.2 * took
-    logger.info("job %s %s: %s in %.1f ms", job_id, name, status, took * 1000)
+class _Steps:
+    """What a worker process runs: sync steps here, one at a time, with their results
+    committed together while they are quick; async steps on an event loop of their
+    own thread, started when the first one comes, each with a slot of its own."""
+
+    def __init__(self, queue, slots, async_concurrency):
+        self.queue, self.slots, self.capacity = queue, slots, async_concurrency
+        self.loop = None
+        self.async_running = 0
+        self.room = threading.Condition()
+
+    def run_batch(self, claims, batch, stop):
+        """Run claimed steps; returns the next batch size: doubled while the queue is
+        deep and steps are quick, so one transaction claims many steps, never more
+        than BATCH_TIME of work."""
+        queue, started = self.queue, time.monotonic()
+        for claim in claims:
+            queue._claims[claim.id] = claim.token
+        try:
+            for done, claim in enumerate(claims):
+                if stop.is_set():  # shutting down: give back the steps not begun
+                    for unbegun in claims[done:]:
+                        queue.storage.requeue(unbegun.id, unbegun.token)
+                        queue._claims.pop(unbegun.id, None)
+                    break
+                function = None
+                with contextlib.suppress(Error):  # an unknown task fails when it runs
+                    function = _lookup_task(claim.name)
+                if function is not None and function.is_async:
+                    queue._save_finished()
+                    self._start_async(claim, function)
+                else:
+                    self._run_sync(claim, function)
+        finally:
+            queue._save_finished()
+        if len(claims) < batch:  # the queue ran dry
+            return len(claims)
+        per_step = (time.monotonic() - started) / len(claims)
+        return max(1, min(batch * 2, MAX_BATCH, int(BATCH_TIME / per_step)))
+
+    def _run_sync(self, claim, function):
+        """Run a claimed step here, telling the supervisor what runs until when."""
+        queue, name, slots = self.queue, claim.name, self.slots
+        timeout = function.timeout if function and function.timeout else 0
+        expected = queue._durations.get(name)
+        # Results wait for the batch's commit only behind steps known to be quick, and
+        # never behind a step that may be killed.
+        if timeout or expected is None or expected > QUICK_STEP:
+            queue._save_finished()
+        started = time.monotonic()
+        slots[SLOT_TOKEN], slots[SLOT_TIMEOUT] = claim.token, timeout
+        slots[SLOT_DEADLINE] = started + timeout if timeout else 0
+        slots[SLOT_JOB] = claim.id
+        status = queue._run_step(claim, defer=True)
+        slots[SLOT_JOB] = 0
+        took = time.monotonic() - started
+        queue._durations[name] = took if expected is None else 0.8 * expected + 0.2 * took
+        logger.info("job %s %s: %s in %.1f ms", claim.id, name, status, took * 1000)
+
+    def _start_async(self, claim, function):
+        """Hand a claimed async step to the event loop, once it has room for one."""
+        with self.room:
+            while self.async_running >= self.capacity:
+                self.room.wait()
+            self.async_running += 1
+        if self.loop is None:
+            self.loop = asyncio.new_event_loop()
+            self.loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(
+                self.capacity + 2, "litetq-step"))  # storage calls of the async steps
+            threading.Thread(target=self.loop.run_forever, name="litetq-loop",
+                             daemon=True).start()
+        index = next(index for index in range(4, len(self.slots), 4)
+                     if not self.slots[index + SLOT_JOB])
+        timeout = function.timeout or 0
+        slots = self.slots
+        slots[index + SLOT_TOKEN], slots[index + SLOT_TIMEOUT] = claim.token, timeout
+        slots[index + SLOT_DEADLINE] = time.monotonic() + timeout + CANCEL_GRACE if timeout else 0
+        slots[index + SLOT_JOB] = claim.id
+        asyncio.run_coroutine_threadsafe(self._run_async(claim, index, timeout), self.loop)
+
+    async def _run_async(self, claim, index, timeout):
+        started = time.monotonic()
+        try:
+            status = await self.queue._aexecute(claim, timeout)
+            logger.info("job %s %s: %s in %.1f ms", claim.id, claim.name, status,
+                        (time.monotonic() - started) * 1000)
+        except Exception:  # the database failed: the lease lapses, the step runs again
+            logger.exception("job %s %s: its outcome could not be saved", claim.id,
+                             claim.name)
+        finally:
+            self.slots[index + SLOT_JOB] = 0
+            self.queue._claims.pop(claim.id, None)
+            self.queue.storage.changed()
+            with self.room:
+                self.async_running -= 1
+                self.room.notify_all()
+
+    def close(self):
+        """Wait for the running async steps (the supervisor kills us past the grace)."""
+        with self.room:
+            while self.async_running:
+                self.room.wait()
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 # --- The web page ------------------------------------------------------------
@@ -4391,6 +4806,10 @@ def build_parser():
                              f"(default {DEFAULT_LEASE:g})")
     worker.add_argument("--start-method", choices=multiprocessing.get_all_start_methods(),
                         help="how worker processes start (default: the platform's)")
+    worker.add_argument("--async-concurrency", type=_bounded(int, 1, 1024),
+                        default=ASYNC_CONCURRENCY, metavar="N",
+                        help=f"async steps each process runs at once "
+                             f"(default {ASYNC_CONCURRENCY})")
     worker.add_argument("--keep", type=_keep, default={}, metavar="STATUS=AGE,...",
                         help="how long finished jobs are kept, e.g. complete=2h,failed=30d "
                              "or failed=forever (default complete=1d, the others 7d)")
@@ -4501,9 +4920,12 @@ def _open(path, create=False, readonly=False, synchronous=None):
 
 def _cmd_worker(args):
     queues = [q for q in (args.queues or "").split(",") if q] or None
-    worker = Worker(args.db, queues, args.concurrency, args.imports, args.burst, args.reload,
-                    args.cron, args.grace, args.lease, args.start_method,
-                    (args.logfile, args.log_level), args.synchronous, args.keep)
+    worker = Worker(args.db, queues=queues, concurrency=args.concurrency,
+                    imports=args.imports, burst=args.burst, reload=args.reload,
+                    cron=args.cron, grace=args.grace, lease=args.lease,
+                    async_concurrency=args.async_concurrency, keep=args.keep,
+                    synchronous=args.synchronous, start_method=args.start_method,
+                    log_config=(args.logfile, args.log_level))
     return worker.run()
 
 
