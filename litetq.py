@@ -4018,8 +4018,9 @@ class _Steps:
             self.async_running += 1
         if self.loop is None:
             self.loop = asyncio.new_event_loop()
-            self.loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(
-                self.capacity + 2, "litetq-step"))  # storage calls of the async steps
+            self.executor = concurrent.futures.ThreadPoolExecutor(  # their storage calls
+                self.capacity + 2, "litetq-step")
+            self.loop.set_default_executor(self.executor)
             threading.Thread(target=self.loop.run_forever, name="litetq-loop",
                              daemon=True).start()
         index = next(index for index in range(4, len(self.slots), 4)
@@ -4055,6 +4056,7 @@ class _Steps:
                 self.room.wait()
         if self.loop is not None:
             self.loop.call_soon_threadsafe(self.loop.stop)
+            self.executor.shutdown(wait=False)
 
 
 # --- The web page ------------------------------------------------------------
