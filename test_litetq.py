@@ -216,7 +216,8 @@ class PgServer:
         return self._run("pg_ctl", "stop", "-w", "-m", mode, "-D", self.data, check=False)
 
     def restart(self, mode="fast"):
-        self._run("pg_ctl", "restart", "-w", "-t", "60", "-m", mode, "-D", self.data)
+        self._run("pg_ctl", "restart", "-w", "-t", "60", "-m", mode, "-D", self.data, "-l",
+                  os.path.join(self.folder, "log"))  # else the server writes to our pipe
 
     def reload(self):
         self._run("pg_ctl", "reload", "-D", self.data)
@@ -265,8 +266,8 @@ class PgServer:
                 self.sql(f"set lock_timeout = '5s'; drop schema \"{schema}\" cascade")
 
     def terminate(self, url=None):
-        """pg_terminate_backend() every client connection but ours (of `url`'s schema's
-        users, that is every one: the tests connect as one role). Returns how many."""
+        """pg_terminate_backend() every client connection to the database but ours;
+        returns how many there were."""
         return self.sql("select count(pg_terminate_backend(pid)) from pg_stat_activity "
                         "where pid <> pg_backend_pid() and backend_type = 'client backend' "
                         "and datname = current_database()", url=url)[0][0]
@@ -405,6 +406,33 @@ def db_created(db):
 # ---------------------------------------------------------------------------
 # Helpers and fixtures
 # ---------------------------------------------------------------------------
+
+def alone(test):
+    """Run `test` with the machine to itself: under pytest-xdist no test of another worker
+    runs meanwhile, since what it measures would suffer from the CPU they take."""
+    test.alone = True
+    return test
+
+
+@pytest.fixture(autouse=True)
+def _share_the_machine(request, tmp_path_factory):
+    """Tests of pytest-xdist's workers run side by side, except an @alone one: it waits
+    for the other workers' tests to end, and they wait for it. (A turnstile, so that
+    tests starting back to back cannot keep it waiting for ever.)"""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    folder = tmp_path_factory.getbasetemp().parent  # shared by the session's workers
+    with open(folder / "machine.turnstile", "a") as gate, \
+            open(folder / "machine.lock", "a") as lock:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        if getattr(request.function, "alone", False):
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        else:
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        yield
+
 
 @pytest.fixture(autouse=True)
 def _reset_records():
@@ -2477,11 +2505,12 @@ def w_pid_alive(pid):
 class W_WorkerProc:
     """One `python -m litetq worker` subprocess in its own session (process group)."""
 
-    def __init__(self, folder, db, args, log):
+    def __init__(self, folder, db, args, log, env=None):
         self.folder, self.db, self.log = folder, db, log
         self.out = open(log, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "litetq", "worker", db, *args], cwd=folder, env=w_env(),
+            [sys.executable, "-m", "litetq", "worker", db, *args], cwd=folder,
+            env=env or w_env(),
             stdout=self.out, stderr=subprocess.STDOUT, start_new_session=True)
         self.pid = self.proc.pid
 
@@ -2559,16 +2588,17 @@ def wq(wdb):
 
 @pytest.fixture
 def worker(wdir, wdb):
-    """start(*extra_args, concurrency=2, imports=("wtasks",), ready=True) -> W_WorkerProc.
-    Every worker started is killed (whole process group) at teardown."""
+    """start(*extra_args, concurrency=2, imports=("wtasks",), ready=True, db=wdb, env=None)
+    -> W_WorkerProc. Every worker started is killed (whole process group) at teardown."""
     started = []
 
-    def start(*extra, concurrency=2, imports=("wtasks",), lease=W_LEASE, ready=True, db=None):
+    def start(*extra, concurrency=2, imports=("wtasks",), lease=W_LEASE, ready=True, db=None,
+              env=None):
         args = ["--concurrency", str(concurrency), "--lease", str(lease)]
         if imports:
             args += ["--import", *imports]
         proc = W_WorkerProc(str(wdir), db or wdb, [*args, *extra],
-                          str(wdir / f"worker-{len(started)}.log"))
+                            str(wdir / f"worker-{len(started)}.log"), env)
         started.append(proc)
         if ready:
             proc.wait_ready(concurrency)
@@ -6079,7 +6109,15 @@ def test_full_disk_kill_child_supervisor_survives_then_all_complete(small_tmpfs,
 
 # 3. No connection outlives its use ----------------------------------------------------
 
+def quiet_watchers(timeout=5):
+    """Wait for the change watchers of queues closed by earlier tests to end (each holds
+    a connection of its own until its next look), so they do not move fd counts."""
+    w_wait_for(lambda: not any(t.name == "litetq-watch" for t in threading.enumerate()),
+               timeout, "the watcher threads of closed queues to end")
+
+
 def test_short_lived_threads_leave_no_connections_open(file_q):
+    quiet_watchers()
     echo.delay(0)  # the pool's first connections
     before = r_fds()
     errors = []
@@ -6089,7 +6127,7 @@ def test_short_lived_threads_leave_no_connections_open(file_q):
             echo.delay(i)
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
-    halfway = None
+    grown = []  # after each hundred threads
     for start_at in range(0, 2000, 100):
         threads = [threading.Thread(target=produce, args=(i,))
                    for i in range(start_at, start_at + 100)]
@@ -6097,19 +6135,20 @@ def test_short_lived_threads_leave_no_connections_open(file_q):
             t.start()
         for t in threads:
             t.join()
-        if start_at == 900:
-            halfway = r_fds() - before
-    grown = r_fds() - before
-    print(f"\n[measured] 2000 threads calling .delay(): open fds grew by {grown} "
-          f"({halfway} after 1000)")
+        grown.append(r_fds() - before)
+    print(f"\n[measured] 2000 threads calling .delay(): open fds grew by {grown[-1]} "
+          f"(at most {max(grown[:10])} in the first 1000, {max(grown[10:])} in the next)")
     assert errors == []
     assert counts(file_q) == {"default": {"queued": 2001}}
-    # Connections are pooled and capped: the count does not grow with the threads.
-    assert grown <= 2 * type(file_q.storage).max_connections + 4
-    assert grown - halfway <= 2
+    # Connections are pooled and capped: the count does not grow with the threads. (SQLite
+    # keeps a closed connection's files open while another connection of the process
+    # holds a lock on them, and reuses them later: the count moves by a few either way.)
+    assert max(grown) <= 2 * type(file_q.storage).max_connections + 4
+    assert max(grown[10:]) <= max(grown[:10]) + 3, grown
 
 
 def test_web_server_keeps_fds_bounded_over_300_requests(web_q):
+    quiet_watchers()
     make_jobs(web_q)
     server, base = start(web_q)
     try:
@@ -6348,16 +6387,17 @@ def test_lock_errors_reach_users_as_litetq_error_saying_locked(monkeypatch, tmp_
 
 # 6. The WAL stays bounded under sustained load ----------------------------------------
 
+@alone  # a starved supervisor cannot win the lock to checkpoint: the WAL then grows
 @sqlite_only
 def test_wal_stays_bounded_under_8_producers_and_a_worker(worker, wq, wdb, rtasks):
     limit = getattr(litetq, "WAL_LIMIT", 32 * 2 ** 20)
     worker(concurrency=2, imports=R_IMPORTS)
-    sizes, stop_sampling = [], threading.Event()
+    sizes, stop_sampling = [], threading.Event()  # (monotonic time, bytes)
 
     def sample():
         while not stop_sampling.wait(0.05):
             with contextlib.suppress(OSError):
-                sizes.append(os.path.getsize(wdb + "-wal"))
+                sizes.append((time.monotonic(), os.path.getsize(wdb + "-wal")))
     sampler = threading.Thread(target=sample)
     sampler.start()
     payload = "p" * 100
@@ -6366,11 +6406,23 @@ def test_wal_stays_bounded_under_8_producers_and_a_worker(worker, wq, wdb, rtask
     finally:
         stop_sampling.set()
         sampler.join()
+    # Bounded means truncated again and again: the WAL grows by as much as the writers
+    # write (up to ~100 MB/s here) between two truncations, so what is bounded is how long
+    # it stays past WAL_LIMIT; its size only loosely.
+    longest, since = 0.0, None
+    for at, size in sizes:
+        since = (since or at) if size >= limit else None
+        longest = max(longest, at - since) if since else longest
+    biggest = max(size for _, size in sizes)
+    truncations = sum(1 for (_, a), (_, b) in zip(sizes, sizes[1:]) if b < a)
     print(f"\n[measured] 8 producers ({sum(done)} jobs) and a 2-process worker for 5 s: "
-          f"WAL max {max(sizes) / 2 ** 20:.1f} MB (WAL_LIMIT {limit / 2 ** 20:.0f} MB), "
-          f"{len(sizes)} samples")
+          f"WAL max {biggest / 2 ** 20:.1f} MB (WAL_LIMIT {limit / 2 ** 20:.0f} MB), "
+          f"truncated {truncations} times, past the limit for {longest:.2f} s at most "
+          f"({len(sizes)} samples)")
     assert errors == []
-    assert max(sizes) < 3 * limit
+    assert truncations >= 5
+    assert longest < 1.0
+    assert biggest < 8 * limit
 
 
 # 7. Reading never writes ---------------------------------------------------------------
@@ -6888,3 +6940,499 @@ def test_contention_8_producer_processes_and_a_worker_see_no_error(worker, wq, w
                f"{made} jobs to complete ({wq.stats()})")
     print(f"\n[measured] 8 producer processes for 3 s: {made} jobs, all complete")
     assert proc.proc.poll() is None and "Traceback" not in proc.output()
+
+
+# ===========================================================================
+# PostgreSQL (SPEC section 12): what only a server shared by many hosts has
+# ===========================================================================
+#
+# Real servers started by the tests: faults (a restart, dropped connections) on a
+# server of the test's own (pg_own), the rest on the session's.
+
+def pg_try(func, *args):
+    """func(*args), or None while the server is away (for polling through a fault)."""
+    try:
+        return func(*args)
+    except litetq.Error:
+        return None
+
+
+def pg_completed(queue, jobs):
+    """How many of `jobs` are complete (one query), or None while the server is away."""
+    ids = [job.id for job in jobs]
+    return pg_try(lambda: queue.storage.query_one(
+        f"select count(*) from litetq_jobs where status = 'complete' and id in "
+        f"({', '.join('?' * len(ids))})", ids)[0])
+
+
+@postgres_only
+@pytest.mark.parametrize("fault", ["restart", "terminate"])
+def test_pg_fault_mid_run_is_survived_by_worker_waiter_and_scheduler(
+        backend, fault, pg_own, worker, wdir, rtasks):
+    """pg_ctl restart -m immediate (a crash and recovery), or pg_terminate_backend() of
+    every connection, twice, while a real worker runs plain and atomic steps, another
+    process waits in job.result() and the workers' scheduler fires every second: no job
+    is lost, no atomic effect applied twice, the waiter gets every result and cron fires
+    after the fault."""
+    server = pg_own()
+    db = server.new_schema("app")
+    db_sql(db, "create table app_effects (job_id bigint)")  # no unique key: twice shows
+    with litetq.Queue(db) as queue:
+        plain = queue.enqueue_many([litetq.Task("rtasks.nap", [0.02]) for _ in range(80)])
+        atomic = queue.enqueue_many([litetq.Task("rtasks.effect", [0.02]) for _ in range(80)])
+        queue.schedule("tick", "* * * * * *", litetq.Task("rtasks.value", [1]))
+        watched = [plain[-1], atomic[40], atomic[-1]]
+        waiter = subprocess.Popen([sys.executable, "-c", W_WAITER, db,
+                                   *[str(j.id) for j in watched]],
+                                  env=w_env(), cwd=wdir, stdout=subprocess.PIPE, text=True)
+        try:
+            assert waiter.stdout.readline().strip() == "ready"
+            proc = worker(concurrency=2, imports=R_IMPORTS, db=db)
+            w_wait_for(lambda: (pg_completed(queue, plain + atomic) or 0) >= 30, 20,
+                       "30 steps to complete")
+            before = pg_completed(queue, plain + atomic)
+            started = time.monotonic()
+            if fault == "restart":
+                server.restart("immediate")
+                what = "pg_ctl restart -m immediate"
+            else:
+                killed = server.terminate()
+                time.sleep(0.3)
+                killed += server.terminate()
+                what = f"pg_terminate_backend() of {killed} connections, twice,"
+            back = time.monotonic()
+            back_clock = w_wait_for(lambda: pg_try(queue.storage.clock), 10, "the server")
+            w_wait_for(lambda: (pg_completed(queue, plain + atomic) or 0) > before + 5, 30,
+                       "work to go on after the fault")
+            recovered = time.monotonic() - back
+            w_wait_for(lambda: pg_completed(queue, plain + atomic) == 160, 60,
+                       f"every job to complete ({pg_try(queue.stats)})")
+            done = time.monotonic() - back
+            w_wait_for(lambda: pg_try(queue.storage.query_one, "select count(*) from "
+                                      "litetq_jobs where name = 'rtasks.value' and "
+                                      "created > ?", (back_clock,)), 5,
+                       "cron to fire after the fault")
+            out, _ = waiter.communicate(timeout=30)
+        finally:
+            if waiter.poll() is None:
+                waiter.kill()
+        print(f"\n[measured] {what} took {back - started:.2f} s; steps ran again "
+              f"{recovered:.2f} s after it, all 160 were done {done:.2f} s after it "
+              f"({before} were done before)")
+        assert [json.loads(line)["id"] for line in out.splitlines()] == [j.id for j in watched]
+        rows = queue.storage.query("select name, status, attempts, error from litetq_jobs "
+                                   "where status != 'complete' and name != 'rtasks.value'")
+        assert rows == []  # nothing lost, nothing failed
+        assert {s for (s,) in queue.storage.query("select status from litetq_jobs where name "
+                                                  "= 'rtasks.value'")} <= {"complete", "queued",
+                                                                            "running"}
+        effects = db_sql(db, "select job_id, count(*) from app_effects group by job_id")
+        assert sorted(effects) == [(job.id, 1) for job in atomic]  # none twice, none missing
+        fired = queue.storage.query("select fire_time from litetq_cron_fired")
+        assert len(fired) == len(set(fired))
+        assert proc.proc.poll() is None, proc.output()
+
+
+PG_DELAY = """
+import time, litetq
+@litetq.task(name="test_litetq_env.ping")
+def ping(x):
+    return x
+started = time.monotonic()
+try:
+    ping.delay(1)
+except litetq.Error as exc:
+    print("Error", round(time.monotonic() - started, 2), exc)
+"""
+
+
+@postgres_only
+def test_pg_unreachable_server_is_an_error_within_the_connect_timeout(backend, pg_own,
+                                                                       tmp_path):
+    closed = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    started = time.monotonic()
+    with pytest.raises(litetq.Error, match="cannot connect"):
+        litetq.Queue(closed)
+    with pytest.raises(litetq.Error):
+        litetq.use(closed)
+    assert time.monotonic() - started < 2
+    out = run_python(PG_DELAY, env={"LITETQ_DB": closed})  # .delay() through $LITETQ_DB
+    assert out.returncode == 0 and out.stdout.startswith("Error "), out.stdout + out.stderr
+    assert float(out.stdout.split()[1]) < 2 and "cannot connect" in out.stdout
+
+    # A server that accepts the connection and never answers: connect_timeout=1 holds.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        mute = f"postgresql://postgres@127.0.0.1:{silent.getsockname()[1]}/postgres"
+        started = time.monotonic()
+        with pytest.raises(litetq.Error, match="timeout"):
+            litetq.Queue(with_query(mute, connect_timeout="1"))
+        took = time.monotonic() - started
+        print(f"\n[measured] Queue() against a silent server, connect_timeout=1 (libpq's "
+              f"least is 2 s): litetq.Error after {took:.2f} s")
+        assert took < 3
+
+    # A queue whose server goes away: .delay() and result() raise, never hang.
+    server = pg_own()
+    with litetq.Queue(server.new_schema("app")) as queue:
+        job = queue.enqueue(echo(1))
+        server.stop("fast")
+        started = time.monotonic()
+        with pytest.raises(litetq.Error):
+            queue.enqueue(echo(2))
+        litetq.use(queue)
+        with pytest.raises(litetq.Error):
+            echo.delay(3)
+        with pytest.raises((litetq.Error, TimeoutError)):
+            job.result(timeout=1)
+        assert time.monotonic() - started < 6
+
+
+@postgres_only
+@pytest.mark.parametrize("argv", [["status"], ["jobs"], ["show", "1"], ["cancel", "1"],
+                                  ["retry", "--failed"], ["purge"], ["pause", "default"],
+                                  ["enqueue", "wt_cli.ok"], ["cron", "ls"],
+                                  ["worker", "--burst"]], ids=lambda a: a[0])
+def test_pg_cli_on_an_unreachable_url_is_one_line_exit_2(capsys, backend, argv):
+    closed = f"postgresql://postgres:s3cret@127.0.0.1:{free_port()}/postgres"
+    line = w_usage_error(capsys, argv[0], closed, *argv[1:])
+    assert "cannot connect" in line and "s3cret" not in line, line
+
+
+@postgres_only
+def test_pg_cli_on_an_unreachable_url_in_a_real_process(backend, tmp_path):
+    closed = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    for argv in (["status", closed], ["enqueue", closed, "litetq.http_post", '["x", 1]'],
+                 ["worker", closed, "--burst", "--concurrency", "1"]):
+        done = w_cli(tmp_path, *argv)
+        assert done.returncode == 2 and done.stdout == "", (argv, done.stderr)
+        assert len(done.stderr.splitlines()) == 1 and "cannot connect" in done.stderr, \
+            (argv, done.stderr)
+
+
+PG_MALFORMED = [
+    ("postgresql://127.0.0.1:notaport/db", "notaport"),
+    ("postgres://127.0.0.1:99999/db", "99999"),
+    ("postgresql://[::1/db", "IPv6"),
+    ("postgresql://127.0.0.1/db?sslmode=sometimes", "sometimes"),
+    ("postgresql://127.0.0.1/db?connect_timeout=abc", "connect_timeout"),
+    pytest.param("postgresql://127.0.0.1/db?bogus=1", "bogus", marks=pytest.mark.xfail(
+        strict=True, reason="litetq bug: the message of psycopg's conninfo_to_dict() ends "
+                            "in a newline that litetq keeps: two lines on stderr")),
+    pytest.param("postgresql://%@127.0.0.1/db", "percent", marks=pytest.mark.xfail(
+        strict=True, reason="litetq bug: the message of psycopg's conninfo_to_dict() ends "
+                            "in a newline that litetq keeps: two lines on stderr")),
+]
+
+
+@postgres_only
+@pytest.mark.parametrize("url, needle", PG_MALFORMED, ids=lambda v: v if "://" in v else None)
+def test_pg_malformed_url_is_a_clear_error_in_one_line(capsys, backend, url, needle):
+    started = time.monotonic()
+    with pytest.raises(litetq.Error) as caught:
+        litetq.Queue(url)
+    message = str(caught.value)
+    assert needle in message and "\n" not in message, repr(message)
+    assert time.monotonic() - started < 2
+    assert needle in w_usage_error(capsys, "status", url)
+
+
+@postgres_only
+def test_pg_error_messages_never_show_the_password(capsys, backend):
+    closed = f"postgresql://app:s3cret-pw@127.0.0.1:{free_port()}/db"
+    for url in (closed, with_query(closed, bogus="1")):
+        with pytest.raises(litetq.Error) as caught:
+            litetq.Queue(url)
+        assert "s3cret" not in str(caught.value) and "***" in str(caught.value)
+        code, out, err = w_main(capsys, "status", url)
+        assert code == 2 and "s3cret" not in err
+
+
+@postgres_only
+@pytest.mark.xfail(strict=True, reason="litetq bug: a malformed URL's error quotes psycopg's "
+                                       "message, which quotes the password")
+def test_pg_malformed_url_error_never_shows_the_password(capsys, backend):
+    with pytest.raises(litetq.Error) as caught:
+        litetq.Queue("postgresql://app:top secret@127.0.0.1/db")
+    assert "top secret" not in str(caught.value), str(caught.value)
+
+
+@postgres_only
+def test_pg_wrong_password_is_a_clear_error(capsys, backend, pg_own):
+    server = pg_own()  # its pg_hba.conf demands scram-sha-256 of this role
+    server.sql(f"create role {PG_PASSWORD_ROLE} login password 'right-horse'")
+    right = server.url(user=PG_PASSWORD_ROLE, password="right-horse")
+    schema = server.new_schema("pw")
+    server.sql(f"grant all on schema {schema.rpartition('%3D')[2]} to {PG_PASSWORD_ROLE}")
+    wrong = server.url(user=PG_PASSWORD_ROLE, password="Wr0ng-pw")
+    for url in (wrong, server.url(user=PG_PASSWORD_ROLE)):  # wrong, and none at all
+        started = time.monotonic()
+        with pytest.raises(litetq.Error) as caught:
+            litetq.Queue(url)
+        message = str(caught.value)
+        assert "password" in message and "Wr0ng" not in message, message
+        assert time.monotonic() - started < 2  # refused at once, not tried again and again
+        line = w_usage_error(capsys, "status", url)
+        assert "password" in line and "Wr0ng" not in line
+    with litetq.Queue(with_query(right, options=urllib.parse.parse_qs(
+            urllib.parse.urlsplit(schema).query)["options"][0])) as queue:
+        assert queue.enqueue(echo(1)).status == "queued"
+
+
+@postgres_only
+def test_pg_user_without_permission_to_create_tables_gets_a_clear_error(capsys, backend,
+                                                                        pg_own):
+    server = pg_own()
+    server.sql("create role litetq_reader login")
+    url = server.new_schema("app")
+    schema = url.rpartition("%3D")[2]
+    server.sql(f"grant usage on schema {schema} to litetq_reader")
+    reader = server.url(schema, user="litetq_reader")
+    with pytest.raises(litetq.Error) as caught:
+        litetq.Queue(reader)
+    message = str(caught.value)
+    assert "permission denied" in message and "CREATE" in message, message
+    line = w_usage_error(capsys, "enqueue", reader, "wt_cli.ok")
+    assert "permission denied" in line
+    assert db_tables(url) == []
+
+
+@postgres_only
+def test_pg_cli_on_a_missing_database_exit_2(capsys, backend, pg_server):
+    missing = pg_server.url(dbname="litetq_no_such_database")
+    for argv in (["status", missing], ["jobs", missing], ["show", missing, 1],
+                 ["retry", missing, "--failed"], ["cancel", missing, 1], ["purge", missing],
+                 ["enqueue", missing, "wt_cli.ok"], ["cron", missing, "ls"]):
+        line = w_usage_error(capsys, *argv)
+        assert "does not exist" in line, line
+    assert pg_server.sql("select 1 from pg_database where datname = "
+                         "'litetq_no_such_database'") == []
+
+
+@postgres_only
+def test_pg_read_only_commands_on_an_empty_schema_create_no_tables(capsys, backend, new_db):
+    empty = new_db("empty")
+    for argv in (["status", empty], ["jobs", empty], ["show", empty, 1], ["cron", empty, "ls"]):
+        line = w_usage_error(capsys, *argv)
+        assert "no litetq tables" in line, line
+    assert db_tables(empty) == []
+
+
+@postgres_only
+@pytest.mark.xfail(strict=True, reason="litetq bug: retry, cancel and purge create litetq's "
+                                       "tables in a schema that has none (on SQLite they "
+                                       "refuse a missing file)")
+@pytest.mark.parametrize("argv", [["retry", "--failed"], ["cancel", "1"], ["purge"]],
+                         ids=lambda a: a[0])
+def test_pg_admin_commands_on_an_empty_schema_exit_2_and_create_no_tables(capsys, backend,
+                                                                          new_db, argv):
+    empty = new_db("empty")
+    code, out, err = w_main(capsys, argv[0], empty, *argv[1:])
+    assert db_tables(empty) == [], (code, out, err)
+    assert code == 2 and len(err.splitlines()) == 1
+
+
+PG_OPENER = """
+import os, sys, time, litetq
+url, go = sys.argv[1], sys.argv[2]
+print("ready", flush=True)
+while not os.path.exists(go):
+    time.sleep(0.0005)
+queue = litetq.Queue(url)
+print(queue.enqueue(litetq.Task("app.noop", [os.getpid()])).id)
+"""
+
+
+@postgres_only
+def test_pg_eight_processes_opening_an_empty_schema_create_it_once(backend, pg_own, tmp_path):
+    server = pg_own()  # an event trigger records every CREATE in a table of its own
+    server.sql("create table public.ddl_log (schema_name text, tag text, object text)")
+    server.sql("create function public.log_ddl() returns event_trigger language plpgsql as "
+               "$$ begin insert into public.ddl_log select schema_name, command_tag, "
+               "object_identity from pg_event_trigger_ddl_commands(); end $$")
+    server.sql("create event trigger log_ddl on ddl_command_end "
+               "execute function public.log_ddl()")
+    for round_ in range(2):
+        url = server.new_schema(f"race{round_}")
+        schema = url.rpartition("%3D")[2]
+        go = tmp_path / f"go{round_}"
+        procs = [spawn_python(PG_OPENER, url, str(go)) for _ in range(8)]
+        for proc in procs:
+            assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        go.touch()
+        ids = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=30)
+            assert proc.returncode == 0, err
+            ids.append(int(out))
+        assert sorted(ids) == list(range(1, 9))
+        made = server.sql("select object from public.ddl_log where schema_name = %s and "
+                          "tag = 'CREATE TABLE' order by 1", (schema,))
+        tables = db_tables(url)
+        assert [row[0] for row in made] == [f"{schema}.{table}" for table in tables]
+        assert len(tables) >= 8 and db_sql(url, "select count(*) from litetq_meta") == [(1,)]
+
+
+@postgres_only
+def test_pg_two_schemas_in_one_database_hold_separate_queues(backend, new_db, worker):
+    billing, mail = new_db("billing"), new_db("mail")
+    with litetq.Queue(billing) as first, litetq.Queue(mail) as second:
+        ours = [w_enqueue(first, "echo", i) for i in range(3)]
+        theirs = w_enqueue(second, "echo", "mail")
+        assert [job.id for job in ours] == [1, 2, 3] and theirs.id == 1  # ids of their own
+        assert counts(first) == {"default": {"queued": 3}}
+        assert counts(second) == {"default": {"queued": 1}}
+        first.pause("default")
+        first.schedule("tick", "@daily", litetq.Task("wtasks.echo"))
+        assert second.paused() == set() and second.schedules() == []
+        assert worker("--burst", concurrency=1, db=mail, ready=False).wait(20) == 0
+        assert theirs.result(timeout=0) == [["mail"], {}]
+        assert [job.status for job in ours] == ["queued"] * 3  # paused, and not theirs
+        first.resume("default")
+        assert worker("--burst", concurrency=1, db=billing, ready=False).wait(20) == 0
+        assert [job.result(timeout=0) for job in ours] == [[[i], {}] for i in range(3)]
+        assert counts(second) == {"default": {"complete": 1}}
+
+
+@postgres_only
+def test_pg_fan_in_of_many_subtasks_finishing_at_once_never_leaves_a_parent_waiting(
+        backend, worker, wq, rtasks):
+    parents = wq.enqueue_many([litetq.Task("rtasks.fan_out", [200]) for _ in range(8)])
+    started = time.monotonic()
+    worker(concurrency=3, imports=R_IMPORTS)
+    worker(concurrency=3, imports=R_IMPORTS)
+    expected = sum(i * i for i in range(200))
+    assert [job.result(timeout=60) for job in parents] == [expected] * 8
+    took = time.monotonic() - started
+    print(f"\n[measured] 8 parents x 200 subtasks on 2 workers x 3 processes: {took:.1f} s")
+    assert counts(wq) == {"default": {"complete": 8 + 8 * 200}}
+
+
+@postgres_only
+def test_pg_idle_worker_wakes_through_listen_notify(backend, worker, wq):
+    worker(concurrency=1)
+    assert w_enqueue(wq, "echo", 0).result(timeout=10) == [[0], {}]
+    took = []
+    for i in range(8):
+        time.sleep(0.3)  # idle: waiting for a notification (or its 100 ms poll)
+        job = w_enqueue(wq, "echo", i)
+        assert job.result(timeout=5) == [[i], {}]
+        row = w_row(wq, job)
+        took.append(row["started"] - row["created"])  # both the server's clock
+    print(f"\n[measured] PostgreSQL idle worker pick-up (ms): "
+          f"{', '.join(f'{t * 1000:.1f}' for t in took)}; median "
+          f"{statistics.median(took) * 1000:.1f}")
+    # A notification wakes it: its 100 ms poll alone would give a median near 50 ms.
+    assert statistics.median(took) < 0.04 and max(took) < 0.5
+
+
+@postgres_only
+def test_pg_transactional_enqueue_through_a_psycopg_connection(backend, file_q, db_path):
+    psycopg = _psycopg()
+    with psycopg.connect(db_path) as conn:
+        with conn.transaction():
+            kept = file_q.enqueue(echo("kept"), conn=conn)
+            many = file_q.enqueue_many([echo(1), echo(2)], conn=conn)
+            assert file_q.jobs() == []  # not visible before the commit
+        ids = sorted([kept.id] + [job.id for job in many])
+        assert sorted(job.id for job in file_q.jobs()) == ids
+        with pytest.raises(ZeroDivisionError):
+            with conn.transaction():
+                dropped = file_q.enqueue(echo("dropped"), conn=conn)
+                1 / 0
+        with pytest.raises(litetq.NotFound):
+            file_q.job(dropped.id)
+    with psycopg.connect(db_path, autocommit=True) as conn:  # no transaction: at once
+        now = file_q.enqueue(echo("now"), conn=conn)
+    file_q.run_until_idle()
+    assert [kept.result(timeout=0), now.result(timeout=0)] == ["kept", "now"]
+    assert counts(file_q) == {"default": {"complete": 4}}
+
+
+@postgres_only
+def test_pg_conn_of_the_other_backends_kind_is_a_typeerror(backend, db_path, tmp_path):
+    lite_path = str(tmp_path / "other.sqlite")
+    with litetq.Queue(db_path) as pg_queue, litetq.Queue(lite_path) as lite_queue, \
+            contextlib.closing(sqlite3.connect(lite_path)) as lite_conn, \
+            _psycopg().connect(db_path) as pg_conn:
+        for call in (lambda: pg_queue.enqueue(echo(1), conn=lite_conn),
+                     lambda: pg_queue.enqueue_many([echo(1)], conn=lite_conn)):
+            with pytest.raises(TypeError, match="psycopg"):
+                call()
+        for call in (lambda: lite_queue.enqueue(echo(1), conn=pg_conn),
+                     lambda: lite_queue.enqueue_many([echo(1)], conn=pg_conn)):
+            with pytest.raises(TypeError, match="sqlite3"):
+                call()
+        assert pg_queue.jobs() == [] and lite_queue.jobs() == []
+
+
+@postgres_only
+def test_pg_synchronous_is_sqlites_alone(capsys, backend, db_path):
+    for level in ("FULL", "NORMAL", "full"):
+        with pytest.raises(ValueError, match="synchronous"):
+            litetq.Queue(db_path, synchronous=level)
+    assert "synchronous" in w_usage_error(capsys, "worker", db_path, "--synchronous", "FULL",
+                                          "--burst")
+    assert "synchronous" in w_usage_error(capsys, "web", db_path, "--synchronous", "FULL")
+    assert not db_created(db_path)
+
+
+PG_SKEW = """\
+import time
+_real_time = time.time
+time.time = lambda: _real_time() + {offset}
+"""
+
+
+def pg_skewed_env(folder, offset):
+    """w_env() with a sitecustomize.py that moves time.time() by `offset` seconds."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "sitecustomize.py"), "w") as f:
+        f.write(PG_SKEW.format(offset=offset))
+    env = w_env()
+    env["PYTHONPATH"] = folder + os.pathsep + env["PYTHONPATH"]
+    return env
+
+
+PG_SKEWED_PRODUCER = """
+import sys, time, litetq
+queue = litetq.Queue(sys.argv[1])
+print(round(time.time() - __import__("datetime").datetime.now().timestamp()))
+print(queue.enqueue(litetq.Task("wtasks.step", ["skew", 3.0])).id)
+print(queue.enqueue(litetq.Task("wtasks.echo", ["delayed"]), delay=2).id)
+"""
+
+
+@postgres_only
+def test_pg_leases_and_due_times_follow_the_servers_clock(backend, worker, wq, wdb, wdir):
+    """A producer whose clock is an hour fast enqueues a 3 s step and a job delayed by 2 s;
+    a worker whose clock is an hour slow (--lease 1) and one with a right clock run them:
+    the delayed job does not run early (nor an hour late), the running step is never
+    taken for lost."""
+    fast = pg_skewed_env(str(wdir / "fast"), 3600)
+    slow = pg_skewed_env(str(wdir / "slow"), -3600)
+    skewed = worker(concurrency=2, env=slow)
+    worker(concurrency=1)  # a second supervisor, reaping too
+    done = subprocess.run([sys.executable, "-c", PG_SKEWED_PRODUCER, wdb], env=fast, cwd=wdir,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    offset, step_id, delayed_id = map(int, done.stdout.split())
+    assert offset == 3600  # the producer's clock really is an hour fast
+    step, delayed = wq.job(step_id), wq.job(delayed_id)
+    pid = w_run_pid(wdir, "skew", 1)
+    lease = w_wait_for(lambda: wq.storage.query_one(
+        "select lease_until - litetq_now() from litetq_jobs where id = ? and status = "
+        "'running'", (step.id,)), 5, "the step to run")[0]
+    assert 0 < lease <= 1.0  # --lease 1 by the server's clock, not an hour off
+    assert delayed.result(timeout=10) == [["delayed"], {}]
+    row = w_row(wq, delayed)
+    waited = row["started"] - row["created"]
+    assert 2.0 <= waited < 4, waited
+    result = step.result(timeout=15)
+    assert (result["run"], result["attempt"]) == (1, 1)
+    assert w_row(wq, step)["lost"] == 0 and w_runs(wdir, "skew") == 1
+    print(f"\n[measured] clocks an hour off: the 2 s delayed job started {waited:.2f} s after "
+          f"it was enqueued; the 3 s step (lease 1 s) ran once, on process {pid} "
+          f"({'the slow-clock worker' if pid in skewed.children() else 'the other worker'})")
+
