@@ -222,9 +222,6 @@ class PgServer:
         self._run("pg_ctl", "restart", "-w", "-t", "60", "-m", mode, "-D", self.data, "-l",
                   os.path.join(self.folder, "log"))  # else the server writes to our pipe
 
-    def reload(self):
-        self._run("pg_ctl", "reload", "-D", self.data)
-
     def close(self):
         if self.own:
             self.stop("immediate")
@@ -268,12 +265,12 @@ class PgServer:
             with contextlib.suppress(Exception):
                 self.sql(f"set lock_timeout = '5s'; drop schema \"{schema}\" cascade")
 
-    def terminate(self, url=None):
+    def terminate(self):
         """pg_terminate_backend() every client connection to the database but ours;
         returns how many there were."""
         return self.sql("select count(pg_terminate_backend(pid)) from pg_stat_activity "
                         "where pid <> pg_backend_pid() and backend_type = 'client backend' "
-                        "and datname = current_database()", url=url)[0][0]
+                        "and datname = current_database()")[0][0]
 
 
 def _session_server():
@@ -7508,6 +7505,14 @@ def plain(i):
 
 
 @litetq.task
+def tally(folder, i):
+    """Note that step i ran, in a file of this process's own."""
+    with open(os.path.join(folder, f"tally.{os.getpid()}"), "a") as f:
+        f.write(f"{i}\\n")
+    return i
+
+
+@litetq.task
 def hop(folder, i, seconds):
     """Not limited itself; its continuation calls render, which is."""
     return render(folder, i, seconds)
@@ -7937,3 +7942,26 @@ def test_retention_by_a_real_worker_keeps_unfinished_trees_and_honours_keep(flow
         again.status
     time.sleep(1.5)
     assert [job.status for job in kept] == ["complete"] * 2  # forever
+
+
+@postgres_only
+def test_pg_two_workers_drain_thousands_of_jobs_running_each_step_once(flow, wq):
+    """Two workers standing in for two hosts, two processes each, on one server."""
+    wq.enqueue_many([flow.module.tally(flow.records, i) for i in range(3000)])
+    started = time.monotonic()
+    workers = flow.workers(2, 2)
+    w_wait_for(lambda: counts(wq) == {"default": {"complete": 3000}}, 60,
+               f"3000 jobs to complete ({counts(wq)})")
+    took = time.monotonic() - started
+    runs, by_process = [], {}
+    for path in glob.glob(os.path.join(flow.records, "tally.*")):
+        with open(path) as f:
+            done = [int(line) for line in f]
+        runs += done
+        by_process[int(path.rpartition(".")[2])] = len(done)
+    share = [sum(n for pid, n in by_process.items() if pid in proc.children())
+             for proc in workers]
+    print(f"\n[measured] 2 workers x 2 processes drained 3000 jobs in {took:.1f} s "
+          f"(from start-up); steps per worker {share}")
+    assert sorted(runs) == list(range(3000))  # every step ran, and once
+    assert all(share)  # both "hosts" took work
