@@ -8009,3 +8009,42 @@ def test_pg_two_workers_drain_thousands_of_jobs_running_each_step_once(flow, wq)
           f"(from start-up); steps per worker {share}")
     assert sorted(runs) == list(range(3000))  # every step ran, and once
     assert all(share)  # both "hosts" took work
+
+
+# --- The README's recipes, run as written ----------------------------------------------
+
+def readme_recipe(name):
+    """The code block after `<!-- recipe: NAME -->` in the README."""
+    text = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
+    match = re.search(r"<!-- recipe: " + re.escape(name) + r" -->\n```python\n(.*?)```", text, re.S)
+    assert match, f"README has no recipe {name}"
+    return match.group(1)
+
+
+def test_readme_fastapi_recipe_enqueues_in_one_route_and_awaits_in_another(tmp_path):
+    (tmp_path / "app.py").write_text(readme_recipe("app.py"))
+    (tmp_path / "client.py").write_text(textwrap.dedent("""
+        import json
+        from fastapi.testclient import TestClient
+        import app
+        with TestClient(app.app) as client:       # runs the lifespan: the worker starts
+            ids = [client.post(f"/squares/{n}").json()["id"] for n in (3, 4)]
+            answers = [client.get(f"/squares/{i}").json() for i in ids]
+            missing = client.get("/squares/999999").status_code
+        print(json.dumps([answers, missing]))
+    """))
+    out = subprocess.run([sys.executable, "client.py"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.splitlines()[-1]) == [[{"square": 9}, {"square": 16}], 404]
+    with litetq.Queue(str(tmp_path / "app.sqlite")) as q:
+        assert [job.status for job in q.jobs()] == ["complete", "complete"]
+
+
+def test_readme_pytest_fixture_recipe_runs_a_threaded_worker(tmp_path):
+    (tmp_path / "test_with_worker.py").write_text(readme_recipe("test_with_worker.py"))
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p",
+                          "no:cacheprovider", "test_with_worker.py"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "1 passed" in out.stdout
