@@ -636,7 +636,7 @@ SCHEMA_VERSION = 2
 SCHEMA = """
 create table if not exists litetq_meta (key text primary key, value text not null);
 create table if not exists litetq_jobs (
-    id {id},
+    id {serial},
     queue text not null,
     priority integer not null default 0,
     status text not null,
@@ -691,7 +691,7 @@ create table if not exists litetq_logs (
     level text not null, message text not null);
 create index if not exists litetq_logs_job on litetq_logs (job_id);
 create table if not exists litetq_messages (
-    id {id}, queue text not null, payload text not null,
+    id {serial}, queue text not null, payload text not null,
     visible {real} not null, deliveries integer not null default 0);
 create index if not exists litetq_messages_next on litetq_messages (queue, visible, id);
 create table if not exists litetq_cron (
@@ -819,8 +819,10 @@ class Storage:
     driver_errors = ()  # the driver's exception classes, turned into litetq.Error
     max_connections = None  # in use at once, per process and storage (None: no limit)
 
-    def __init__(self, name, readonly=False):
-        self.name, self.readonly = name, readonly
+    def __init__(self, name, readonly=False, create=True):
+        # create=False (and readonly): a database without litetq's tables is refused,
+        # never given them, as admin commands want.
+        self.name, self.readonly, self.create = name, readonly, create and not readonly
         self._idle = []  # pooled connections, none in use
         self._pool_lock = threading.Lock()
         self._generation = _fork_generation
@@ -1532,10 +1534,12 @@ class Storage:
 
     @_transaction
     def cancel(self, conn, job_id):
-        changed = self._cancel_tree(conn, job_id)
         parent = self._execute(conn, "select parent_id from litetq_jobs where id = ?",
                                (job_id,)).fetchone()
-        if changed and parent and parent[0] is not None:
+        if parent is None:
+            raise NotFound(f"no job {job_id} in {self.name}")
+        changed = self._cancel_tree(conn, job_id)
+        if changed and parent[0] is not None:
             self._settle(conn, parent[0])
         return changed
 
@@ -1545,6 +1549,9 @@ class Storage:
                             "status in ('failed', 'cancelled', 'expired') for update",
                             (job_id,)).fetchone()
         if row is None:
+            if not self._execute(conn, "select 1 from litetq_jobs where id = ?",
+                                 (job_id,)).fetchone():
+                raise NotFound(f"no job {job_id} in {self.name}")
             return False
         key, token = row
         holder = key is not None and self._execute(
@@ -1624,10 +1631,14 @@ class Storage:
             (*params, NO_LIMIT if limit is None else limit))]
 
     def children(self, job_id):
-        """The subtasks that count: spawned by attempts that succeeded or still run."""
-        return [row[0] for row in self.query(
+        """The subtasks that count: spawned by attempts that succeeded or still run.
+        NotFound if the job is gone."""
+        ids = [row[0] for row in self.query(
             "select id from litetq_jobs where parent_id = ? and orphan = 0 order by id",
             (job_id,))]
+        if not ids:
+            self.job_field(job_id, "id")
+        return ids
 
     def stats(self):
         counts = {}
@@ -1734,9 +1745,13 @@ class Storage:
                     "values (?, litetq_now(), ?, ?)", (job_id, level, _clean_text(message)))
 
     def logs(self, job_id):
-        """Logs of a job and all its subtasks, oldest first."""
-        return self.query(f"select time, level, message, job_id from litetq_logs where "
+        """Logs of a job and all its subtasks, oldest first. NotFound if the job is gone
+        (a purge deletes its logs with it)."""
+        rows = self.query(f"select time, level, message, job_id from litetq_logs where "
                           f"job_id in ({TREE}) order by time, id", (job_id,))
+        if not rows:
+            self.job_field(job_id, "id")
+        return rows
 
     def set_progress(self, job_id, progress):
         self.change("update litetq_jobs set progress = ? where id = ?", (progress, job_id))
@@ -1853,9 +1868,11 @@ class Storage:
         if version is not None and version > SCHEMA_VERSION:
             raise Error(f"{self.name} holds a litetq schema version {version}, newer than "
                         f"this litetq {__version__} knows ({SCHEMA_VERSION}): upgrade litetq")
+        if version is None and not self.create:
+            raise Error(f"{self.name} holds no litetq tables (a worker, or enqueueing a "
+                        f"job, creates them)")
         if self.readonly:
-            raise Error(f"{self.name} holds no litetq tables" if version is None else
-                        f"{self.name} was written by an older litetq: open it once "
+            raise Error(f"{self.name} was written by an older litetq: open it once "
                         f"with this version (not read-only) to upgrade it")
 
         def create(conn):
@@ -1908,20 +1925,28 @@ class SQLiteStorage(Storage):
     driver_errors = (sqlite3.Error,)
     max_connections = 16  # one writes at a time anyway; fewer connections, fewer open files
 
-    def __init__(self, path, synchronous="NORMAL", readonly=False):
+    def __init__(self, path, synchronous="NORMAL", readonly=False, create=True):
         level = str(synchronous).upper()
         if level not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', not {synchronous!r}")
         self.path, self.memory = path, path == ":memory:"
-        super().__init__(path, readonly and not self.memory)
+        super().__init__(path, readonly and not self.memory, create or self.memory)
         self.synchronous, self.busy_timeout = level, BUSY_TIMEOUT
         self._lock = threading.RLock()  # ":memory:": the shared connection's
         self._step_pause_until = 0.0  # monotonic time before which no atomic step begins
         self._step_began = {}  # id of an atomic step's connection -> when it began
         self._shared = self._connect() if self.memory else None
-        if self.readonly and not os.path.exists(path):
+        if not self.create and not os.path.exists(path):
             raise Error(f"no database at {path!r}")
-        self._open_schema({"id": "integer primary key", "real": "real"})
+        # Job and message ids are never given out twice (SQLite's plain INTEGER PRIMARY
+        # KEY hands the ids of the newest deleted rows out again, so a purged job's
+        # handle, or a late ack, would reach a new row): AUTOINCREMENT, which costs
+        # an update of sqlite_sequence per insert (https://sqlite.org/autoinc.html).
+        # Databases made before keep their tables: `create table if not exists` leaves
+        # them, and rebuilding a queue's tables on open is no upgrade to spring on a
+        # user, so ids there may come back after the newest rows are purged.
+        self._open_schema({"id": "integer primary key",
+                           "serial": "integer primary key autoincrement", "real": "real"})
 
     def _connect(self):
         try:
@@ -2168,7 +2193,7 @@ class PostgresStorage(Storage):
 
     max_connections = 10
 
-    def __init__(self, url, readonly=False):
+    def __init__(self, url, readonly=False, create=True):
         try:
             import psycopg
             import psycopg.rows
@@ -2177,24 +2202,27 @@ class PostgresStorage(Storage):
                         'pip install "litetq[postgres]"') from None
         self.psycopg, self.url = psycopg, url
         self.driver_errors = (psycopg.Error,)
-        super().__init__(_redact(url), readonly)
+        self._secrets = _url_secrets(url)
+        super().__init__(_redact(url), readonly, create)
         try:
             self._params = psycopg.conninfo.conninfo_to_dict(url)
-        except psycopg.Error as exc:
-            raise Error(f"malformed PostgreSQL URL {self.name!r}: {exc}") from None
+        except psycopg.Error as exc:  # its message may quote the password: scrubbed
+            raise Error(f"malformed PostgreSQL URL {self.name!r}: "
+                        f"{self._scrub(_one_line(exc))}") from None
         self._params.setdefault("connect_timeout", "10")
         self._params.setdefault("tcp_user_timeout", "10000")  # ms: a vanished host errs
-        self._open_schema({"id": "bigint generated by default as identity primary key",
-                           "real": "double precision"})
+        identity = "bigint generated by default as identity primary key"  # never reused
+        self._open_schema({"id": identity, "serial": identity, "real": "double precision"})
 
     def _connect(self):
         psycopg = self.psycopg
         try:
             conn = psycopg.connect(**self._params, autocommit=True)
         except psycopg.ProgrammingError as exc:
-            raise Error(f"malformed PostgreSQL URL {self.name!r}: {_one_line(exc)}") from None
+            raise Error(f"malformed PostgreSQL URL {self.name!r}: "
+                        f"{self._scrub(_one_line(exc))}") from None
         except psycopg.Error as exc:
-            text = _one_line(exc)
+            text = self._scrub(_one_line(exc))
             # A wrong password, user or database stays wrong: no point trying again.
             permanent = "authentication failed" in text or "does not exist" in text
             raise (Error if permanent else _Unreachable)(
@@ -2229,7 +2257,7 @@ class PostgresStorage(Storage):
     def _error(self, exc):
         errors = self.psycopg.errors
         diag = getattr(exc, "diag", None)
-        text = diag and diag.message_primary or _one_line(exc)
+        text = self._scrub(diag and diag.message_primary or _one_line(exc))
         if isinstance(exc, (self.psycopg.OperationalError, self.psycopg.InterfaceError)) \
                 and not isinstance(exc, errors.QueryCanceled):
             return _Unreachable(f"{self.name}: the server dropped the connection: {text}")
@@ -2241,6 +2269,12 @@ class PostgresStorage(Storage):
             return Error(f"{self.name}: {text} (the search_path names no schema that "
                          f"exists: CREATE SCHEMA it first, or fix the URL's options)")
         return Error(f"{self.name}: {text}")
+
+    def _scrub(self, text):
+        """`text` with every form of the URL's password in it replaced by ***."""
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
 
     def _adopt(self, conn):
         if not isinstance(conn, self.psycopg.Connection):
@@ -2321,30 +2355,61 @@ def _one_line(exc):
 
 
 def _redact(url):
-    """A URL for messages and logs: the password, if any, replaced by ***."""
+    """A URL for messages and logs: the password, in the user part or the query, if
+    any, replaced by ***."""
     try:
         parts = urllib.parse.urlsplit(url)
-        if parts.password is None:
-            return url
+        password = parts.password
     except ValueError as exc:
         raise Error(f"malformed PostgreSQL URL: {exc}") from None
-    netloc = parts.netloc.rpartition("@")
-    user = netloc[0].partition(":")[0]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+    if password is not None:
+        netloc = parts.netloc.rpartition("@")
+        user = netloc[0].partition(":")[0]
+        parts = parts._replace(netloc=f"{user}:***@{netloc[2]}")
+    query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
+    return urllib.parse.urlunsplit(parts._replace(query=query))
+
+
+def _url_secrets(url):
+    """The texts a message about `url` must not show: its password as written and as
+    decoded, where Python's URL parser finds it (after the last "@" of the host part),
+    where libpq does (before the first "@"), and in a password= query parameter.
+    Longest first, so a password containing another is scrubbed whole."""
+    authority = url.partition("://")[2]
+    found = [part.partition("&")[0] for part in re.findall(r"(?:^|[?&])password=([^&#]*)",
+                                                            authority.partition("?")[2])]
+    for userinfo in (re.split(r"[/?#]", authority, maxsplit=1)[0].rpartition("@")[0],
+                     authority.partition("@")[0], authority.partition("?")[0].rpartition("@")[0]):
+        found.append(userinfo.partition(":")[2])
+    secrets = set()
+    for secret in found:
+        secrets.update((secret, urllib.parse.unquote(secret),
+                        urllib.parse.unquote_plus(secret)))
+    secrets.discard("")
+    return sorted(secrets, key=len, reverse=True)
+
+
+def _shown(target):
+    """A database path or URL as messages and logs show it: without a password."""
+    try:
+        return _redact(target) if _is_url(target) else target
+    except Error:
+        return "(a malformed PostgreSQL URL)"
 
 
 def _is_url(target):
     return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
 
 
-def open_storage(target, synchronous=None, readonly=False):
+def open_storage(target, synchronous=None, readonly=False, create=True):
     """The storage for a SQLite path (or ":memory:"), or a postgresql:// URL."""
     if _is_url(target):
         if synchronous is not None:
             raise ValueError("synchronous= is SQLite's; on PostgreSQL durability is the "
                              "server's (see its synchronous_commit setting)")
-        return PostgresStorage(target, readonly)
-    return SQLiteStorage(target, "NORMAL" if synchronous is None else synchronous, readonly)
+        return PostgresStorage(target, readonly, create)
+    return SQLiteStorage(target, "NORMAL" if synchronous is None else synchronous, readonly,
+                         create)
 
 
 # --- The queue API -----------------------------------------------------------
@@ -2356,12 +2421,15 @@ class Queue:
     `synchronous="FULL"` makes each SQLite commit survive power loss; the default
     "NORMAL" survives application crashes. `lease` is how long a claimed step is ours
     without renewal: a worker that dies is noticed this many seconds later.
-    `readonly=True` opens the database without ever writing to it.
+    `readonly=True` opens the database without ever writing to it; `create=False`
+    refuses one that holds no litetq tables (or, on SQLite, no file) instead of
+    creating them.
     """
 
-    def __init__(self, path, synchronous=None, *, lease=DEFAULT_LEASE, readonly=False):
+    def __init__(self, path, synchronous=None, *, lease=DEFAULT_LEASE, readonly=False,
+                 create=True):
         self.path, self.lease = os.fspath(path), _seconds(lease, "lease", positive=True)
-        self.storage = open_storage(self.path, synchronous, readonly)
+        self.storage = open_storage(self.path, synchronous, readonly, create)
         self._claims = {}  # job id -> token of the steps this process has claimed
         self._finished = []  # deferred successes, see _save_finished()
         self._durations = {}  # task name -> typical seconds per step (workers batch quick ones)
@@ -2370,7 +2438,7 @@ class Queue:
         self._worker_id = (None, None)
 
     def __repr__(self):
-        return f"<litetq.Queue {self.path!r}>"
+        return f"<litetq.Queue {self.storage.name!r}>"  # a URL's password never shows
 
     def __enter__(self):
         return self
@@ -3024,9 +3092,15 @@ class Job:
         return self._final(self.wait(timeout).queue.storage.job(self.id))
 
     async def aresult(self, timeout=None):
-        """`await job.aresult()`: result() without blocking the event loop."""
-        await self.queue._await_finished(self.id, timeout)
-        return self._final(await asyncio.to_thread(self.queue.storage.job, self.id))
+        """`await job.aresult()`: result() without blocking the event loop. A job that
+        has finished already answers at once: its end was heard of before we listened."""
+        if timeout is not None:
+            timeout = _seconds(timeout, "timeout")
+        row = await asyncio.to_thread(self.queue.storage.job, self.id)
+        if row["status"] not in TERMINAL:
+            await self.queue._await_finished(self.id, timeout)
+            row = await asyncio.to_thread(self.queue.storage.job, self.id)
+        return self._final(row)
 
     def __await__(self):
         return self.aresult().__await__()
@@ -3614,7 +3688,7 @@ class Worker:
         self.children, self._thread, self._ticks = [], None, 0
 
     def __repr__(self):
-        return f"<litetq.Worker {self.path!r}>"
+        return f"<litetq.Worker {_shown(self.path)!r}>"
 
     def __enter__(self):
         return self.start()
@@ -3640,7 +3714,7 @@ class Worker:
             self._main()
         except BaseException as exc:  # start() raises what stopped it from starting
             self._failed = exc
-            logger.exception("worker %s stopped", self.path)
+            logger.exception("worker %s stopped", _shown(self.path))
         finally:
             self._started.set()
 
@@ -3680,7 +3754,7 @@ class Worker:
         for child in self.children:
             self._start(child)
         logger.info("worker %s: %d %s on %s, queues %s", self.worker_id, self.concurrency,
-                    "threads" if self.threads else "processes", self.path,
+                    "threads" if self.threads else "processes", self.queue.storage.name,
                     ",".join(self.queues or ["all"]))
         if getattr(self, "_started", None):
             self._started.set()
@@ -4917,7 +4991,7 @@ def _open(path, create=False, readonly=False, synchronous=None):
     write a byte, nor create litetq's tables in an application's database."""
     if not create and path != ":memory:" and not _is_url(path) and not os.path.exists(path):
         raise UsageError(f"no database at {path!r}")
-    return Queue(path, synchronous, readonly=readonly)
+    return Queue(path, synchronous, readonly=readonly, create=create)
 
 
 def _cmd_worker(args):

@@ -7132,12 +7132,8 @@ PG_MALFORMED = [
     ("postgresql://[::1/db", "IPv6"),
     ("postgresql://127.0.0.1/db?sslmode=sometimes", "sometimes"),
     ("postgresql://127.0.0.1/db?connect_timeout=abc", "connect_timeout"),
-    pytest.param("postgresql://127.0.0.1/db?bogus=1", "bogus", marks=pytest.mark.xfail(
-        strict=True, reason="litetq bug: the message of psycopg's conninfo_to_dict() ends "
-                            "in a newline that litetq keeps: two lines on stderr")),
-    pytest.param("postgresql://%@127.0.0.1/db", "percent", marks=pytest.mark.xfail(
-        strict=True, reason="litetq bug: the message of psycopg's conninfo_to_dict() ends "
-                            "in a newline that litetq keeps: two lines on stderr")),
+    ("postgresql://127.0.0.1/db?bogus=1", "bogus"),  # psycopg's message ends in "\n"
+    ("postgresql://%@127.0.0.1/db", "percent"),
 ]
 
 
@@ -7165,8 +7161,6 @@ def test_pg_error_messages_never_show_the_password(capsys, backend):
 
 
 @postgres_only
-@pytest.mark.xfail(strict=True, reason="litetq bug: a malformed URL's error quotes psycopg's "
-                                       "message, which quotes the password")
 def test_pg_malformed_url_error_never_shows_the_password(capsys, backend):
     with pytest.raises(litetq.Error) as caught:
         litetq.Queue("postgresql://app:top secret@127.0.0.1/db")
@@ -7235,9 +7229,6 @@ def test_pg_read_only_commands_on_an_empty_schema_create_no_tables(capsys, backe
 
 
 @postgres_only
-@pytest.mark.xfail(strict=True, reason="litetq bug: retry, cancel and purge create litetq's "
-                                       "tables in a schema that has none (on SQLite they "
-                                       "refuse a missing file)")
 @pytest.mark.parametrize("argv", [["retry", "--failed"], ["cancel", "1"], ["purge"]],
                          ids=lambda a: a[0])
 def test_pg_admin_commands_on_an_empty_schema_exit_2_and_create_no_tables(capsys, backend,
@@ -7893,13 +7884,9 @@ JOB_MEMBERS = {
     "cancel": lambda job: job.cancel(), "retry": lambda job: job.retry(),
     "to_dict": lambda job: job.to_dict(),
 }
-NOT_FOUND_BUG = ("litetq bug: Job.{}() of a job whose row is gone answers as for a job "
-                 "that has none ([] or False) instead of raising NotFound")
 
 
-@pytest.mark.parametrize("member", [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=NOT_FOUND_BUG.format(name)))
-    if name in ("children", "logs", "cancel", "retry") else name for name in JOB_MEMBERS])
+@pytest.mark.parametrize("member", list(JOB_MEMBERS))
 def test_every_member_of_a_deleted_job_but_its_id_raises_notfound(q, member):
     job = parent_logger.delay()
     q.run_until_idle()
@@ -7910,14 +7897,6 @@ def test_every_member_of_a_deleted_job_but_its_id_raises_notfound(q, member):
         JOB_MEMBERS[member](job)
 
 
-ROWID_REUSE = ("litetq bug: on SQLite, litetq_jobs.id and litetq_messages.id are INTEGER "
-               "PRIMARY KEY without AUTOINCREMENT, so once the newest rows are deleted their "
-               "ids are given to the next ones")
-
-
-@pytest.mark.parametrize("backend", [
-    pytest.param("sqlite", marks=pytest.mark.xfail(strict=True, reason=ROWID_REUSE)),
-    "postgres"], indirect=True)
 def test_job_ids_are_never_reused_after_a_purge(q, backend):
     """SPEC 2: a job id is unique in the database; 13: a purged job's handle raises
     NotFound. A reused id would point an old handle (and its cancel()) at a new job."""
@@ -7930,9 +7909,6 @@ def test_job_ids_are_never_reused_after_a_purge(q, backend):
         done[0].status
 
 
-@pytest.mark.parametrize("backend", [
-    pytest.param("sqlite", marks=pytest.mark.xfail(strict=True, reason=ROWID_REUSE)),
-    "postgres"], indirect=True)
 def test_a_late_ack_never_deletes_another_message(q, backend):
     """A consumer too slow for its visibility acks late: by then the message was delivered
     again and acked, and a new message may have come. The late ack must not delete it."""
