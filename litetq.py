@@ -346,12 +346,14 @@ class Task:
         """Run the function once, here, and return what it returns (maybe a Task). An
         async task runs on an event loop of its own: outside a running one."""
         function = _lookup_task(self.name)
+        if function.is_async:
+            return _run_coroutine(_in_context(Context(), function.func, self.args,
+                                              self.kwargs), f"{self!r}.run_once()")
         token = _current.set(Context())
         try:
-            value = function.func(*self.args, **self.kwargs)
+            return function.func(*self.args, **self.kwargs)
         finally:
             _current.reset(token)
-        return _run_coroutine(value, f"{self!r}.run_once()") if function.is_async else value
 
     def run(self):
         """Run here, following continuations and chains, to a final value."""
@@ -372,11 +374,7 @@ class Task:
         function = _lookup_task(self.name)
         if not function.is_async:
             return await asyncio.to_thread(self.run_once)
-        token = _current.set(Context())
-        try:
-            return await function.func(*self.args, **self.kwargs)
-        finally:
-            _current.reset(token)
+        return await _in_context(Context(), function.func, self.args, self.kwargs)
 
     def arun(self):
         """`await ref.arun()`: run() inside an event loop."""
@@ -390,6 +388,17 @@ class Task:
             call, rest, value = _advance(value, rest)
             if call is None:
                 return value
+
+
+async def _in_context(context, func, args, kwargs):
+    """Await an async task's function with `context` as its current(). Set here, inside
+    the coroutine, since the loop or thread that runs it has a context of its own (a
+    context variable set around the call would be gone by the time it runs)."""
+    token = _current.set(context)
+    try:
+        return await func(*args, **kwargs)
+    finally:
+        _current.reset(token)
 
 
 def _running_loop(what):
@@ -1124,6 +1133,8 @@ class Storage:
             try:
                 self._watch()
             except Exception as exc:  # the database is away: waiters fall back to polling
+                if self._closed:  # closed meanwhile (its server may be gone too): no news
+                    return
                 logger.warning("%s: cannot listen for changes (%s); retrying", self.name, exc)
                 self._heard()
                 time.sleep(1.0)
@@ -2687,10 +2698,13 @@ class Queue:
         except Exception as exc:
             return self._fail_attempt(_registry.get(claim.name), claim, _Unsaved(exc), tb="")
 
-    def _drop_claims(self):
+    def _drop_claims(self, keep=()):
         """Forget the steps this process holds (its database calls are failing): their
-        leases lapse and the supervisor queues them again."""
-        self._claims.clear()
+        leases lapse and the supervisor queues them again. Those in `keep` (async steps
+        still running) stay ours: their leases are renewed once the database is back."""
+        for job_id in list(self._claims):
+            if job_id not in keep:
+                self._claims.pop(job_id, None)
         self._finished.clear()
 
     def _keep_leases(self):
@@ -2708,7 +2722,8 @@ class Queue:
                 try:
                     self.storage.renew_leases(claims, self.lease)
                 except Error as exc:
-                    logger.warning("could not renew leases: %s", exc)
+                    if not self._closed.is_set():
+                        logger.warning("could not renew leases: %s", exc)
 
     # Waiting.
 
@@ -4003,9 +4018,12 @@ def _worker_loop(queue, queues, slots, stop, alive, async_concurrency):
         while not stop.is_set() and alive():
             try:
                 seen = storage.changes
+                limit = steps.claim_limit(batch)
+                if not limit:  # every async slot taken: claim nothing until one frees
+                    steps.wait_for_room(IDLE_WAIT)
+                    continue
                 # Look before claiming: the claim takes SQLite's write lock, the look not.
                 wait = 0.0 if busy else storage.next_work(queues)
-                limit = 1 if steps.async_running else batch
                 claims = storage.claim(worker_id, queue.lease, queues, limit) if wait == 0.0 else []
                 busy = len(claims) == limit
                 if claims:
@@ -4015,7 +4033,7 @@ def _worker_loop(queue, queues, slots, stop, alive, async_concurrency):
                 failures = 0
             except Exception as exc:  # a database error: its steps' leases lapse; wait, go on
                 failures, busy, slots[SLOT_JOB] = failures + 1, False, 0
-                queue._drop_claims()
+                queue._drop_claims(keep=steps.async_claims())
                 logger.warning("worker: %s (trying again in %.1f s)",
                                exc if isinstance(exc, Error) else f"{type(exc).__name__}: {exc}",
                                _backoff(failures))
@@ -4034,7 +4052,33 @@ class _Steps:
         self.queue, self.slots, self.capacity = queue, slots, async_concurrency
         self.loop = None
         self.async_running = 0
+        self.running = {}  # job id -> slot index of each async step on the loop
         self.room = threading.Condition()
+        self._registered, self._async_known = -1, False
+
+    def claim_limit(self, batch):
+        """How many steps to claim now. A claimed step is run at once, never kept
+        waiting here (its lease ticking, out of other workers' reach): while an async
+        task is known, no more than the free async slots, one at a time beside running
+        async steps, and none while every slot is taken."""
+        free = self.capacity - self.async_running
+        if self.async_running:
+            return min(1, free)
+        if len(_registry) != self._registered:  # tasks registered (or imported) since
+            self._registered = len(_registry)
+            self._async_known = any(f.is_async for f in list(_registry.values()))
+        return min(batch, free) if self._async_known else batch
+
+    def wait_for_room(self, timeout):
+        """Block until an async slot is free, or `timeout` seconds pass."""
+        with self.room:
+            if self.async_running >= self.capacity:
+                self.room.wait(timeout)
+
+    def async_claims(self):
+        """Ids of the async steps running on the loop."""
+        with self.room:
+            return set(self.running)
 
     def run_batch(self, claims, batch, stop):
         """Run claimed steps; returns the next batch size: doubled while the queue is
@@ -4043,6 +4087,15 @@ class _Steps:
         queue, started = self.queue, time.monotonic()
         for claim in claims:
             queue._claims[claim.id] = claim.token
+        queue._keep_leases()  # async steps' too: they may outlast a lease many times
+        functions = {}
+        for claim in claims:
+            functions[claim.id] = None
+            with contextlib.suppress(Error):  # an unknown task fails when it runs
+                functions[claim.id] = _lookup_task(claim.name)
+        # The async steps go to the loop first: none waits here behind a slow sync step.
+        claims = sorted(claims, key=lambda claim: not getattr(functions[claim.id],
+                                                              "is_async", False))
         try:
             for done, claim in enumerate(claims):
                 if stop.is_set():  # shutting down: give back the steps not begun
@@ -4050,12 +4103,11 @@ class _Steps:
                         queue.storage.requeue(unbegun.id, unbegun.token)
                         queue._claims.pop(unbegun.id, None)
                     break
-                function = None
-                with contextlib.suppress(Error):  # an unknown task fails when it runs
-                    function = _lookup_task(claim.name)
+                function = functions[claim.id]
                 if function is not None and function.is_async:
-                    queue._save_finished()
-                    self._start_async(claim, function)
+                    if not self._start_async(claim, function):  # a task claim_limit()
+                        queue.storage.requeue(claim.id, claim.token)  # did not know of
+                        queue._claims.pop(claim.id, None)
                 else:
                     self._run_sync(claim, function)
         finally:
@@ -4085,10 +4137,11 @@ class _Steps:
         logger.info("job %s %s: %s in %.1f ms", claim.id, name, status, took * 1000)
 
     def _start_async(self, claim, function):
-        """Hand a claimed async step to the event loop, once it has room for one."""
+        """Hand a claimed async step to the event loop; False if every slot is taken
+        (the async task was unknown when the batch was claimed: it goes back)."""
         with self.room:
-            while self.async_running >= self.capacity:
-                self.room.wait()
+            if self.async_running >= self.capacity:
+                return False
             self.async_running += 1
         if self.loop is None:
             self.loop = asyncio.new_event_loop()
@@ -4104,7 +4157,10 @@ class _Steps:
         slots[index + SLOT_TOKEN], slots[index + SLOT_TIMEOUT] = claim.token, timeout
         slots[index + SLOT_DEADLINE] = time.monotonic() + timeout + CANCEL_GRACE if timeout else 0
         slots[index + SLOT_JOB] = claim.id
+        with self.room:
+            self.running[claim.id] = index
         asyncio.run_coroutine_threadsafe(self._run_async(claim, index, timeout), self.loop)
+        return True
 
     async def _run_async(self, claim, index, timeout):
         started = time.monotonic()
@@ -4120,6 +4176,7 @@ class _Steps:
             self.queue._claims.pop(claim.id, None)
             self.queue.storage.changed()
             with self.room:
+                self.running.pop(claim.id, None)
                 self.async_running -= 1
                 self.room.notify_all()
 
