@@ -474,8 +474,10 @@ class TaskFunction:
         return _default_queue().enqueue(Task(self.name, args, kwargs))
 
     async def adelay(self, *args, **kwargs):
-        """`await task.adelay(...)`: delay() without blocking the event loop."""
-        return await _default_queue().aenqueue(Task(self.name, args, kwargs))
+        """`await task.adelay(...)`: delay() without blocking the event loop (nor does
+        opening $LITETQ_DB's queue on first use, which may wait for a server)."""
+        queue = _default if _default is not None else await asyncio.to_thread(_default_queue)
+        return await queue.aenqueue(Task(self.name, args, kwargs))
 
     def __repr__(self):
         return f"<task {self.name}>"
@@ -1167,7 +1169,10 @@ class Storage:
                     callbacks = [callback for job_id in chunk if job_id not in pending
                                  for callback in self._watched.pop(job_id, ())]
                 for callback in callbacks:
-                    callback()
+                    try:
+                        callback()
+                    except Exception:  # one waiter's must not stop the thread all share
+                        logger.exception("%s: a job waiter failed", self.name)
             time.sleep(CHANGE_COALESCE)
 
     # Enqueueing.
@@ -2782,7 +2787,8 @@ class Queue:
                 future = loop.create_future()
 
                 def wake(future=future):
-                    loop.call_soon_threadsafe(_resolve, future)
+                    with contextlib.suppress(RuntimeError):  # its loop closed meanwhile
+                        loop.call_soon_threadsafe(_resolve, future)
                 self.storage.watch_job(job_id, wake)
                 woken = future
             try:

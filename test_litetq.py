@@ -8338,3 +8338,55 @@ def test_a_job_without_children_or_logs_answers_empty_lists_until_it_is_deleted(
     for member in (job.children, job.logs, job.cancel, job.retry):
         with pytest.raises(litetq.NotFound, match=f"no job {job.id}"):
             member()
+
+
+def test_a_failing_waiter_callback_does_not_stop_other_waiters(file_q):
+    """One thread per process tells every waiter that its job finished; a callback that
+    raises (an event loop closed meanwhile, say) must not stop it for the others."""
+    first, second = echo.delay(1), echo.delay(2)
+
+    def boom():
+        raise RuntimeError("Event loop is closed")
+    file_q.storage.watch_job(first.id, boom)
+    file_q.run_until_idle(max_steps=1)  # the first finishes: its callback raises
+
+    async def wait_second():
+        waiter = asyncio.ensure_future(second.aresult(timeout=10))
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(file_q.run_until_idle)
+        started = time.monotonic()
+        value = await waiter
+        return value, time.monotonic() - started
+    value, took = asyncio.run(wait_second())
+    assert value == 2 and took < 0.5, took  # heard at once, not at the 10 s timeout
+
+
+def test_adelay_never_blocks_the_event_loop_while_litetq_db_opens(monkeypatch):
+    """SPEC 14: adelay() never blocks the event loop, not even while it opens the queue
+    $LITETQ_DB names for the first time (here a server that accepts and never answers,
+    so the open waits for connect_timeout)."""
+    pytest.importorskip("psycopg")
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    port = silent.getsockname()[1]
+    monkeypatch.setattr(litetq, "_default", None)
+    monkeypatch.setenv("LITETQ_DB", f"postgresql://nobody@127.0.0.1:{port}/db?connect_timeout=1")
+
+    async def main():
+        ticks = 0
+
+        async def tick():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.02)
+                ticks += 1
+        ticker = asyncio.ensure_future(tick())
+        with pytest.raises(litetq.Error):
+            await echo.adelay(1)
+        ticker.cancel()
+        return ticks
+    try:
+        assert asyncio.run(main()) >= 20  # the loop ran on for the second it waited
+    finally:
+        silent.close()
