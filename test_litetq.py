@@ -8072,6 +8072,7 @@ def test_a_worker_process_claims_no_more_async_steps_than_its_free_slots(worker,
         time.sleep(0.01)
     assert [job.result(timeout=0) for job in jobs] == [f"n{i}" for i in range(6)]
     assert most and max(most.values()) <= 2, most
+    assert 2 in seen_queued  # while four ran, two waited in the database, claimed by none
     starts = sorted((when, pid) for i in range(6) for pid, when in
                     fx_records(fx_async, f"n{i}"))
     assert len(starts) == 6  # each ran once
