@@ -2394,8 +2394,9 @@ def _url_secrets(url):
     authority = url.partition("://")[2]
     found = [part.partition("&")[0] for part in re.findall(r"(?:^|[?&])password=([^&#]*)",
                                                             authority.partition("?")[2])]
+    libpq = re.match(r"([^@/]*)@", authority)  # libpq: user info ends at an "@" before "/"
     for userinfo in (re.split(r"[/?#]", authority, maxsplit=1)[0].rpartition("@")[0],
-                     authority.partition("@")[0], authority.partition("?")[0].rpartition("@")[0]):
+                     libpq[1] if libpq else "", authority.partition("?")[0].rpartition("@")[0]):
         found.append(userinfo.partition(":")[2])
     secrets = set()
     for secret in found:
@@ -4058,7 +4059,7 @@ class _Steps:
         self.queue, self.slots, self.capacity = queue, slots, async_concurrency
         self.loop = None
         self.async_running = 0
-        self.running = {}  # job id -> slot index of each async step on the loop
+        self.running = set()  # job ids of the async steps on the loop
         self.room = threading.Condition()
         self._registered, self._async_known = -1, False
 
@@ -4164,7 +4165,7 @@ class _Steps:
         slots[index + SLOT_DEADLINE] = time.monotonic() + timeout + CANCEL_GRACE if timeout else 0
         slots[index + SLOT_JOB] = claim.id
         with self.room:
-            self.running[claim.id] = index
+            self.running.add(claim.id)
         asyncio.run_coroutine_threadsafe(self._run_async(claim, index, timeout), self.loop)
         return True
 
@@ -4182,7 +4183,7 @@ class _Steps:
             self.queue._claims.pop(claim.id, None)
             self.queue.storage.changed()
             with self.room:
-                self.running.pop(claim.id, None)
+                self.running.discard(claim.id)
                 self.async_running -= 1
                 self.room.notify_all()
 
