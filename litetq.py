@@ -2591,8 +2591,9 @@ class Queue:
             function = _lookup_task(claim.name)
         except Error as exc:
             return self.storage.step_failed(claim.id, claim.token, str(exc), None)
-        if function.is_async:  # here, outside a worker's loop: one of its own
-            return _run_coroutine(self._aexecute(claim), f"job {claim.id}")
+        if function.is_async:  # here, outside a worker's loop: one of its own, where its
+            # timeout cancels it as a worker's does (only kill-based timeouts are theirs)
+            return _run_coroutine(self._aexecute(claim, function.timeout), f"job {claim.id}")
         context = Context(self, Job(self, claim.id), claim.attempts, function.atomic,
                           claim.token)
         reset = _current.set(context)

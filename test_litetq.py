@@ -8391,3 +8391,24 @@ def test_adelay_never_blocks_the_event_loop_while_litetq_db_opens(monkeypatch):
         assert asyncio.run(main()) >= 20  # the loop ran on for the second it waited
     finally:
         silent.close()
+
+
+@litetq.task(timeout=0.3, retries=1, retry_delay=0)
+async def fx_slow_async(seconds):
+    COUNTS["slow"] = COUNTS.get("slow", 0) + 1
+    await asyncio.sleep(seconds)
+    return "woke"
+
+
+def test_run_until_idle_cancels_an_async_step_at_its_timeout(q):
+    """SPEC 3 and 14: run_until_idle() behaves as a worker, except kill-based timeouts;
+    an async step's timeout is a cancellation, so it applies here too, retries and all."""
+    job = fx_slow_async.delay(30)
+    started = time.monotonic()
+    assert q.run_until_idle() == 2
+    assert time.monotonic() - started < 5
+    assert (job.status, job.error, job.attempts, COUNTS["slow"]) == \
+        ("failed", "timed out after 0.3 s", 2, 2)
+    quick = fx_slow_async.delay(0.01)
+    q.run_until_idle()
+    assert quick.result(timeout=0) == "woke"
