@@ -346,12 +346,14 @@ class Task:
         """Run the function once, here, and return what it returns (maybe a Task). An
         async task runs on an event loop of its own: outside a running one."""
         function = _lookup_task(self.name)
+        if function.is_async:
+            return _run_coroutine(_in_context(Context(), function.func, self.args,
+                                              self.kwargs), f"{self!r}.run_once()")
         token = _current.set(Context())
         try:
-            value = function.func(*self.args, **self.kwargs)
+            return function.func(*self.args, **self.kwargs)
         finally:
             _current.reset(token)
-        return _run_coroutine(value, f"{self!r}.run_once()") if function.is_async else value
 
     def run(self):
         """Run here, following continuations and chains, to a final value."""
@@ -372,11 +374,7 @@ class Task:
         function = _lookup_task(self.name)
         if not function.is_async:
             return await asyncio.to_thread(self.run_once)
-        token = _current.set(Context())
-        try:
-            return await function.func(*self.args, **self.kwargs)
-        finally:
-            _current.reset(token)
+        return await _in_context(Context(), function.func, self.args, self.kwargs)
 
     def arun(self):
         """`await ref.arun()`: run() inside an event loop."""
@@ -390,6 +388,17 @@ class Task:
             call, rest, value = _advance(value, rest)
             if call is None:
                 return value
+
+
+async def _in_context(context, func, args, kwargs):
+    """Await an async task's function with `context` as its current(). Set here, inside
+    the coroutine, since the loop or thread that runs it has a context of its own (a
+    context variable set around the call would be gone by the time it runs)."""
+    token = _current.set(context)
+    try:
+        return await func(*args, **kwargs)
+    finally:
+        _current.reset(token)
 
 
 def _running_loop(what):
@@ -465,8 +474,10 @@ class TaskFunction:
         return _default_queue().enqueue(Task(self.name, args, kwargs))
 
     async def adelay(self, *args, **kwargs):
-        """`await task.adelay(...)`: delay() without blocking the event loop."""
-        return await _default_queue().aenqueue(Task(self.name, args, kwargs))
+        """`await task.adelay(...)`: delay() without blocking the event loop (nor does
+        opening $LITETQ_DB's queue on first use, which may wait for a server)."""
+        queue = _default if _default is not None else await asyncio.to_thread(_default_queue)
+        return await queue.aenqueue(Task(self.name, args, kwargs))
 
     def __repr__(self):
         return f"<task {self.name}>"
@@ -636,7 +647,7 @@ SCHEMA_VERSION = 2
 SCHEMA = """
 create table if not exists litetq_meta (key text primary key, value text not null);
 create table if not exists litetq_jobs (
-    id {id},
+    id {serial},
     queue text not null,
     priority integer not null default 0,
     status text not null,
@@ -691,7 +702,7 @@ create table if not exists litetq_logs (
     level text not null, message text not null);
 create index if not exists litetq_logs_job on litetq_logs (job_id);
 create table if not exists litetq_messages (
-    id {id}, queue text not null, payload text not null,
+    id {serial}, queue text not null, payload text not null,
     visible {real} not null, deliveries integer not null default 0);
 create index if not exists litetq_messages_next on litetq_messages (queue, visible, id);
 create table if not exists litetq_cron (
@@ -819,8 +830,10 @@ class Storage:
     driver_errors = ()  # the driver's exception classes, turned into litetq.Error
     max_connections = None  # in use at once, per process and storage (None: no limit)
 
-    def __init__(self, name, readonly=False):
-        self.name, self.readonly = name, readonly
+    def __init__(self, name, readonly=False, create=True):
+        # create=False (and readonly): a database without litetq's tables is refused,
+        # never given them, as admin commands want.
+        self.name, self.readonly, self.create = name, readonly, create and not readonly
         self._idle = []  # pooled connections, none in use
         self._pool_lock = threading.Lock()
         self._generation = _fork_generation
@@ -1122,6 +1135,8 @@ class Storage:
             try:
                 self._watch()
             except Exception as exc:  # the database is away: waiters fall back to polling
+                if self._closed:  # closed meanwhile (its server may be gone too): no news
+                    return
                 logger.warning("%s: cannot listen for changes (%s); retrying", self.name, exc)
                 self._heard()
                 time.sleep(1.0)
@@ -1154,7 +1169,10 @@ class Storage:
                     callbacks = [callback for job_id in chunk if job_id not in pending
                                  for callback in self._watched.pop(job_id, ())]
                 for callback in callbacks:
-                    callback()
+                    try:
+                        callback()
+                    except Exception:  # one waiter's must not stop the thread all share
+                        logger.exception("%s: a job waiter failed", self.name)
             time.sleep(CHANGE_COALESCE)
 
     # Enqueueing.
@@ -1532,10 +1550,12 @@ class Storage:
 
     @_transaction
     def cancel(self, conn, job_id):
-        changed = self._cancel_tree(conn, job_id)
         parent = self._execute(conn, "select parent_id from litetq_jobs where id = ?",
                                (job_id,)).fetchone()
-        if changed and parent and parent[0] is not None:
+        if parent is None:
+            raise NotFound(f"no job {job_id} in {self.name}")
+        changed = self._cancel_tree(conn, job_id)
+        if changed and parent[0] is not None:
             self._settle(conn, parent[0])
         return changed
 
@@ -1545,6 +1565,9 @@ class Storage:
                             "status in ('failed', 'cancelled', 'expired') for update",
                             (job_id,)).fetchone()
         if row is None:
+            if not self._execute(conn, "select 1 from litetq_jobs where id = ?",
+                                 (job_id,)).fetchone():
+                raise NotFound(f"no job {job_id} in {self.name}")
             return False
         key, token = row
         holder = key is not None and self._execute(
@@ -1624,10 +1647,14 @@ class Storage:
             (*params, NO_LIMIT if limit is None else limit))]
 
     def children(self, job_id):
-        """The subtasks that count: spawned by attempts that succeeded or still run."""
-        return [row[0] for row in self.query(
+        """The subtasks that count: spawned by attempts that succeeded or still run.
+        NotFound if the job is gone."""
+        ids = [row[0] for row in self.query(
             "select id from litetq_jobs where parent_id = ? and orphan = 0 order by id",
             (job_id,))]
+        if not ids:
+            self.job_field(job_id, "id")
+        return ids
 
     def stats(self):
         counts = {}
@@ -1734,9 +1761,13 @@ class Storage:
                     "values (?, litetq_now(), ?, ?)", (job_id, level, _clean_text(message)))
 
     def logs(self, job_id):
-        """Logs of a job and all its subtasks, oldest first."""
-        return self.query(f"select time, level, message, job_id from litetq_logs where "
+        """Logs of a job and all its subtasks, oldest first. NotFound if the job is gone
+        (a purge deletes its logs with it)."""
+        rows = self.query(f"select time, level, message, job_id from litetq_logs where "
                           f"job_id in ({TREE}) order by time, id", (job_id,))
+        if not rows:
+            self.job_field(job_id, "id")
+        return rows
 
     def set_progress(self, job_id, progress):
         self.change("update litetq_jobs set progress = ? where id = ?", (progress, job_id))
@@ -1853,9 +1884,11 @@ class Storage:
         if version is not None and version > SCHEMA_VERSION:
             raise Error(f"{self.name} holds a litetq schema version {version}, newer than "
                         f"this litetq {__version__} knows ({SCHEMA_VERSION}): upgrade litetq")
+        if version is None and not self.create:
+            raise Error(f"{self.name} holds no litetq tables (a worker, or enqueueing a "
+                        f"job, creates them)")
         if self.readonly:
-            raise Error(f"{self.name} holds no litetq tables" if version is None else
-                        f"{self.name} was written by an older litetq: open it once "
+            raise Error(f"{self.name} was written by an older litetq: open it once "
                         f"with this version (not read-only) to upgrade it")
 
         def create(conn):
@@ -1908,20 +1941,28 @@ class SQLiteStorage(Storage):
     driver_errors = (sqlite3.Error,)
     max_connections = 16  # one writes at a time anyway; fewer connections, fewer open files
 
-    def __init__(self, path, synchronous="NORMAL", readonly=False):
+    def __init__(self, path, synchronous="NORMAL", readonly=False, create=True):
         level = str(synchronous).upper()
         if level not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', not {synchronous!r}")
         self.path, self.memory = path, path == ":memory:"
-        super().__init__(path, readonly and not self.memory)
+        super().__init__(path, readonly and not self.memory, create or self.memory)
         self.synchronous, self.busy_timeout = level, BUSY_TIMEOUT
         self._lock = threading.RLock()  # ":memory:": the shared connection's
         self._step_pause_until = 0.0  # monotonic time before which no atomic step begins
         self._step_began = {}  # id of an atomic step's connection -> when it began
         self._shared = self._connect() if self.memory else None
-        if self.readonly and not os.path.exists(path):
+        if not self.create and not os.path.exists(path):
             raise Error(f"no database at {path!r}")
-        self._open_schema({"id": "integer primary key", "real": "real"})
+        # Job and message ids are never given out twice (SQLite's plain INTEGER PRIMARY
+        # KEY hands the ids of the newest deleted rows out again, so a purged job's
+        # handle, or a late ack, would reach a new row): AUTOINCREMENT, which costs
+        # an update of sqlite_sequence per insert (https://sqlite.org/autoinc.html).
+        # Databases made before keep their tables: `create table if not exists` leaves
+        # them, and rebuilding a queue's tables on open is no upgrade to spring on a
+        # user, so ids there may come back after the newest rows are purged.
+        self._open_schema({"id": "integer primary key",
+                           "serial": "integer primary key autoincrement", "real": "real"})
 
     def _connect(self):
         try:
@@ -2168,7 +2209,7 @@ class PostgresStorage(Storage):
 
     max_connections = 10
 
-    def __init__(self, url, readonly=False):
+    def __init__(self, url, readonly=False, create=True):
         try:
             import psycopg
             import psycopg.rows
@@ -2177,24 +2218,27 @@ class PostgresStorage(Storage):
                         'pip install "litetq[postgres]"') from None
         self.psycopg, self.url = psycopg, url
         self.driver_errors = (psycopg.Error,)
-        super().__init__(_redact(url), readonly)
+        self._secrets = _url_secrets(url)
+        super().__init__(_redact(url), readonly, create)
         try:
             self._params = psycopg.conninfo.conninfo_to_dict(url)
-        except psycopg.Error as exc:
-            raise Error(f"malformed PostgreSQL URL {self.name!r}: {exc}") from None
+        except psycopg.Error as exc:  # its message may quote the password: scrubbed
+            raise Error(f"malformed PostgreSQL URL {self.name!r}: "
+                        f"{self._scrub(_one_line(exc))}") from None
         self._params.setdefault("connect_timeout", "10")
         self._params.setdefault("tcp_user_timeout", "10000")  # ms: a vanished host errs
-        self._open_schema({"id": "bigint generated by default as identity primary key",
-                           "real": "double precision"})
+        identity = "bigint generated by default as identity primary key"  # never reused
+        self._open_schema({"id": identity, "serial": identity, "real": "double precision"})
 
     def _connect(self):
         psycopg = self.psycopg
         try:
             conn = psycopg.connect(**self._params, autocommit=True)
         except psycopg.ProgrammingError as exc:
-            raise Error(f"malformed PostgreSQL URL {self.name!r}: {_one_line(exc)}") from None
+            raise Error(f"malformed PostgreSQL URL {self.name!r}: "
+                        f"{self._scrub(_one_line(exc))}") from None
         except psycopg.Error as exc:
-            text = _one_line(exc)
+            text = self._scrub(_one_line(exc))
             # A wrong password, user or database stays wrong: no point trying again.
             permanent = "authentication failed" in text or "does not exist" in text
             raise (Error if permanent else _Unreachable)(
@@ -2229,7 +2273,7 @@ class PostgresStorage(Storage):
     def _error(self, exc):
         errors = self.psycopg.errors
         diag = getattr(exc, "diag", None)
-        text = diag and diag.message_primary or _one_line(exc)
+        text = self._scrub(diag and diag.message_primary or _one_line(exc))
         if isinstance(exc, (self.psycopg.OperationalError, self.psycopg.InterfaceError)) \
                 and not isinstance(exc, errors.QueryCanceled):
             return _Unreachable(f"{self.name}: the server dropped the connection: {text}")
@@ -2241,6 +2285,12 @@ class PostgresStorage(Storage):
             return Error(f"{self.name}: {text} (the search_path names no schema that "
                          f"exists: CREATE SCHEMA it first, or fix the URL's options)")
         return Error(f"{self.name}: {text}")
+
+    def _scrub(self, text):
+        """`text` with every form of the URL's password in it replaced by ***."""
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
 
     def _adopt(self, conn):
         if not isinstance(conn, self.psycopg.Connection):
@@ -2321,30 +2371,62 @@ def _one_line(exc):
 
 
 def _redact(url):
-    """A URL for messages and logs: the password, if any, replaced by ***."""
+    """A URL for messages and logs: the password, in the user part or the query, if
+    any, replaced by ***."""
     try:
         parts = urllib.parse.urlsplit(url)
-        if parts.password is None:
-            return url
+        password = parts.password
     except ValueError as exc:
         raise Error(f"malformed PostgreSQL URL: {exc}") from None
-    netloc = parts.netloc.rpartition("@")
-    user = netloc[0].partition(":")[0]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+    if password is not None:
+        netloc = parts.netloc.rpartition("@")
+        user = netloc[0].partition(":")[0]
+        parts = parts._replace(netloc=f"{user}:***@{netloc[2]}")
+    query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
+    return urllib.parse.urlunsplit(parts._replace(query=query))
+
+
+def _url_secrets(url):
+    """The texts a message about `url` must not show: its password as written and as
+    decoded, where Python's URL parser finds it (after the last "@" of the host part),
+    where libpq does (before the first "@"), and in a password= query parameter.
+    Longest first, so a password containing another is scrubbed whole."""
+    authority = url.partition("://")[2]
+    found = [part.partition("&")[0] for part in re.findall(r"(?:^|[?&])password=([^&#]*)",
+                                                            authority.partition("?")[2])]
+    libpq = re.match(r"([^@/]*)@", authority)  # libpq: user info ends at an "@" before "/"
+    for userinfo in (re.split(r"[/?#]", authority, maxsplit=1)[0].rpartition("@")[0],
+                     libpq[1] if libpq else "", authority.partition("?")[0].rpartition("@")[0]):
+        found.append(userinfo.partition(":")[2])
+    secrets = set()
+    for secret in found:
+        secrets.update((secret, urllib.parse.unquote(secret),
+                        urllib.parse.unquote_plus(secret)))
+    secrets.discard("")
+    return sorted(secrets, key=len, reverse=True)
+
+
+def _shown(target):
+    """A database path or URL as messages and logs show it: without a password."""
+    try:
+        return _redact(target) if _is_url(target) else target
+    except Error:
+        return "(a malformed PostgreSQL URL)"
 
 
 def _is_url(target):
     return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
 
 
-def open_storage(target, synchronous=None, readonly=False):
+def open_storage(target, synchronous=None, readonly=False, create=True):
     """The storage for a SQLite path (or ":memory:"), or a postgresql:// URL."""
     if _is_url(target):
         if synchronous is not None:
             raise ValueError("synchronous= is SQLite's; on PostgreSQL durability is the "
                              "server's (see its synchronous_commit setting)")
-        return PostgresStorage(target, readonly)
-    return SQLiteStorage(target, "NORMAL" if synchronous is None else synchronous, readonly)
+        return PostgresStorage(target, readonly, create)
+    return SQLiteStorage(target, "NORMAL" if synchronous is None else synchronous, readonly,
+                         create)
 
 
 # --- The queue API -----------------------------------------------------------
@@ -2356,12 +2438,15 @@ class Queue:
     `synchronous="FULL"` makes each SQLite commit survive power loss; the default
     "NORMAL" survives application crashes. `lease` is how long a claimed step is ours
     without renewal: a worker that dies is noticed this many seconds later.
-    `readonly=True` opens the database without ever writing to it.
+    `readonly=True` opens the database without ever writing to it; `create=False`
+    refuses one that holds no litetq tables (or, on SQLite, no file) instead of
+    creating them.
     """
 
-    def __init__(self, path, synchronous=None, *, lease=DEFAULT_LEASE, readonly=False):
+    def __init__(self, path, synchronous=None, *, lease=DEFAULT_LEASE, readonly=False,
+                 create=True):
         self.path, self.lease = os.fspath(path), _seconds(lease, "lease", positive=True)
-        self.storage = open_storage(self.path, synchronous, readonly)
+        self.storage = open_storage(self.path, synchronous, readonly, create)
         self._claims = {}  # job id -> token of the steps this process has claimed
         self._finished = []  # deferred successes, see _save_finished()
         self._durations = {}  # task name -> typical seconds per step (workers batch quick ones)
@@ -2370,7 +2455,7 @@ class Queue:
         self._worker_id = (None, None)
 
     def __repr__(self):
-        return f"<litetq.Queue {self.path!r}>"
+        return f"<litetq.Queue {self.storage.name!r}>"  # a URL's password never shows
 
     def __enter__(self):
         return self
@@ -2506,8 +2591,9 @@ class Queue:
             function = _lookup_task(claim.name)
         except Error as exc:
             return self.storage.step_failed(claim.id, claim.token, str(exc), None)
-        if function.is_async:  # here, outside a worker's loop: one of its own
-            return _run_coroutine(self._aexecute(claim), f"job {claim.id}")
+        if function.is_async:  # here, outside a worker's loop: one of its own, where its
+            # timeout cancels it as a worker's does (only kill-based timeouts are theirs)
+            return _run_coroutine(self._aexecute(claim, function.timeout), f"job {claim.id}")
         context = Context(self, Job(self, claim.id), claim.attempts, function.atomic,
                           claim.token)
         reset = _current.set(context)
@@ -2619,10 +2705,13 @@ class Queue:
         except Exception as exc:
             return self._fail_attempt(_registry.get(claim.name), claim, _Unsaved(exc), tb="")
 
-    def _drop_claims(self):
+    def _drop_claims(self, keep=()):
         """Forget the steps this process holds (its database calls are failing): their
-        leases lapse and the supervisor queues them again."""
-        self._claims.clear()
+        leases lapse and the supervisor queues them again. Those in `keep` (async steps
+        still running) stay ours: their leases are renewed once the database is back."""
+        for job_id in list(self._claims):
+            if job_id not in keep:
+                self._claims.pop(job_id, None)
         self._finished.clear()
 
     def _keep_leases(self):
@@ -2640,7 +2729,8 @@ class Queue:
                 try:
                     self.storage.renew_leases(claims, self.lease)
                 except Error as exc:
-                    logger.warning("could not renew leases: %s", exc)
+                    if not self._closed.is_set():
+                        logger.warning("could not renew leases: %s", exc)
 
     # Waiting.
 
@@ -2699,7 +2789,8 @@ class Queue:
                 future = loop.create_future()
 
                 def wake(future=future):
-                    loop.call_soon_threadsafe(_resolve, future)
+                    with contextlib.suppress(RuntimeError):  # its loop closed meanwhile
+                        loop.call_soon_threadsafe(_resolve, future)
                 self.storage.watch_job(job_id, wake)
                 woken = future
             try:
@@ -3024,9 +3115,15 @@ class Job:
         return self._final(self.wait(timeout).queue.storage.job(self.id))
 
     async def aresult(self, timeout=None):
-        """`await job.aresult()`: result() without blocking the event loop."""
-        await self.queue._await_finished(self.id, timeout)
-        return self._final(await asyncio.to_thread(self.queue.storage.job, self.id))
+        """`await job.aresult()`: result() without blocking the event loop. A job that
+        has finished already answers at once: its end was heard of before we listened."""
+        if timeout is not None:
+            timeout = _seconds(timeout, "timeout")
+        row = await asyncio.to_thread(self.queue.storage.job, self.id)
+        if row["status"] not in TERMINAL:
+            await self.queue._await_finished(self.id, timeout)
+            row = await asyncio.to_thread(self.queue.storage.job, self.id)
+        return self._final(row)
 
     def __await__(self):
         return self.aresult().__await__()
@@ -3614,7 +3711,7 @@ class Worker:
         self.children, self._thread, self._ticks = [], None, 0
 
     def __repr__(self):
-        return f"<litetq.Worker {self.path!r}>"
+        return f"<litetq.Worker {_shown(self.path)!r}>"
 
     def __enter__(self):
         return self.start()
@@ -3640,7 +3737,7 @@ class Worker:
             self._main()
         except BaseException as exc:  # start() raises what stopped it from starting
             self._failed = exc
-            logger.exception("worker %s stopped", self.path)
+            logger.exception("worker %s stopped", _shown(self.path))
         finally:
             self._started.set()
 
@@ -3680,7 +3777,7 @@ class Worker:
         for child in self.children:
             self._start(child)
         logger.info("worker %s: %d %s on %s, queues %s", self.worker_id, self.concurrency,
-                    "threads" if self.threads else "processes", self.path,
+                    "threads" if self.threads else "processes", self.queue.storage.name,
                     ",".join(self.queues or ["all"]))
         if getattr(self, "_started", None):
             self._started.set()
@@ -3929,9 +4026,12 @@ def _worker_loop(queue, queues, slots, stop, alive, async_concurrency):
         while not stop.is_set() and alive():
             try:
                 seen = storage.changes
+                limit = steps.claim_limit(batch)
+                if not limit:  # every async slot taken: claim nothing until one frees
+                    steps.wait_for_room(IDLE_WAIT)
+                    continue
                 # Look before claiming: the claim takes SQLite's write lock, the look not.
                 wait = 0.0 if busy else storage.next_work(queues)
-                limit = 1 if steps.async_running else batch
                 claims = storage.claim(worker_id, queue.lease, queues, limit) if wait == 0.0 else []
                 busy = len(claims) == limit
                 if claims:
@@ -3941,7 +4041,7 @@ def _worker_loop(queue, queues, slots, stop, alive, async_concurrency):
                 failures = 0
             except Exception as exc:  # a database error: its steps' leases lapse; wait, go on
                 failures, busy, slots[SLOT_JOB] = failures + 1, False, 0
-                queue._drop_claims()
+                queue._drop_claims(keep=steps.async_claims())
                 logger.warning("worker: %s (trying again in %.1f s)",
                                exc if isinstance(exc, Error) else f"{type(exc).__name__}: {exc}",
                                _backoff(failures))
@@ -3960,7 +4060,33 @@ class _Steps:
         self.queue, self.slots, self.capacity = queue, slots, async_concurrency
         self.loop = None
         self.async_running = 0
+        self.running = set()  # job ids of the async steps on the loop
         self.room = threading.Condition()
+        self._registered, self._async_known = -1, False
+
+    def claim_limit(self, batch):
+        """How many steps to claim now. A claimed step is run at once, never kept
+        waiting here (its lease ticking, out of other workers' reach): while an async
+        task is known, no more than the free async slots, one at a time beside running
+        async steps, and none while every slot is taken."""
+        free = self.capacity - self.async_running
+        if self.async_running:
+            return min(1, free)
+        if len(_registry) != self._registered:  # tasks registered (or imported) since
+            self._registered = len(_registry)
+            self._async_known = any(f.is_async for f in list(_registry.values()))
+        return min(batch, free) if self._async_known else batch
+
+    def wait_for_room(self, timeout):
+        """Block until an async slot is free, or `timeout` seconds pass."""
+        with self.room:
+            if self.async_running >= self.capacity:
+                self.room.wait(timeout)
+
+    def async_claims(self):
+        """Ids of the async steps running on the loop."""
+        with self.room:
+            return set(self.running)
 
     def run_batch(self, claims, batch, stop):
         """Run claimed steps; returns the next batch size: doubled while the queue is
@@ -3969,6 +4095,15 @@ class _Steps:
         queue, started = self.queue, time.monotonic()
         for claim in claims:
             queue._claims[claim.id] = claim.token
+        queue._keep_leases()  # async steps' too: they may outlast a lease many times
+        functions = {}
+        for claim in claims:
+            functions[claim.id] = None
+            with contextlib.suppress(Error):  # an unknown task fails when it runs
+                functions[claim.id] = _lookup_task(claim.name)
+        # The async steps go to the loop first: none waits here behind a slow sync step.
+        claims = sorted(claims, key=lambda claim: not getattr(functions[claim.id],
+                                                              "is_async", False))
         try:
             for done, claim in enumerate(claims):
                 if stop.is_set():  # shutting down: give back the steps not begun
@@ -3976,12 +4111,11 @@ class _Steps:
                         queue.storage.requeue(unbegun.id, unbegun.token)
                         queue._claims.pop(unbegun.id, None)
                     break
-                function = None
-                with contextlib.suppress(Error):  # an unknown task fails when it runs
-                    function = _lookup_task(claim.name)
+                function = functions[claim.id]
                 if function is not None and function.is_async:
-                    queue._save_finished()
-                    self._start_async(claim, function)
+                    if not self._start_async(claim, function):  # a task claim_limit()
+                        queue.storage.requeue(claim.id, claim.token)  # did not know of
+                        queue._claims.pop(claim.id, None)
                 else:
                     self._run_sync(claim, function)
         finally:
@@ -4011,10 +4145,11 @@ class _Steps:
         logger.info("job %s %s: %s in %.1f ms", claim.id, name, status, took * 1000)
 
     def _start_async(self, claim, function):
-        """Hand a claimed async step to the event loop, once it has room for one."""
+        """Hand a claimed async step to the event loop; False if every slot is taken
+        (the async task was unknown when the batch was claimed: it goes back)."""
         with self.room:
-            while self.async_running >= self.capacity:
-                self.room.wait()
+            if self.async_running >= self.capacity:
+                return False
             self.async_running += 1
         if self.loop is None:
             self.loop = asyncio.new_event_loop()
@@ -4030,7 +4165,10 @@ class _Steps:
         slots[index + SLOT_TOKEN], slots[index + SLOT_TIMEOUT] = claim.token, timeout
         slots[index + SLOT_DEADLINE] = time.monotonic() + timeout + CANCEL_GRACE if timeout else 0
         slots[index + SLOT_JOB] = claim.id
+        with self.room:
+            self.running.add(claim.id)
         asyncio.run_coroutine_threadsafe(self._run_async(claim, index, timeout), self.loop)
+        return True
 
     async def _run_async(self, claim, index, timeout):
         started = time.monotonic()
@@ -4046,6 +4184,7 @@ class _Steps:
             self.queue._claims.pop(claim.id, None)
             self.queue.storage.changed()
             with self.room:
+                self.running.discard(claim.id)
                 self.async_running -= 1
                 self.room.notify_all()
 
@@ -4917,7 +5056,7 @@ def _open(path, create=False, readonly=False, synchronous=None):
     write a byte, nor create litetq's tables in an application's database."""
     if not create and path != ":memory:" and not _is_url(path) and not os.path.exists(path):
         raise UsageError(f"no database at {path!r}")
-    return Queue(path, synchronous, readonly=readonly)
+    return Queue(path, synchronous, readonly=readonly, create=create)
 
 
 def _cmd_worker(args):

@@ -7132,12 +7132,8 @@ PG_MALFORMED = [
     ("postgresql://[::1/db", "IPv6"),
     ("postgresql://127.0.0.1/db?sslmode=sometimes", "sometimes"),
     ("postgresql://127.0.0.1/db?connect_timeout=abc", "connect_timeout"),
-    pytest.param("postgresql://127.0.0.1/db?bogus=1", "bogus", marks=pytest.mark.xfail(
-        strict=True, reason="litetq bug: the message of psycopg's conninfo_to_dict() ends "
-                            "in a newline that litetq keeps: two lines on stderr")),
-    pytest.param("postgresql://%@127.0.0.1/db", "percent", marks=pytest.mark.xfail(
-        strict=True, reason="litetq bug: the message of psycopg's conninfo_to_dict() ends "
-                            "in a newline that litetq keeps: two lines on stderr")),
+    ("postgresql://127.0.0.1/db?bogus=1", "bogus"),  # psycopg's message ends in "\n"
+    ("postgresql://%@127.0.0.1/db", "percent"),
 ]
 
 
@@ -7165,8 +7161,6 @@ def test_pg_error_messages_never_show_the_password(capsys, backend):
 
 
 @postgres_only
-@pytest.mark.xfail(strict=True, reason="litetq bug: a malformed URL's error quotes psycopg's "
-                                       "message, which quotes the password")
 def test_pg_malformed_url_error_never_shows_the_password(capsys, backend):
     with pytest.raises(litetq.Error) as caught:
         litetq.Queue("postgresql://app:top secret@127.0.0.1/db")
@@ -7235,9 +7229,6 @@ def test_pg_read_only_commands_on_an_empty_schema_create_no_tables(capsys, backe
 
 
 @postgres_only
-@pytest.mark.xfail(strict=True, reason="litetq bug: retry, cancel and purge create litetq's "
-                                       "tables in a schema that has none (on SQLite they "
-                                       "refuse a missing file)")
 @pytest.mark.parametrize("argv", [["retry", "--failed"], ["cancel", "1"], ["purge"]],
                          ids=lambda a: a[0])
 def test_pg_admin_commands_on_an_empty_schema_exit_2_and_create_no_tables(capsys, backend,
@@ -7893,13 +7884,9 @@ JOB_MEMBERS = {
     "cancel": lambda job: job.cancel(), "retry": lambda job: job.retry(),
     "to_dict": lambda job: job.to_dict(),
 }
-NOT_FOUND_BUG = ("litetq bug: Job.{}() of a job whose row is gone answers as for a job "
-                 "that has none ([] or False) instead of raising NotFound")
 
 
-@pytest.mark.parametrize("member", [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=NOT_FOUND_BUG.format(name)))
-    if name in ("children", "logs", "cancel", "retry") else name for name in JOB_MEMBERS])
+@pytest.mark.parametrize("member", list(JOB_MEMBERS))
 def test_every_member_of_a_deleted_job_but_its_id_raises_notfound(q, member):
     job = parent_logger.delay()
     q.run_until_idle()
@@ -7910,14 +7897,6 @@ def test_every_member_of_a_deleted_job_but_its_id_raises_notfound(q, member):
         JOB_MEMBERS[member](job)
 
 
-ROWID_REUSE = ("litetq bug: on SQLite, litetq_jobs.id and litetq_messages.id are INTEGER "
-               "PRIMARY KEY without AUTOINCREMENT, so once the newest rows are deleted their "
-               "ids are given to the next ones")
-
-
-@pytest.mark.parametrize("backend", [
-    pytest.param("sqlite", marks=pytest.mark.xfail(strict=True, reason=ROWID_REUSE)),
-    "postgres"], indirect=True)
 def test_job_ids_are_never_reused_after_a_purge(q, backend):
     """SPEC 2: a job id is unique in the database; 13: a purged job's handle raises
     NotFound. A reused id would point an old handle (and its cancel()) at a new job."""
@@ -7930,9 +7909,6 @@ def test_job_ids_are_never_reused_after_a_purge(q, backend):
         done[0].status
 
 
-@pytest.mark.parametrize("backend", [
-    pytest.param("sqlite", marks=pytest.mark.xfail(strict=True, reason=ROWID_REUSE)),
-    "postgres"], indirect=True)
 def test_a_late_ack_never_deletes_another_message(q, backend):
     """A consumer too slow for its visibility acks late: by then the message was delivered
     again and acked, and a new message may have come. The late ack must not delete it."""
@@ -8048,3 +8024,429 @@ def test_readme_pytest_fixture_recipe_runs_a_threaded_worker(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "1 passed" in out.stdout
+
+# =====================================================================================
+# Fixes: async steps under a worker, Job handles, and the storage's edges
+# =====================================================================================
+
+WT_ASYNC = '''
+import asyncio, os, time
+import litetq
+
+
+def _record(folder, key):
+    with open(os.path.join(folder, key), "a") as f:
+        f.write(f"{os.getpid()} {time.time()}\\n")
+
+
+@litetq.task
+async def nap(folder, key, seconds):
+    _record(folder, key)
+    await asyncio.sleep(seconds)
+    return key
+
+
+@litetq.task
+def quick(folder, key):
+    _record(folder, key)
+    return key
+'''
+
+
+def fx_records(folder, key):
+    """[(pid, start time)] of each run of `key` that a wt_async task recorded."""
+    try:
+        with open(os.path.join(folder, key)) as f:
+            return [(int(pid), float(when)) for pid, when in map(str.split, f)]
+    except FileNotFoundError:
+        return []
+
+
+@pytest.fixture
+def fx_async(wdir):
+    w_write(wdir, "wt_async.py", WT_ASYNC)
+    records = wdir / "records"
+    records.mkdir()
+    return str(records)
+
+
+def fx_nap(records, key, seconds):
+    return litetq.Task("wt_async.nap", [records, key, seconds])
+
+
+def test_async_step_longer_than_its_lease_runs_once_on_two_workers(worker, wq, fx_async):
+    """SPEC 14: each async step keeps its own lease. One awaiting 3 s under --lease 1 is
+    renewed all along: the reapers of both workers never take it from its process."""
+    job = wq.enqueue(fx_nap(fx_async, "long", 3.0))
+    first = worker("--async-concurrency", "4", concurrency=1, lease=1,
+                   imports=("wt_async",))
+    w_wait_for(lambda: fx_records(fx_async, "long"), 10, "the step to start")
+    worker("--async-concurrency", "4", concurrency=1, lease=1, imports=("wt_async",))
+    assert job.result(timeout=20) == "long"
+    time.sleep(1.2)  # a lease lapsed meanwhile would have been reaped and run again by now
+    runs = fx_records(fx_async, "long")
+    assert len(runs) == 1 and runs[0][0] in first.children(), runs
+    row = w_row(wq, job)
+    assert (row["status"], row["attempts"], row["lost"], row["error"]) == \
+        ("complete", 1, 0, None)
+
+
+def test_a_worker_process_claims_no_more_async_steps_than_its_free_slots(worker, wq,
+                                                                         fx_async):
+    """--async-concurrency 2 on two processes: at most two steps are claimed by each,
+    never one more waiting in the process for a slot; the rest stay queued for
+    whichever process frees a slot first."""
+    proc = worker("--async-concurrency", "2", concurrency=2, imports=("wt_async",))
+    jobs = wq.enqueue_many([fx_nap(fx_async, f"n{i}", 1.0) for i in range(6)])
+    most, seen_queued = {}, set()
+    while not all(job.done() for job in jobs):
+        rows = wq.storage.query("select worker, status, count(*) from litetq_jobs "
+                                "group by worker, status")
+        for worker_id, status, n in rows:
+            if status == "running":
+                most[worker_id] = max(most.get(worker_id, 0), n)
+            if status == "queued":
+                seen_queued.add(n)
+        time.sleep(0.01)
+    assert [job.result(timeout=0) for job in jobs] == [f"n{i}" for i in range(6)]
+    assert most and max(most.values()) <= 2, most
+    assert 2 in seen_queued  # while four ran, two waited in the database, claimed by none
+    starts = sorted((when, pid) for i in range(6) for pid, when in
+                    fx_records(fx_async, f"n{i}"))
+    assert len(starts) == 6  # each ran once
+    assert {pid for _, pid in starts} == set(proc.children())
+    # The first four started together, two on each process; the last two a second later.
+    assert starts[3][0] - starts[0][0] < 0.8 and starts[4][0] - starts[0][0] > 0.8, starts
+    assert collections.Counter(pid for _, pid in starts[:4]) == \
+        {pid: 2 for pid in proc.children()}
+
+
+def test_sync_steps_and_async_steps_mixed_in_one_batch_all_run_once(worker, wq, fx_async):
+    """Batches of quick sync steps with async ones among them: the async ones start at
+    once (never behind the batch's sync steps), within the free slots."""
+    calls = []
+    for i in range(40):
+        calls.append(litetq.Task("wt_async.quick", [fx_async, f"q{i}"]))
+        if i % 10 == 0:
+            calls.append(fx_nap(fx_async, f"a{i}", 0.5))
+    jobs = wq.enqueue_many(calls)
+    worker("--async-concurrency", "2", concurrency=1, imports=("wt_async",))
+    for job in jobs:
+        job.result(timeout=20)
+    for call in calls:
+        assert len(fx_records(fx_async, call.args[1])) == 1, call
+
+
+@litetq.task
+async def fx_async_nap(key, seconds):
+    litetq.current().log(f"{key} started")
+    COUNTS[key] = COUNTS.get(key, 0) + 1
+    await asyncio.sleep(seconds)
+    return key
+
+
+@sqlite_only
+def test_a_database_error_in_the_worker_loop_keeps_running_async_steps_leases(
+        backend, db_path, monkeypatch):
+    """The worker loop forgets its claims when the database fails, so their leases
+    lapse; but an async step still running on the loop stays its own: renewed once the
+    database answers again, never reaped and run a second time meanwhile."""
+    queue = litetq.Queue(db_path)
+    job = queue.enqueue(fx_async_nap("kept", 2.5))
+    failed = threading.Event()
+    real = litetq.Storage.next_work
+
+    def fail_once(self, queues=None):
+        if COUNTS.get("kept") and not failed.is_set():
+            failed.set()
+            raise litetq.Error("the database is away (a test)")
+        return real(self, queues)
+    monkeypatch.setattr(litetq.Storage, "next_work", fail_once)
+    with litetq.Worker(db_path, concurrency=1, threads=True, lease=1, async_concurrency=2,
+                       cron=False, grace=5):
+        assert job.result(timeout=15) == "kept"
+    assert failed.is_set() and COUNTS["kept"] == 1
+    assert queue.storage.job_field(job.id, "lost") == 0
+    queue.close()
+
+
+def test_aresult_of_a_finished_job_answers_without_waiting_for_news(file_q, monkeypatch):
+    """SPEC 14: await job looks at the job first: one that finished before anyone
+    listened returns at once, even if no notification ever comes."""
+    done = echo.delay("ready")
+    failed = bad_value.delay(1)
+    file_q.run_until_idle()
+    watched = []
+    monkeypatch.setattr(file_q.storage, "watch_job", lambda job_id, cb: watched.append(job_id))
+
+    async def both():
+        started = time.monotonic()
+        value = await done.aresult(timeout=5)
+        assert await done == value
+        with pytest.raises(litetq.TaskFailed):
+            await failed.aresult(timeout=5)
+        return value, time.monotonic() - started
+    value, took = asyncio.run(both())
+    assert value == "ready" and watched == [] and took < 1.0
+    with pytest.raises(ValueError):
+        asyncio.run(done.aresult(timeout=-1))  # a bad timeout is refused, finished or not
+
+
+def test_aresult_of_an_unfinished_job_still_waits_for_it(file_q):
+    job = echo.delay("later")
+
+    async def wait():
+        waiter = asyncio.ensure_future(job.aresult(timeout=10))
+        await asyncio.sleep(0.2)
+        assert not waiter.done()
+        await asyncio.to_thread(file_q.run_until_idle)
+        return await waiter
+    assert asyncio.run(wait()) == "later"
+    with pytest.raises(TimeoutError):
+        asyncio.run(echo.delay(1).aresult(timeout=0.2))
+
+
+@litetq.task
+async def fx_whoami(tag, pause=0.0):
+    ctx = litetq.current()
+    ctx.progress(tag)
+    await asyncio.sleep(pause)
+    assert litetq.current() is ctx
+    return [tag, list(ctx.last_progress), ctx.attempt, ctx.job]
+
+
+@litetq.task
+def fx_sync_whoami(tag):
+    litetq.current().progress(tag)
+    return [tag, list(litetq.current().last_progress)]
+
+
+@litetq.task
+async def fx_async_then(tag):
+    litetq.current().progress(tag)
+    return fx_whoami(tag + 1)
+
+
+def test_run_once_and_arun_once_give_async_steps_their_own_current_context():
+    """SPEC 14: current() is right for each step, under run_once()/run() too, which run
+    an async task on a loop (or a thread) of their own, and under arun_once()/arun()
+    with many at once on one loop."""
+    assert fx_whoami(1).run_once() == [1, [1, None], 1, None]
+    assert fx_async_then(1).run() == [2, [2, None], 1, None]
+    assert fx_sync_whoami(3).run_once() == [3, [3, None]]
+
+    async def many():
+        inside_loop = fx_whoami(4).run_once()  # a loop runs here: a thread of its own
+        ones = await asyncio.gather(*(fx_whoami(i, 0.01 * (i % 3)).arun_once()
+                                      for i in range(20)))
+        fulls = await asyncio.gather(fx_async_then(30).arun(), fx_sync_whoami(40).arun(),
+                                     fx_whoami(50, 0.02).arun())
+        with pytest.raises(RuntimeError):
+            litetq.current()  # nothing leaks into the caller's context
+        return inside_loop, ones, fulls
+    inside_loop, ones, fulls = asyncio.run(many())
+    assert inside_loop == [4, [4, None], 1, None]
+    assert ones == [[i, [i, None], 1, None] for i in range(20)]
+    assert fulls == [[31, [31, None], 1, None], [40, [40, None]], [50, [50, None], 1, None]]
+    with pytest.raises(RuntimeError):
+        litetq.current()
+
+
+@postgres_only
+def test_pg_listen_watcher_is_silent_after_the_queue_closed(backend, new_db, pg_server,
+                                                            caplog):
+    """Closing a queue while its LISTEN connection is cut (a server going away at the
+    same moment) logs nothing: the watcher sees the queue closed before it complains."""
+    name = f"litetq_fx_{os.getpid()}_{random.randrange(10 ** 9)}"
+    url = with_query(new_db("watch"), application_name=name)
+    queue = litetq.Queue(url)
+    job = queue.enqueue(echo(1))
+    with pytest.raises(TimeoutError):
+        job.wait(timeout=0.2)  # starts the watcher
+    w_wait_for(lambda: pg_server.sql("select 1 from pg_stat_activity where "
+                                     "application_name = %s and query = 'listen litetq'",
+                                     (name,)), 5, "the LISTEN connection")
+    caplog.set_level(logging.DEBUG, logger="litetq")
+    queue.close()
+    pg_server.sql("select pg_terminate_backend(pid) from pg_stat_activity where "
+                  "application_name = %s", (name,))
+    time.sleep(1.5)  # the watcher looks at its connection at least once a second
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+@postgres_only
+def test_pg_listen_watcher_still_reports_a_cut_connection_while_open(backend, new_db,
+                                                                     pg_server, caplog):
+    """The other side of the test above: while the queue is open, a cut LISTEN
+    connection is logged, and the watcher listens again."""
+    name = f"litetq_fx_{os.getpid()}_{random.randrange(10 ** 9)}"
+    url = with_query(new_db("watch"), application_name=name)
+    with litetq.Queue(url) as queue:
+        with pytest.raises(TimeoutError):
+            queue.enqueue(echo(1)).wait(timeout=0.2)
+        listening = ("select pid from pg_stat_activity where application_name = %s "
+                     "and query = 'listen litetq'")
+        [(pid,)] = w_wait_for(lambda: pg_server.sql(listening, (name,)), 5, "LISTEN")
+        caplog.set_level(logging.WARNING, logger="litetq")
+        pg_server.sql("select pg_terminate_backend(%s)", (pid,))
+        w_wait_for(lambda: [r for r in caplog.records if "cannot listen" in r.getMessage()],
+                   5, "the warning")
+        w_wait_for(lambda: [row for row in pg_server.sql(listening, (name,)) if row[0] != pid],
+                   5, "a new LISTEN connection")
+
+
+@postgres_only
+def test_pg_password_never_shows_in_reprs_query_parameters_or_worker_logs(
+        backend, new_db, tmp_path):
+    url = new_db("pw")
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    user = parts.username or "postgres"
+    with_pw = urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:s3cret-pw@{netloc}"))
+    with litetq.Queue(with_pw) as queue:  # the test server trusts: the password is unused
+        assert "s3cret" not in repr(queue) and "***" in repr(queue)
+        assert "s3cret" not in repr(litetq.Worker(queue))
+    in_query = with_query(f"postgresql://{user}@127.0.0.1:{free_port()}/db",
+                          password="s3cret-pw", bogus="1")
+    for bad in (in_query, in_query.replace("bogus=1", "connect_timeout=1")):
+        with pytest.raises(litetq.Error) as caught:
+            litetq.Queue(bad)
+        assert "s3cret" not in str(caught.value) and "***" in str(caught.value), caught.value
+    log = tmp_path / "worker.log"
+    done = subprocess.run([sys.executable, "-m", "litetq", "worker", with_pw, "--burst",
+                           "--concurrency", "1", "--logfile", str(log)],
+                          cwd=tmp_path, env=w_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    text = log.read_text() + done.stdout + done.stderr
+    assert "***" in text and "s3cret" not in text, text
+
+
+def test_admin_commands_on_a_database_without_litetq_tables_create_none(capsys, backend,
+                                                                         new_db):
+    """retry, cancel, purge, pause, resume and cron rm refuse a database (an existing
+    SQLite file, or a PostgreSQL schema) that holds no litetq tables, and leave it so."""
+    db = new_db("app")
+    db_sql(db, "create table app_notes (body text)")
+    for argv in (["retry", db, "--failed"], ["retry", db, 1], ["cancel", db, 1],
+                 ["purge", db], ["pause", db, "default"], ["resume", db, "default"],
+                 ["cron", db, "rm", "greet"]):
+        line = w_usage_error(capsys, *argv)
+        assert "no litetq tables" in line, (argv, line)
+    assert db_tables(db) == ["app_notes"]
+    with pytest.raises(litetq.Error, match="no litetq tables"):
+        litetq.Queue(db, create=False)
+    litetq.Queue(db).close()  # what does create them
+    assert "litetq_jobs" in db_tables(db)
+    with litetq.Queue(db, create=False) as queue:
+        assert queue.stats() == {}
+
+
+@sqlite_only
+def test_sqlite_tables_made_before_autoincrement_are_kept_and_still_work(backend, db_path):
+    """Databases whose litetq_jobs has a plain INTEGER PRIMARY KEY (made by litetq
+    before ids were made never to come back) open as they are: no rebuild, no error."""
+    conn = sqlite3.connect(db_path)
+    conn.executescript(litetq.SCHEMA.format(id="integer primary key",
+                                            serial="integer primary key", real="real"))
+    conn.execute("insert into litetq_meta values ('schema', ?)", (str(litetq.SCHEMA_VERSION),))
+    conn.commit()
+    before = conn.execute("select sql from sqlite_master where name = 'litetq_jobs'").fetchone()
+    conn.close()
+    with litetq.Queue(db_path) as queue:
+        job = queue.enqueue(echo(5))
+        queue.run_until_idle()
+        assert job.result(timeout=0) == 5
+    assert db_sql(db_path, "select sql from sqlite_master where name = 'litetq_jobs'",
+                  readonly=True) == [before]
+    assert "autoincrement" not in before[0].lower()
+    fresh = db_path + ".new.sqlite"
+    litetq.Queue(fresh).close()
+    made = {name: sql.lower() for name, sql in db_sql(
+        fresh, "select name, sql from sqlite_master where type = 'table'", readonly=True)}
+    assert "autoincrement" in made["litetq_jobs"] and "autoincrement" in made["litetq_messages"]
+
+
+def test_a_job_without_children_or_logs_answers_empty_lists_until_it_is_deleted(q):
+    """A job that exists but has no children or logs answers [] (not NotFound)."""
+    job = echo.delay(1)
+    assert job.children() == [] and job.logs() == [] and job.retry() is False
+    q.run_until_idle()
+    assert job.cancel() is False
+    q.purge()
+    for member in (job.children, job.logs, job.cancel, job.retry):
+        with pytest.raises(litetq.NotFound, match=f"no job {job.id}"):
+            member()
+
+
+def test_a_failing_waiter_callback_does_not_stop_other_waiters(file_q):
+    """One thread per process tells every waiter that its job finished; a callback that
+    raises (an event loop closed meanwhile, say) must not stop it for the others."""
+    first, second = echo.delay(1), echo.delay(2)
+
+    def boom():
+        raise RuntimeError("Event loop is closed")
+    file_q.storage.watch_job(first.id, boom)
+    file_q.run_until_idle(max_steps=1)  # the first finishes: its callback raises
+
+    async def wait_second():
+        waiter = asyncio.ensure_future(second.aresult(timeout=10))
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(file_q.run_until_idle)
+        started = time.monotonic()
+        value = await waiter
+        return value, time.monotonic() - started
+    value, took = asyncio.run(wait_second())
+    assert value == 2 and took < 0.5, took  # heard at once, not at the 10 s timeout
+
+
+def test_adelay_never_blocks_the_event_loop_while_litetq_db_opens(monkeypatch):
+    """SPEC 14: adelay() never blocks the event loop, not even while it opens the queue
+    $LITETQ_DB names for the first time (here a server that accepts and never answers,
+    so the open waits for connect_timeout)."""
+    pytest.importorskip("psycopg")
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    port = silent.getsockname()[1]
+    monkeypatch.setattr(litetq, "_default", None)
+    monkeypatch.setenv("LITETQ_DB", f"postgresql://nobody@127.0.0.1:{port}/db?connect_timeout=1")
+
+    async def main():
+        ticks = 0
+
+        async def tick():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.02)
+                ticks += 1
+        ticker = asyncio.ensure_future(tick())
+        with pytest.raises(litetq.Error):
+            await echo.adelay(1)
+        ticker.cancel()
+        return ticks
+    try:
+        assert asyncio.run(main()) >= 20  # the loop ran on for the second it waited
+    finally:
+        silent.close()
+
+
+@litetq.task(timeout=0.3, retries=1, retry_delay=0)
+async def fx_slow_async(seconds):
+    COUNTS["slow"] = COUNTS.get("slow", 0) + 1
+    await asyncio.sleep(seconds)
+    return "woke"
+
+
+def test_run_until_idle_cancels_an_async_step_at_its_timeout(q):
+    """SPEC 3 and 14: run_until_idle() behaves as a worker, except kill-based timeouts;
+    an async step's timeout is a cancellation, so it applies here too, retries and all."""
+    job = fx_slow_async.delay(30)
+    started = time.monotonic()
+    assert q.run_until_idle() == 2
+    assert time.monotonic() - started < 5
+    assert (job.status, job.error, job.attempts, COUNTS["slow"]) == \
+        ("failed", "timed out after 0.3 s", 2, 2)
+    quick = fx_slow_async.delay(0.01)
+    q.run_until_idle()
+    assert quick.result(timeout=0) == "woke"
