@@ -4079,8 +4079,8 @@ class _Steps:
 # the backend class is made on first access of `litetq.DjangoBackend`.
 
 DJANGO, DJANGO_ASYNC = "litetq.django", "litetq.django_async"
-DJANGO_ATTEMPT = re.compile(r"django: attempt (\d+) on worker (.+)")
-DJANGO_RAISED = re.compile(r"django: attempt (\d+) raised (\S+)\n(.*)", re.DOTALL)
+DJANGO_ATTEMPT = re.compile(r"django: attempt on worker (.+)")  # log lines: one per attempt
+DJANGO_RAISED = re.compile(r"django: raised (\S+)\n(.*)", re.DOTALL)  # and one per failure
 _django_queues = {}  # database -> the Queue that DjangoBackends of this process share
 _django_lock = threading.Lock()
 
@@ -4088,7 +4088,10 @@ _django_lock = threading.Lock()
 def __getattr__(name):
     """`litetq.DjangoBackend`, made (importing Django) on its first access."""
     if name == "DjangoBackend":
-        backend = globals()["DjangoBackend"] = _make_django_backend()
+        try:
+            backend = globals()["DjangoBackend"] = _make_django_backend()
+        except AttributeError as exc:  # not "no such attribute": a Django we do not know
+            raise ImportError(f"cannot make litetq.DjangoBackend: {exc}") from exc
         return backend
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -4097,22 +4100,22 @@ def __getattr__(name):
 def _django():
     """Django's task framework: django.tasks where Django has it, else the backport."""
     try:
-        from django.tasks import backends, base, exceptions, signals
+        from django.tasks import base, exceptions, signals
+        from django.tasks.backends.base import BaseTaskBackend
         from django.utils.json import normalize_json
-        missing, invalid = exceptions.TaskResultDoesNotExist, exceptions.InvalidTask
     except ImportError:
         try:
-            from django_tasks import backends, base, exceptions, signals
+            from django_tasks import base, exceptions, signals
+            from django_tasks.backends.base import BaseTaskBackend
             from django_tasks.utils import normalize_json
         except ImportError:
             raise ImportError("litetq.DjangoBackend needs Django 6, or an older Django with "
                               "the django-tasks backport: pip install 'litetq[django]'") from None
-        missing, invalid = exceptions.TaskResultDoesNotExist, exceptions.InvalidTaskError
     return types.SimpleNamespace(
         Task=base.Task, TaskResult=base.TaskResult, Status=base.TaskResultStatus,
         TaskContext=base.TaskContext, TaskError=base.TaskError,
-        BaseTaskBackend=backends.base.BaseTaskBackend, DoesNotExist=missing,
-        InvalidTask=invalid, normalize_json=normalize_json, enqueued=signals.task_enqueued,
+        BaseTaskBackend=BaseTaskBackend, DoesNotExist=exceptions.TaskResultDoesNotExist,
+        normalize_json=normalize_json, enqueued=signals.task_enqueued,
         started=signals.task_started, finished=signals.task_finished)
 
 
@@ -4222,10 +4225,10 @@ def _django_result(queue, job_id, task=None):
         if owner != job_id:
             continue
         if match := DJANGO_ATTEMPT.fullmatch(message):
-            attempts.append((when, match[2]))
+            attempts.append((when, match[1]))
             failed_last = False
         elif match := DJANGO_RAISED.fullmatch(message):
-            errors.append(d.TaskError(exception_class_path=match[2], traceback=match[3]))
+            errors.append(d.TaskError(exception_class_path=match[1], traceback=match[2]))
             failed_last = True
     status = row["status"]
     if status in ("failed", "cancelled", "expired") and not failed_last:
@@ -4256,8 +4259,8 @@ def _django_begin(context, path, options):
     close_old_connections()
     queue = context._need_queue("a Django task")  # which records its attempts on the job
     task = _django_task(path, options)
-    queue.storage.add_log(context.job.id, "debug", f"django: attempt {context.attempt} on "
-                                                   f"worker {queue.worker_id}")
+    queue.storage.add_log(context.job.id, "debug", f"django: attempt on worker "
+                                                   f"{queue.worker_id}")
     result = _django_result(queue, context.job.id, task)
     _django().started.send(type(task.get_backend()), task_result=result)
     return task, result
@@ -4290,8 +4293,8 @@ def _django_end(context, task, result, exc=None, value=None):
             text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
             error = d.TaskError(exception_class_path=path, traceback=text)
             object.__setattr__(result, "errors", [*result.errors, error])
-            context._queue.storage.add_log(context.job.id, "error", f"django: attempt "
-                                           f"{context.attempt} raised {path}\n{text}")
+            context._queue.storage.add_log(context.job.id, "error",
+                                           f"django: raised {path}\n{text}")
         else:
             object.__setattr__(result, "_return_value", value)
         object.__setattr__(result, "status", d.Status.FAILED if exc else d.Status.SUCCESSFUL)
