@@ -4161,6 +4161,7 @@ def _make_django_backend():
             for value, where in ((args, "args"), (kwargs, "kwargs")):
                 try:
                     _dumps(value, where)
+                    d.normalize_json(value)  # as Django's TaskResult will: no litetq Tasks
                 except (TypeError, ValueError) as exc:
                     raise type(exc)(f"{task.module_path}: {exc}") from None
             options = {"backend": self.alias, "queue_name": task.queue_name,
@@ -4275,8 +4276,6 @@ def _django_call(task, result, args, kwargs):
 
 def _django_value(value):
     """A Django task's return value as Django normalises it; TypeError if not JSON."""
-    if isinstance(value, Task):
-        raise TypeError("a Django task returns a value, not a litetq Task")
     value = _django().normalize_json(value)
     _dumps(value, "the return value")
     return value
@@ -4344,7 +4343,6 @@ def _django_setup(settings):
     except Exception as exc:
         raise Error(f"cannot set up Django with settings {settings!r}: "
                     f"{type(exc).__name__}: {exc}") from None
-
 
 
 # --- The web page ------------------------------------------------------------
