@@ -8129,6 +8129,22 @@ def wait_for_file(path):
     return "seen"
 
 
+import litetq
+
+
+@litetq.task
+def litetq_child(path):
+    while not os.path.exists(path):
+        time.sleep(0.02)
+    return "child"
+
+
+@task
+def spawner(path):
+    litetq.current().spawn(litetq_child(path))
+    return "parent"
+
+
 def receiver(name):
     def receive(sender, task_result, **kwargs):
         note(name, os.getpid(), task_result.id, task_result.status.value, sender.__name__,
@@ -8561,3 +8577,50 @@ def test_django_worker_api_on_threads(django_project):
     assert result["status"] == "SUCCESSFUL" and result["return_value"] == 11
     assert [record[:2] for record in project.records()] == [
         ["enqueued", pid], ["started", pid], ["finished", pid]]
+
+
+@sqlite_only
+def test_django_attempt_of_a_killed_worker_process(django_project, tmp_path):
+    """A worker process killed mid-task loses nothing: the task runs again on the new
+    process, and Django sees two attempts, one worker id each."""
+    project = django_project
+    release = tmp_path / "release"
+    job_id = project.run(f"out(tasks.wait_for_file.enqueue({str(release)!r}).id)")
+    worker = project.start_worker("--lease", "1")
+    try:
+        def seen():
+            return project.run(f"out(results({job_id!r}))")[0]
+        wait_for(lambda: seen()["status"] == "RUNNING", 20)
+        [first] = seen()["worker_ids"]
+        os.kill(int(first.rpartition(":")[2]), signal.SIGKILL)
+        wait_for(lambda: len(seen()["worker_ids"]) == 2, 20)
+        release.write_text("go")
+        wait_for(lambda: seen()["status"] == "SUCCESSFUL", 20)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        finish(worker)
+    done = seen()
+    assert done["worker_ids"][0] == first and done["worker_ids"][1] != first
+    assert done["errors"] == [] and done["return_value"] == "seen"
+    assert django_time(done["last_attempted_at"]) > django_time(done["started_at"])
+
+
+@sqlite_only
+def test_django_task_waiting_on_a_litetq_subtask_is_running(django_project, tmp_path):
+    """A Django task may spawn litetq subtasks: while it waits on them it is RUNNING."""
+    project = django_project
+    release = tmp_path / "release"
+    job_id = project.run(f"out(tasks.spawner.enqueue({str(release)!r}).id)")
+    worker = project.start_worker()
+    try:
+        with litetq.Queue(project.db) as queue:
+            wait_for(lambda: queue.job(int(job_id)).status == "waiting", 20)
+            [waiting] = project.run(f"out(results({job_id!r}))")
+            release.write_text("go")
+            queue.job(int(job_id)).wait(20)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        finish(worker)
+    assert waiting["status"] == "RUNNING" and waiting["finished_at"] is None
+    [done] = project.run(f"out(results({job_id!r}))")
+    assert done["status"] == "SUCCESSFUL" and done["return_value"] == "parent"
