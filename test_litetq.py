@@ -8355,20 +8355,21 @@ def test_django_signals_in_the_producer_and_the_worker(django_project):
 @sqlite_only
 def test_django_defer_runs_after_run_after(django_project):
     project = django_project
-    (first,) = project.run("""
-        when = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=1.5)
-        deferred = tasks.add.using(run_after=when).enqueue(20, 22)
-        out([[deferred.id, deferred.task.run_after.isoformat()]])
+    soon, later = project.run("""
+        now = datetime.datetime.now(datetime.timezone.utc)
+        out([[r.id, r.task.run_after.isoformat()] for r in (
+            tasks.add.using(run_after=now + datetime.timedelta(seconds=1.5)).enqueue(20, 22),
+            tasks.add.using(run_after=now + datetime.timedelta(hours=1)).enqueue(1, 1))])
     """)
-    job_id, run_after = first
-    project.work()  # nothing is due: the burst worker leaves it
-    [early] = project.run(f"out(results({job_id!r}))")
-    assert early["status"] == "READY" and early["worker_ids"] == []
-    wait_for(lambda: datetime.now(timezone.utc) >= datetime.fromisoformat(run_after), 5)
+    wait_for(lambda: datetime.now(timezone.utc) >= datetime.fromisoformat(soon[1]), 5)
     project.work()
-    [late] = project.run(f"out(results({job_id!r}))")
-    assert late["status"] == "SUCCESSFUL" and late["return_value"] == 42
-    assert django_time(late["started_at"]) >= datetime.fromisoformat(run_after)
+    ran, waits = project.run(f"out(results({soon[0]!r}, {later[0]!r}))")
+    assert ran["status"] == "SUCCESSFUL" and ran["return_value"] == 42
+    assert django_time(ran["started_at"]) >= datetime.fromisoformat(soon[1])
+    assert waits["status"] == "READY" and waits["worker_ids"] == []  # not due: left alone
+    with litetq.Queue(project.db) as queue:
+        assert queue.storage.job(int(later[0]))["due"] == pytest.approx(
+            datetime.fromisoformat(later[1]).timestamp(), abs=0.01)
     naive = project.run("""
         out(error(lambda: tasks.add.using(run_after=datetime.datetime.now()).enqueue(1, 2)))
     """)
