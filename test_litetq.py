@@ -8041,6 +8041,7 @@ try:
 except ImportError:
     from django_tasks import task
     from django_tasks.signals import task_enqueued, task_finished, task_started
+from django.apps import apps
 from django.db import connection
 
 
@@ -8087,7 +8088,7 @@ def mail(to):
 @task
 async def fetch(n):
     await asyncio.sleep(0.01)
-    return {"n": n, "loop": asyncio.get_running_loop() is not None}
+    return {"n": n, "loop": asyncio.get_running_loop() is not None, "setup": apps.ready}
 
 
 @task(takes_context=True)
@@ -8316,7 +8317,7 @@ def test_django_tasks_run_under_the_worker(django_project):
     [(path, trace)] = boom["errors"]
     assert path == "tasks.Boom"
     assert "raise Boom(f\"boom {x}\")" in trace and trace.rstrip().endswith("tasks.Boom: boom 3")
-    assert fetch == {**fetch, "status": "SUCCESSFUL", "return_value": {"n": 4, "loop": True}}
+    assert fetch == {**fetch, "status": "SUCCESSFUL", "return_value": {"n": 4, "loop": True, "setup": True}}
     assert context["status"] == "SUCCESSFUL"
     assert context["return_value"] == {"id": context["id"], "attempt": 1, "x": 5,
                                        "worker_ids": context["worker_ids"],
@@ -8516,9 +8517,10 @@ def test_django_async_enqueue_and_get_result(django_project):
             return result.id
         out(asyncio.run(main()))
     """)
-    project.work()
+    # Spawned worker processes share nothing with the supervisor: each sets Django up.
+    finish(project.start_worker("--burst", "--start-method", "spawn"), timeout=60)
     [done] = project.run(f"out(results({job_id!r}))")
-    assert done["return_value"] == {"n": 9, "loop": True}
+    assert done["return_value"] == {"n": 9, "loop": True, "setup": True}
     mismatch = project.run(f"out(error(tasks.add.get_result, {job_id!r}))")
     assert mismatch[0] == "TaskResultMismatch"
 
