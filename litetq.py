@@ -4011,7 +4011,11 @@ class _Steps:
         slots[SLOT_TOKEN], slots[SLOT_TIMEOUT] = claim.token, timeout
         slots[SLOT_DEADLINE] = started + timeout if timeout else 0
         slots[SLOT_JOB] = claim.id
+        if _django_ready:  # --django: stale connections closed around steps, as requests
+            _django_close()
         status = queue._run_step(claim, defer=True)
+        if _django_ready:
+            _django_close()
         slots[SLOT_JOB] = 0
         took = time.monotonic() - started
         queue._durations[name] = took if expected is None else 0.8 * expected + 0.2 * took
@@ -4083,6 +4087,7 @@ DJANGO_ATTEMPT = re.compile(r"django: attempt on worker (.+)")  # log lines: one
 DJANGO_RAISED = re.compile(r"django: raised (\S+)\n(.*)", re.DOTALL)  # and one per failure
 _django_queues = {}  # database -> the Queue that DjangoBackends of this process share
 _django_lock = threading.Lock()
+_django_ready = False  # True in a worker process that set Django up (--django)
 
 
 def __getattr__(name):
@@ -4254,10 +4259,8 @@ def _django_result(queue, job_id, task=None):
 
 
 def _django_begin(context, path, options):
-    """An attempt starts: the step's (task, TaskResult), its attempt recorded on the job,
-    stale Django connections closed and task_started sent."""
-    from django.db import close_old_connections
-    close_old_connections()
+    """An attempt starts: the step's (task, TaskResult), its attempt recorded on the job
+    and task_started sent."""
     queue = context._need_queue("a Django task")  # which records its attempts on the job
     task = _django_task(path, options)
     queue.storage.add_log(context.job.id, "debug", f"django: attempt on worker "
@@ -4282,25 +4285,20 @@ def _django_value(value):
 
 
 def _django_end(context, task, result, exc=None, value=None):
-    """An attempt ended: what it raised recorded on the job, task_finished sent, and
-    Django's connections closed, as at the end of a request."""
-    from django.db import close_old_connections
+    """An attempt ended: what it raised recorded on the job, and task_finished sent."""
     d, now = _django(), datetime.datetime.now(datetime.timezone.utc)
-    try:
-        if exc is not None:
-            path = f"{type(exc).__module__}.{type(exc).__qualname__}"
-            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-            error = d.TaskError(exception_class_path=path, traceback=text)
-            object.__setattr__(result, "errors", [*result.errors, error])
-            context._queue.storage.add_log(context.job.id, "error",
-                                           f"django: raised {path}\n{text}")
-        else:
-            object.__setattr__(result, "_return_value", value)
-        object.__setattr__(result, "status", d.Status.FAILED if exc else d.Status.SUCCESSFUL)
-        object.__setattr__(result, "finished_at", _django_time(now.timestamp()))
-        d.finished.send(type(task.get_backend()), task_result=result)
-    finally:
-        close_old_connections()
+    if exc is not None:
+        path = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        error = d.TaskError(exception_class_path=path, traceback=text)
+        object.__setattr__(result, "errors", [*result.errors, error])
+        context._queue.storage.add_log(context.job.id, "error",
+                                       f"django: raised {path}\n{text}")
+    else:
+        object.__setattr__(result, "_return_value", value)
+    object.__setattr__(result, "status", d.Status.FAILED if exc else d.Status.SUCCESSFUL)
+    object.__setattr__(result, "finished_at", _django_time(now.timestamp()))
+    d.finished.send(type(task.get_backend()), task_result=result)
 
 
 @task(name=DJANGO)
@@ -4319,23 +4317,36 @@ def _django_step(path, args, kwargs, options):
 
 @task(name=DJANGO_ASYNC)
 async def _django_astep(path, args, kwargs, options):
-    """Run an async Django task on the worker's event loop; the Django bookkeeping (and
-    its database) on Django's thread for sync code."""
+    """Run an async Django task on the worker's event loop; the Django bookkeeping on
+    Django's thread for sync code, where its ORM keeps the connections that async code
+    uses, closed there when stale before and after the task, as around a request."""
     from asgiref.sync import sync_to_async
     context = current()
-    task, result = await sync_to_async(_django_begin)(context, path, options)
+    await sync_to_async(_django_close)()
     try:
-        value = _django_value(await _django_call(task, result, args, kwargs))
-    except Exception as exc:
-        await sync_to_async(_django_end)(context, task, result, exc)
-        raise
-    await sync_to_async(_django_end)(context, task, result, value=value)
-    return value
+        task, result = await sync_to_async(_django_begin)(context, path, options)
+        try:
+            value = _django_value(await _django_call(task, result, args, kwargs))
+        except Exception as exc:
+            await sync_to_async(_django_end)(context, task, result, exc)
+            raise
+        await sync_to_async(_django_end)(context, task, result, value=value)
+        return value
+    finally:
+        await sync_to_async(_django_close)()
+
+
+def _django_close():
+    """Close this thread's Django database connections that are broken or past their
+    CONN_MAX_AGE, as Django does before and after each request."""
+    from django.db import close_old_connections
+    close_old_connections()
 
 
 def _django_setup(settings):
     """Set up Django with this settings module (the worker's --django), before the
     modules of tasks are imported."""
+    global _django_ready
     os.environ["DJANGO_SETTINGS_MODULE"] = settings
     try:
         import django
@@ -4343,6 +4354,7 @@ def _django_setup(settings):
     except Exception as exc:
         raise Error(f"cannot set up Django with settings {settings!r}: "
                     f"{type(exc).__name__}: {exc}") from None
+    _django_ready = True
 
 
 # --- The web page ------------------------------------------------------------

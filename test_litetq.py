@@ -8140,6 +8140,18 @@ def litetq_child(path):
     return "child"
 
 
+@litetq.task
+def plain_query():
+    with connection.cursor() as cursor:
+        cursor.execute("select 1")
+    return connection.connection is not None
+
+
+@litetq.task
+def plain_connection_open():
+    return connection.connection is not None
+
+
 @task
 def spawner(path):
     litetq.current().spawn(litetq_child(path))
@@ -8495,15 +8507,22 @@ def test_django_status_mapping_running_cancelled_expired(django_project, tmp_pat
 
 @sqlite_only
 def test_django_connections_are_closed_between_steps(django_project):
+    """Under --django every step, a Django task's or a plain litetq task's, runs between
+    two close_old_connections(), as a request does."""
     project = django_project
     project.run("""
         out([tasks.query.using(priority=2).enqueue().id,
              tasks.connection_open.using(priority=1).enqueue().id])
     """)
+    with litetq.Queue(project.db) as queue:
+        plain = [queue.enqueue(Task("tasks.plain_query"), priority=-1),
+                 queue.enqueue(Task("tasks.plain_connection_open"), priority=-2)]
     project.work()
     query, after = project.run("out(results('1', '2'))")
     assert query["return_value"] == [42, True]  # open while its step ran
     assert after["return_value"] is False  # closed after it, as after a request
+    with litetq.Queue(project.db) as queue:
+        assert [queue.job(job.id).result() for job in plain] == [True, False]
 
 
 @sqlite_only
