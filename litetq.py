@@ -43,6 +43,7 @@ import tempfile
 import threading
 import time
 import traceback
+import types
 import urllib.error
 import urllib.parse
 import zoneinfo
@@ -3688,13 +3689,15 @@ class Worker:
     web apps and tests (a step past its timeout is then marked failed, but cannot be
     killed). `.start()` returns at once and `.stop(grace=30)` stops as SIGTERM does;
     `with Worker(...)` does both. Signal handlers are installed only by `.run()` in the
-    main thread.
+    main thread. `django="mysite.settings"` (the CLI's --django) sets
+    DJANGO_SETTINGS_MODULE and calls django.setup() in every process before it imports
+    anything, so Django's tasks (see DjangoBackend) and the ORM work in steps.
     """
 
     def __init__(self, db, *, queues=None, concurrency=None, threads=False, imports=(),
                  burst=False, reload=False, cron=True, grace=30.0, lease=DEFAULT_LEASE,
                  async_concurrency=ASYNC_CONCURRENCY, keep=None, synchronous=None,
-                 start_method=None, log_config=None):
+                 start_method=None, log_config=None, django=None):
         self.path = db.path if isinstance(db, Queue) else os.fspath(db)
         if isinstance(queues, str) or queues is not None and not all(
                 isinstance(name, str) for name in queues):
@@ -3706,7 +3709,7 @@ class Worker:
         self.burst, self.reload, self.cron, self.synchronous = burst, reload, cron, synchronous
         self.keep = {**KEEP, **(keep or {})}
         self.context = multiprocessing.get_context(start_method)
-        self.log_config = log_config
+        self.log_config, self.django = log_config, django
         self.signals = 0  # set by the signal handlers and stop(), read by the loop
         self.children, self._thread, self._ticks = [], None, 0
 
@@ -3764,6 +3767,8 @@ class Worker:
 
     def _main(self):
         """The supervisor; returns True when a source change asks for a restart."""
+        if self.django:
+            _django_setup(self.django)
         _import_modules(self.imports)
         self.queue = Queue(self.path, self.synchronous, lease=self.lease)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
@@ -3872,7 +3877,7 @@ class Worker:
                 target=_worker_process, name="litetq-worker", daemon=True,
                 args=(self.path, self.synchronous, self.queues, self.imports, self.lease,
                       self.async_concurrency, child.slots, self.stop_event, os.getpid(),
-                      self.log_config))
+                      self.log_config, self.django))
         child.runner.start()
         if not self.threads:
             child.worker_id = f"{socket.gethostname()}:{child.runner.pid}"
@@ -3997,12 +4002,14 @@ def _exit_message(code):
 
 
 def _worker_process(path, synchronous, queues, imports, lease, async_concurrency, slots,
-                    stop, supervisor, log_config):
+                    stop, supervisor, log_config, django):
     """A worker process, until told to stop or orphaned."""
     for sig in (signal.SIGINT, signal.SIGTERM):  # the supervisor decides when we stop
         signal.signal(sig, signal.SIG_IGN)
     if log_config and multiprocessing.get_start_method() != "fork":
         _configure_logging(*log_config)
+    if django:
+        _django_setup(django)
     _import_modules(imports)
     queue = Queue(path, synchronous, lease=lease)
     _worker_loop(queue, queues, slots, stop, lambda: os.getppid() == supervisor,
@@ -4138,7 +4145,11 @@ class _Steps:
         slots[SLOT_TOKEN], slots[SLOT_TIMEOUT] = claim.token, timeout
         slots[SLOT_DEADLINE] = started + timeout if timeout else 0
         slots[SLOT_JOB] = claim.id
+        if _django_ready:  # --django: stale connections closed around steps, as requests
+            _django_close()
         status = queue._run_step(claim, defer=True)
+        if _django_ready:
+            _django_close()
         slots[SLOT_JOB] = 0
         took = time.monotonic() - started
         queue._durations[name] = took if expected is None else 0.8 * expected + 0.2 * took
@@ -4196,6 +4207,293 @@ class _Steps:
         if self.loop is not None:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.executor.shutdown(wait=False)
+
+
+# --- Django ------------------------------------------------------------------
+#
+# Django's task framework (django.tasks in Django 6, the django-tasks backport
+# before it) enqueues into litetq through DjangoBackend. A Django task call is a
+# job of the built-in task litetq.django (litetq.django_async for an async
+# function) whose arguments are the Django task's module path, its args, kwargs
+# and options; the job id is the TaskResult id. What Django wants to know about
+# each attempt (which worker ran it, what it raised) is kept on the job as log
+# lines, so get_result() reads it from the database like everything else. Django
+# is imported only here, and only when used: `import litetq` never loads it, and
+# the backend class is made on first access of `litetq.DjangoBackend`.
+
+DJANGO, DJANGO_ASYNC = "litetq.django", "litetq.django_async"
+DJANGO_ATTEMPT = re.compile(r"django: attempt on worker (.+)")  # log lines: one per attempt
+DJANGO_RAISED = re.compile(r"django: raised (\S+)\n(.*)", re.DOTALL)  # and one per failure
+_django_queues = {}  # database -> the Queue that DjangoBackends of this process share
+_django_lock = threading.Lock()
+_django_ready = False  # True in a worker process that set Django up (--django)
+
+
+def __getattr__(name):
+    """`litetq.DjangoBackend`, made (importing Django) on its first access."""
+    if name == "DjangoBackend":
+        try:
+            backend = globals()["DjangoBackend"] = _make_django_backend()
+        except AttributeError as exc:  # not "no such attribute": a Django we do not know
+            raise ImportError(f"cannot make litetq.DjangoBackend: {exc}") from exc
+        return backend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _django():
+    """Django's task framework: django.tasks where Django has it, else the backport."""
+    try:
+        from django.tasks import base, exceptions, signals
+        from django.tasks.backends.base import BaseTaskBackend
+        from django.utils.json import normalize_json
+    except ImportError:
+        try:
+            from django_tasks import base, exceptions, signals
+            from django_tasks.backends.base import BaseTaskBackend
+            from django_tasks.utils import normalize_json
+        except ImportError:
+            raise ImportError("litetq.DjangoBackend needs Django 6, or an older Django with "
+                              "the django-tasks backport: pip install 'litetq[django]'") from None
+    return types.SimpleNamespace(
+        Task=base.Task, TaskResult=base.TaskResult, Status=base.TaskResultStatus,
+        TaskContext=base.TaskContext, TaskError=base.TaskError,
+        BaseTaskBackend=BaseTaskBackend, DoesNotExist=exceptions.TaskResultDoesNotExist,
+        normalize_json=normalize_json, enqueued=signals.task_enqueued,
+        started=signals.task_started, finished=signals.task_finished)
+
+
+def _make_django_backend():
+    from django.core.exceptions import ImproperlyConfigured
+    d = _django()
+
+    class DjangoBackend(d.BaseTaskBackend):
+        """Django's task backend on a litetq database:
+        `TASKS = {"default": {"BACKEND": "litetq.DjangoBackend",
+        "OPTIONS": {"database": "app.sqlite"}}}` (a path or a postgresql:// URL);
+        `python -m litetq worker DB --django mysite.settings` runs the tasks."""
+
+        supports_defer = True  # run_after
+        supports_async_task = True  # run on the worker's event loop
+        supports_get_result = True  # from any process, as the job is in the database
+        supports_priority = True
+
+        def __init__(self, alias, params):
+            super().__init__(alias, params)
+            unknown = set(self.options) - {"database"}
+            if unknown:
+                raise ImproperlyConfigured(f"TASKS[{alias!r}]: litetq.DjangoBackend takes the "
+                                           f"OPTIONS 'database', not {', '.join(sorted(unknown))}")
+            database = self.options.get("database") or os.environ.get("LITETQ_DB")
+            if not isinstance(database, (str, os.PathLike)) or not database:
+                raise ImproperlyConfigured(
+                    f"TASKS[{alias!r}]: litetq.DjangoBackend needs OPTIONS = {{'database': "
+                    f"'app.sqlite'}} (a path or a postgresql:// URL), or $LITETQ_DB")
+            self.database = os.fspath(database)
+
+        @property
+        def queue(self):
+            """The litetq Queue on the database, one per process and database."""
+            with _django_lock:
+                if self.database not in _django_queues:
+                    _django_queues[self.database] = Queue(self.database)
+                return _django_queues[self.database]
+
+        def enqueue(self, task, args, kwargs):
+            self.validate_task(task)
+            args, kwargs = list(args), dict(kwargs)
+            for value, where in ((args, "args"), (kwargs, "kwargs")):
+                try:
+                    _dumps(value, where)
+                    d.normalize_json(value)  # as Django's TaskResult will: no litetq Tasks
+                except (TypeError, ValueError) as exc:
+                    raise type(exc)(f"{task.module_path}: {exc}") from None
+            options = {"backend": self.alias, "queue_name": task.queue_name,
+                       "priority": task.priority,
+                       "run_after": task.run_after and task.run_after.isoformat()}
+            name = DJANGO_ASYNC if inspect.iscoroutinefunction(task.func) else DJANGO
+            # Django's priorities (-100 to 100, higher first, default 0) are litetq's
+            # as they are: the same order, and plain litetq jobs (default 0) sit in the
+            # middle of them.
+            job = self.queue.enqueue(Task(name, (task.module_path, args, kwargs, options)),
+                                     queue=task.queue_name, priority=task.priority,
+                                     at=task.run_after)
+            result = _django_result(self.queue, job.id, task)
+            d.enqueued.send(type(self), task_result=result)
+            return result
+
+        def get_result(self, result_id):
+            try:
+                job_id = _valid_id(result_id)
+                return _django_result(self.queue, job_id)
+            except (TypeError, NotFound):
+                raise d.DoesNotExist(f"no task result {result_id!r} in {self.database}") \
+                    from None
+
+    DjangoBackend.__module__ = __name__
+    return DjangoBackend
+
+
+def _django_task(path, options):
+    """The Django task at `path` with the options it was enqueued with; only objects
+    made by Django's @task are ever run."""
+    from django.utils.module_loading import import_string
+    task = import_string(path)
+    if not isinstance(task, _django().Task):
+        raise Error(f"{path} is not a Django task (decorate it with @task)")
+    run_after = options.get("run_after")
+    return task.using(priority=options["priority"], queue_name=options["queue_name"],
+                      backend=options["backend"],
+                      run_after=run_after and datetime.datetime.fromisoformat(run_after))
+
+
+def _django_time(epoch):
+    """A stored epoch time as Django wants it: aware in UTC, or naive local with USE_TZ off."""
+    if epoch is None:
+        return None
+    from django.conf import settings
+    from django.utils import timezone
+    moment = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)
+    return moment if settings.USE_TZ else timezone.make_naive(moment)
+
+
+def _django_result(queue, job_id, task=None):
+    """The TaskResult of the Django task that job `job_id` runs; NotFound for a job that
+    runs something else. Worker ids and errors come from the job's own log lines, one
+    per attempt, and from how the job ended when no attempt said."""
+    d, row = _django(), queue.storage.job(job_id)
+    if row["name"] not in (DJANGO, DJANGO_ASYNC):
+        raise NotFound(f"job {job_id} is not a Django task")
+    path, args, kwargs, options = loads(row["args"])[0]
+    attempts, errors, failed_last = [], [], False
+    for when, _, message, owner in queue.storage.logs(job_id):
+        if owner != job_id:
+            continue
+        if match := DJANGO_ATTEMPT.fullmatch(message):
+            attempts.append((when, match[1]))
+            failed_last = False
+        elif match := DJANGO_RAISED.fullmatch(message):
+            errors.append(d.TaskError(exception_class_path=match[1], traceback=match[2]))
+            failed_last = True
+    status = row["status"]
+    if status in ("failed", "cancelled", "expired") and not failed_last:
+        # It ended without a word from the task: a lost worker, a cancel, its ttl.
+        kind = {"failed": "TaskFailed", "cancelled": "Cancelled", "expired": "Expired"}[status]
+        errors.append(d.TaskError(exception_class_path=f"litetq.{kind}",
+                                  traceback=row["traceback"] or row["error"] or status))
+    result = d.TaskResult(
+        task=task or _django_task(path, options), id=str(job_id),
+        status=d.Status.READY if status == "queued" else d.Status.RUNNING
+        if status in UNFINISHED else d.Status.SUCCESSFUL if status == "complete"
+        else d.Status.FAILED,
+        enqueued_at=_django_time(row["created"]),
+        started_at=_django_time(attempts[0][0] if attempts else row["started"]),
+        last_attempted_at=_django_time(attempts[-1][0] if attempts else row["started"]),
+        finished_at=_django_time(row["finished"] if status in TERMINAL else None),
+        args=args, kwargs=kwargs, backend=options["backend"], errors=errors,
+        worker_ids=[worker for _, worker in attempts])
+    if status == "complete" and row["result"] is not None:
+        object.__setattr__(result, "_return_value", loads(row["result"]))
+    return result
+
+
+def _django_begin(context, path, options):
+    """An attempt starts: the step's (task, TaskResult), its attempt recorded on the job
+    and task_started sent."""
+    queue = context._need_queue("a Django task")  # which records its attempts on the job
+    task = _django_task(path, options)
+    queue.storage.add_log(context.job.id, "debug", f"django: attempt on worker "
+                                                   f"{queue.worker_id}")
+    result = _django_result(queue, context.job.id, task)
+    _django().started.send(type(task.get_backend()), task_result=result)
+    return task, result
+
+
+def _django_call(task, result, args, kwargs):
+    """Call the Django task's function (a coroutine function returns its coroutine)."""
+    if task.takes_context:
+        return task.func(_django().TaskContext(task_result=result), *args, **kwargs)
+    return task.func(*args, **kwargs)
+
+
+def _django_value(value):
+    """A Django task's return value as Django normalises it; TypeError if not JSON."""
+    value = _django().normalize_json(value)
+    _dumps(value, "the return value")
+    return value
+
+
+def _django_end(context, task, result, exc=None, value=None):
+    """An attempt ended: what it raised recorded on the job, and task_finished sent."""
+    d, now = _django(), datetime.datetime.now(datetime.timezone.utc)
+    if exc is not None:
+        path = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        error = d.TaskError(exception_class_path=path, traceback=text)
+        object.__setattr__(result, "errors", [*result.errors, error])
+        context._queue.storage.add_log(context.job.id, "error",
+                                       f"django: raised {path}\n{text}")
+    else:
+        object.__setattr__(result, "_return_value", value)
+    object.__setattr__(result, "status", d.Status.FAILED if exc else d.Status.SUCCESSFUL)
+    object.__setattr__(result, "finished_at", _django_time(now.timestamp()))
+    d.finished.send(type(task.get_backend()), task_result=result)
+
+
+@task(name=DJANGO)
+def _django_step(path, args, kwargs, options):
+    """Run a Django task enqueued through litetq.DjangoBackend (a sync function)."""
+    context = current()
+    task, result = _django_begin(context, path, options)
+    try:
+        value = _django_value(_django_call(task, result, args, kwargs))
+    except Exception as exc:
+        _django_end(context, task, result, exc)
+        raise
+    _django_end(context, task, result, value=value)
+    return value
+
+
+@task(name=DJANGO_ASYNC)
+async def _django_astep(path, args, kwargs, options):
+    """Run an async Django task on the worker's event loop; the Django bookkeeping on
+    Django's thread for sync code, where its ORM keeps the connections that async code
+    uses, closed there when stale before and after the task, as around a request."""
+    from asgiref.sync import sync_to_async
+    context = current()
+    await sync_to_async(_django_close)()
+    try:
+        task, result = await sync_to_async(_django_begin)(context, path, options)
+        try:
+            value = _django_value(await _django_call(task, result, args, kwargs))
+        except Exception as exc:
+            await sync_to_async(_django_end)(context, task, result, exc)
+            raise
+        await sync_to_async(_django_end)(context, task, result, value=value)
+        return value
+    finally:
+        await sync_to_async(_django_close)()
+
+
+def _django_close():
+    """Close this thread's Django database connections that are broken or past their
+    CONN_MAX_AGE, as Django does before and after each request."""
+    from django.db import close_old_connections
+    close_old_connections()
+
+
+def _django_setup(settings):
+    """Set up Django with this settings module (the worker's --django), before the
+    modules of tasks are imported."""
+    global _django_ready
+    os.environ["DJANGO_SETTINGS_MODULE"] = settings
+    try:
+        import django
+        django.setup()
+    except Exception as exc:
+        raise Error(f"cannot set up Django with settings {settings!r}: "
+                    f"{type(exc).__name__}: {exc}") from None
+    _django_ready = True
 
 
 # --- The web page ------------------------------------------------------------
@@ -4954,6 +5252,9 @@ def build_parser():
     worker.add_argument("--keep", type=_keep, default={}, metavar="STATUS=AGE,...",
                         help="how long finished jobs are kept, e.g. complete=2h,failed=30d "
                              "or failed=forever (default complete=1d, the others 7d)")
+    worker.add_argument("--django", metavar="SETTINGS",
+                        help="Django settings module (e.g. mysite.settings): set up Django "
+                             "in every process, to run tasks of its TASKS framework")
     _synchronous_arg(worker)
 
     command("status", "counts per queue and status, oldest wait, live workers")
@@ -5066,7 +5367,7 @@ def _cmd_worker(args):
                     cron=args.cron, grace=args.grace, lease=args.lease,
                     async_concurrency=args.async_concurrency, keep=args.keep,
                     synchronous=args.synchronous, start_method=args.start_method,
-                    log_config=(args.logfile, args.log_level))
+                    log_config=(args.logfile, args.log_level), django=args.django)
     return worker.run()
 
 

@@ -8450,3 +8450,639 @@ def test_run_until_idle_cancels_an_async_step_at_its_timeout(q):
     quick = fx_slow_async.delay(0.01)
     q.run_until_idle()
     assert quick.result(timeout=0) == "woke"
+
+# ===========================================================================
+# Django: litetq.DjangoBackend and the worker's --django (SPEC §15)
+# ===========================================================================
+#
+# A real Django project in a temporary folder: settings whose TASKS point at
+# litetq.DjangoBackend on the test's database, a tasks module of @task functions
+# (django.tasks on Django 6, the django-tasks backport before), producers that
+# enqueue through Django's own API in fresh interpreters, and real `python -m
+# litetq worker DB --django settings` processes. The tasks module's signal
+# receivers, and its tasks, write what they see to a records file.
+
+DJANGO_SETTINGS = """
+import os
+SECRET_KEY = "litetq-tests"
+USE_TZ = True
+INSTALLED_APPS = []
+DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "CONN_MAX_AGE": 0,
+                         "NAME": os.path.join(os.path.dirname(__file__), "django.sqlite")}}
+TASKS = {"default": {"BACKEND": "litetq.DjangoBackend", "QUEUES": ["default", "mail"],
+                     "OPTIONS": {"database": os.environ["LITETQ_TEST_DB"]}}}
+"""
+
+DJANGO_TASKS = """
+import asyncio, json, os, time
+try:
+    from django.tasks import task
+    from django.tasks.signals import task_enqueued, task_finished, task_started
+except ImportError:
+    from django_tasks import task
+    from django_tasks.signals import task_enqueued, task_finished, task_started
+from django.apps import apps
+from django.db import connection
+
+
+def note(*fields):
+    with open(os.environ["LITETQ_TEST_RECORDS"], "a") as f:
+        f.write(json.dumps(fields) + "\\n")
+
+
+class Boom(Exception):
+    pass
+
+
+@task
+def add(a, b):
+    return a + b
+
+
+@task
+def boom(x):
+    raise Boom(f"boom {x}")
+
+
+@task
+def record(tag):
+    note("ran", tag)
+    return tag
+
+
+@task
+def tuple_back(x):
+    return (x, [x])
+
+
+@task
+def bad_return():
+    return {1, 2}
+
+
+@task(queue_name="mail")
+def mail(to):
+    return f"sent to {to}"
+
+
+@task
+async def fetch(n):
+    await asyncio.sleep(0.01)
+    return {"n": n, "loop": asyncio.get_running_loop() is not None, "setup": apps.ready}
+
+
+@task(takes_context=True)
+def with_context(context, x):
+    result = context.task_result
+    return {"id": result.id, "attempt": context.attempt, "worker_ids": result.worker_ids,
+            "status": result.status.value, "x": x}
+
+
+@task(takes_context=True)
+async def async_with_context(context):
+    return {"id": context.task_result.id, "attempt": context.attempt}
+
+
+@task(takes_context=True)
+def fails_first(context):
+    if context.attempt == 1:
+        raise ValueError("first attempt")
+    return [context.attempt, context.task_result.worker_ids]
+
+
+@task
+def query():
+    # Django's connection, closed by the worker after the step (CONN_MAX_AGE 0).
+    with connection.cursor() as cursor:
+        cursor.execute("select 40 + 2")
+        return [cursor.fetchone()[0], connection.connection is not None]
+
+
+@task
+def connection_open():
+    return connection.connection is not None
+
+
+@task
+def wait_for_file(path):
+    while not os.path.exists(path):
+        time.sleep(0.02)
+    return "seen"
+
+
+import litetq
+
+
+@litetq.task
+def litetq_child(path):
+    while not os.path.exists(path):
+        time.sleep(0.02)
+    return "child"
+
+
+@litetq.task
+def plain_query():
+    with connection.cursor() as cursor:
+        cursor.execute("select 1")
+    return connection.connection is not None
+
+
+@litetq.task
+def plain_connection_open():
+    return connection.connection is not None
+
+
+@task
+def spawner(path):
+    litetq.current().spawn(litetq_child(path))
+    return "parent"
+
+
+def receiver(name):
+    def receive(sender, task_result, **kwargs):
+        note(name, os.getpid(), task_result.id, task_result.status.value, sender.__name__,
+             len(task_result.worker_ids))
+    return receive
+
+
+for name, signal in (("enqueued", task_enqueued), ("started", task_started),
+                     ("finished", task_finished)):
+    signal.connect(receiver(name), weak=False)
+"""
+
+DJANGO_PROLOGUE = """
+import asyncio, datetime, json, os, sys, time
+import django
+django.setup()
+import litetq
+import tasks
+try:
+    from django.tasks import exceptions, default_task_backend
+except ImportError:
+    from django_tasks import exceptions, default_task_backend
+
+
+def out(value):
+    print(json.dumps(value, default=str))
+
+
+def error(call, *args, **kwargs):
+    try:
+        call(*args, **kwargs)
+    except Exception as exc:
+        return [type(exc).__name__, str(exc)]
+
+
+def summary(result):
+    return {"id": result.id, "status": result.status.value, "path": result.task.module_path,
+            "args": result.args, "kwargs": result.kwargs, "backend": result.backend,
+            "enqueued_at": result.enqueued_at, "started_at": result.started_at,
+            "last_attempted_at": result.last_attempted_at,
+            "finished_at": result.finished_at, "worker_ids": result.worker_ids,
+            "errors": [[e.exception_class_path, e.traceback] for e in result.errors],
+            "return_value": result.return_value if result.status == "SUCCESSFUL" else None,
+            "priority": result.task.priority, "queue_name": result.task.queue_name,
+            "aware": all(t is None or t.tzinfo is not None for t in (
+                result.enqueued_at, result.started_at, result.finished_at))}
+
+
+def results(*ids):
+    return [summary(default_task_backend.get_result(i)) for i in ids]
+"""
+
+
+class DjangoProject:
+    """A Django project in `folder` whose TASKS use litetq on `db`."""
+
+    def __init__(self, folder, db):
+        self.folder, self.db = folder, db
+        (folder / "settings.py").write_text(DJANGO_SETTINGS)
+        (folder / "tasks.py").write_text(DJANGO_TASKS)
+        self.records_path = folder / "records.jsonl"
+        self.env = subprocess_env(folder)
+        self.env.update(DJANGO_SETTINGS_MODULE="settings", LITETQ_TEST_DB=db,
+                        LITETQ_TEST_RECORDS=str(self.records_path))
+
+    def run(self, code):
+        """Run `code` after django.setup() in a fresh interpreter: the JSON it printed
+        last with out()."""
+        proc = subprocess.run([sys.executable, "-c", DJANGO_PROLOGUE + textwrap.dedent(code)],
+                              cwd=self.folder, env=self.env, capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def start_worker(self, *options):
+        log = open(self.folder / f"worker-{time.monotonic_ns()}.log", "w+")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "litetq", "worker", self.db, "--django", "settings",
+             "--concurrency", "1", *options], cwd=self.folder, env=self.env, stdout=log,
+            stderr=subprocess.STDOUT)
+        proc.log = log
+        return proc
+
+    def work(self):
+        """Run a burst worker until nothing is due; its output."""
+        return finish(self.start_worker("--burst"), timeout=60)
+
+    def records(self):
+        if not self.records_path.exists():
+            return []
+        return [json.loads(line) for line in self.records_path.read_text().splitlines()]
+
+
+@pytest.fixture
+def django_project(tmp_path, db_path):
+    pytest.importorskip("django")
+    if importlib.util.find_spec("django.tasks") is None:
+        pytest.importorskip("django_tasks")
+    return DjangoProject(tmp_path, db_path)
+
+
+def django_time(text):
+    return None if text is None else datetime.fromisoformat(text)
+
+
+def test_django_import_litetq_never_imports_django():
+    proc = run_python("""
+        import sys
+        import litetq
+        assert "django" not in sys.modules, "import litetq loaded Django"
+        with litetq.Queue(":memory:") as queue:
+            queue.enqueue(litetq.Task("litetq.django", ("tasks.add", [1, 2], {}, {})))
+        assert "django" not in sys.modules, "enqueueing a Django job loaded Django"
+        try:
+            litetq.NoSuchThing
+        except AttributeError as exc:
+            print("missing:", exc)
+        backend = litetq.DjangoBackend
+        assert "django" in sys.modules
+        assert litetq.DjangoBackend is backend and backend.__name__ == "DjangoBackend"
+        print("bases:", [c.__name__ for c in backend.__mro__])
+        print("flags:", backend.supports_defer, backend.supports_async_task,
+              backend.supports_get_result, backend.supports_priority)
+        print("all:", "DjangoBackend" in litetq.__all__)
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert "missing: module 'litetq' has no attribute 'NoSuchThing'" in proc.stdout
+    assert "BaseTaskBackend" in proc.stdout
+    assert "flags: True True True True" in proc.stdout
+    assert "all: False" in proc.stdout  # `from litetq import *` must not import Django
+
+
+def test_django_tasks_run_under_the_worker(django_project):
+    """Enqueued through Django's API, run by `python -m litetq worker DB --django`,
+    read back with get_result(): values, failures, async tasks and takes_context."""
+    project = django_project
+    before = datetime.now(timezone.utc)
+    enqueued = project.run("""
+        found = [tasks.add.enqueue(1, 2), tasks.boom.enqueue(3), tasks.fetch.enqueue(4),
+                 tasks.with_context.enqueue(x=5), tasks.async_with_context.enqueue(),
+                 tasks.query.enqueue(), tasks.mail.enqueue("ann"), tasks.tuple_back.enqueue(7)]
+        queue = litetq.Queue(os.environ["LITETQ_TEST_DB"])
+        out({"results": [summary(r) for r in found],
+             "jobs": [[j.id, j.task.name, j.status, j.queue and j.to_dict()["queue"]]
+                      for j in (queue.job(int(r.id)) for r in found)]})
+    """)
+    ready = enqueued["results"]
+    assert [r["status"] for r in ready] == ["READY"] * 8
+    assert [r["path"] for r in ready] == [f"tasks.{name}" for name in (
+        "add", "boom", "fetch", "with_context", "async_with_context", "query", "mail",
+        "tuple_back")]
+    assert ready[0]["args"] == [1, 2] and ready[3]["kwargs"] == {"x": 5}
+    assert all(r["id"].isdigit() and r["worker_ids"] == [] and r["errors"] == []
+               and r["started_at"] is None and r["finished_at"] is None and r["aware"]
+               and r["backend"] == "default" for r in ready)
+    assert all(before - timedelta(seconds=5) <= django_time(r["enqueued_at"]) <=
+               datetime.now(timezone.utc) for r in ready)
+    assert [job[1] for job in enqueued["jobs"]] == [
+        "litetq.django", "litetq.django", "litetq.django_async", "litetq.django",
+        "litetq.django_async", "litetq.django", "litetq.django", "litetq.django"]
+    assert [job[3] for job in enqueued["jobs"]][6] == "mail"
+
+    project.work()
+    ids = [r["id"] for r in ready]
+    add, boom, fetch, context, async_context, query, mail, tuple_back = project.run(
+        f"out(results(*{ids!r}))")
+    assert (add["status"], add["return_value"], add["errors"]) == ("SUCCESSFUL", 3, [])
+    assert boom["status"] == "FAILED" and boom["return_value"] is None
+    [(path, trace)] = boom["errors"]
+    assert path == "tasks.Boom"
+    assert "raise Boom(f\"boom {x}\")" in trace and trace.rstrip().endswith("tasks.Boom: boom 3")
+    assert fetch == {**fetch, "status": "SUCCESSFUL", "return_value": {"n": 4, "loop": True, "setup": True}}
+    assert context["status"] == "SUCCESSFUL"
+    assert context["return_value"] == {"id": context["id"], "attempt": 1, "x": 5,
+                                       "worker_ids": context["worker_ids"],
+                                       "status": "RUNNING"}
+    assert async_context["return_value"] == {"id": async_context["id"], "attempt": 1}
+    assert query["return_value"] == [42, True]
+    assert mail["return_value"] == "sent to ann" and mail["queue_name"] == "mail"
+    assert tuple_back["return_value"] == [7, [7]]  # normalised as Django does
+    for result in (add, boom, fetch, context, async_context, query, mail, tuple_back):
+        [worker] = result["worker_ids"]  # one attempt, one worker id
+        assert re.fullmatch(r"[^:]+:\d+", worker)
+        enqueued_at, started_at, finished_at = (django_time(result[key]) for key in (
+            "enqueued_at", "started_at", "finished_at"))
+        assert enqueued_at <= started_at <= finished_at and result["aware"]
+        assert result["last_attempted_at"] == result["started_at"]
+
+
+def test_django_signals_in_the_producer_and_the_worker(django_project):
+    project = django_project
+    producer = project.run("""
+        out([os.getpid(), tasks.add.enqueue(2, 2).id, tasks.boom.enqueue(1).id])
+    """)
+    pid, ok, failing = producer
+    assert project.records() == [["enqueued", pid, ok, "READY", "DjangoBackend", 0],
+                                 ["enqueued", pid, failing, "READY", "DjangoBackend", 0]]
+    project.work()
+    worker = [record for record in project.records()[2:]]
+    worker_pid = worker[0][1]
+    assert worker_pid != pid
+    assert worker == [["started", worker_pid, ok, "RUNNING", "DjangoBackend", 1],
+                      ["finished", worker_pid, ok, "SUCCESSFUL", "DjangoBackend", 1],
+                      ["started", worker_pid, failing, "RUNNING", "DjangoBackend", 1],
+                      ["finished", worker_pid, failing, "FAILED", "DjangoBackend", 1]]
+
+
+@sqlite_only
+def test_django_defer_runs_after_run_after(django_project):
+    project = django_project
+    soon, later = project.run("""
+        now = datetime.datetime.now(datetime.timezone.utc)
+        out([[r.id, r.task.run_after.isoformat()] for r in (
+            tasks.add.using(run_after=now + datetime.timedelta(seconds=1.5)).enqueue(20, 22),
+            tasks.add.using(run_after=now + datetime.timedelta(hours=1)).enqueue(1, 1))])
+    """)
+    wait_for(lambda: datetime.now(timezone.utc) >= datetime.fromisoformat(soon[1]), 5)
+    project.work()
+    ran, waits = project.run(f"out(results({soon[0]!r}, {later[0]!r}))")
+    assert ran["status"] == "SUCCESSFUL" and ran["return_value"] == 42
+    assert django_time(ran["started_at"]) >= datetime.fromisoformat(soon[1])
+    assert waits["status"] == "READY" and waits["worker_ids"] == []  # not due: left alone
+    with litetq.Queue(project.db) as queue:
+        assert queue.storage.job(int(later[0]))["due"] == pytest.approx(
+            datetime.fromisoformat(later[1]).timestamp(), abs=0.01)
+    naive = project.run("""
+        out(error(lambda: tasks.add.using(run_after=datetime.datetime.now()).enqueue(1, 2)))
+    """)
+    assert naive[1] == "run_after must be an aware datetime."
+
+
+@sqlite_only
+def test_django_priority_orders_the_work(django_project):
+    """Django's priority (-100..100) is litetq's priority as it is: higher first."""
+    project = django_project
+    priorities = [-100, 0, 50, 100, -5, 1]
+    ids = project.run(f"""
+        out([tasks.record.using(priority=p).enqueue(p).id for p in {priorities!r}])
+    """)
+    with litetq.Queue(project.db) as queue:
+        assert [queue.storage.job(int(i))["priority"] for i in ids] == priorities
+    project.work()
+    ran = [record[1] for record in project.records() if record[0] == "ran"]
+    assert ran == sorted(priorities, reverse=True)
+    out_of_range = project.run("""
+        out([error(lambda: tasks.record.using(priority=101)),
+             error(lambda: tasks.record.using(priority=-101))])
+    """)
+    assert all(problem[0] in ("InvalidTask", "InvalidTaskError") for problem in out_of_range)
+
+
+@sqlite_only
+def test_django_bad_input_gets_clear_errors_and_writes_nothing(django_project):
+    project = django_project
+    problems = project.run("""
+        class Thing: pass
+        out({"set": error(tasks.add.enqueue, {1}, 2),
+             "nested": error(tasks.add.enqueue, 1, b=[{"when": Thing()}]),
+             "int keys": error(tasks.add.enqueue, {1: "a"}, 2),
+             "litetq task": error(tasks.add.enqueue, [litetq.Task("tasks.x")], 2),
+             "nan": error(tasks.add.enqueue, float("nan"), 2),
+             "queue": error(lambda: tasks.add.using(queue_name="nowhere").enqueue(1, 2)),
+             "missing": [error(default_task_backend.get_result, key)
+                         for key in ("999", "nope", "-1", "", "1.5")],
+             "no database": error(litetq.DjangoBackend, "other", {"OPTIONS": {}}),
+             "unknown option": error(litetq.DjangoBackend, "other",
+                                     {"OPTIONS": {"database": "x.sqlite", "lease": 3}}),
+             "direct": error(litetq.Task("litetq.django", ("tasks.add", [1, 2], {}, {
+                 "backend": "default", "queue_name": "default", "priority": 0,
+                 "run_after": None})).run)})
+    """)
+    assert problems["set"] == ["TypeError", "tasks.add: cannot store set {1} at args[0]: "
+                               "litetq stores values as JSON (None, bool, int, float, str, "
+                               "list, tuple, dict with str keys and Task)"]
+    assert problems["nested"][0] == "TypeError"
+    assert "cannot store Thing" in problems["nested"][1]
+    assert "at kwargs['b'][0]['when']" in problems["nested"][1]
+    assert problems["int keys"][0] == "TypeError" and "args[0]" in problems["int keys"][1]
+    assert problems["nan"][0] in ("TypeError", "ValueError")
+    assert problems["litetq task"] == ["TypeError", "tasks.add: Unsupported type: "
+                                       "<class 'litetq.Task'>"]
+    assert problems["queue"] == [problems["queue"][0], "Queue 'nowhere' is not valid for backend."]
+    assert [p[0] for p in problems["missing"]] == ["TaskResultDoesNotExist"] * 5
+    assert problems["no database"][0] == "ImproperlyConfigured"
+    assert "needs OPTIONS = {'database': 'app.sqlite'}" in problems["no database"][1]
+    assert problems["unknown option"][0] == "ImproperlyConfigured"
+    assert "not lease" in problems["unknown option"][1]
+    assert problems["direct"] == ["RuntimeError", "a Django task needs a queue: it works in a "
+                                  "job run by a worker or run_until_idle(), not under Task.run()"]
+    assert not os.path.exists(project.db) or db_sql(
+        project.db, "select count(*) from litetq_jobs")[0][0] == 0
+    # A job naming something that is not a Django task fails; the worker carries on.
+    with litetq.Queue(project.db) as queue:
+        job = queue.enqueue(Task("litetq.django", ("os.getcwd", [], {}, {
+            "backend": "default", "queue_name": "default", "priority": 0, "run_after": None})))
+        plain = queue.enqueue(Task("test_litetq.add", (1, 2)))
+    bad_return = project.run("out(tasks.bad_return.enqueue().id)")
+    project.work()
+    with litetq.Queue(project.db) as queue:
+        assert queue.job(job.id).status == "failed"
+        assert queue.job(job.id).error == "Error: os.getcwd is not a Django task (decorate " \
+                                          "it with @task)"
+    [failed] = project.run(f"out(results({bad_return!r}))")
+    assert failed["status"] == "FAILED"
+    assert failed["errors"][0][0] == "builtins.TypeError"
+    assert failed["errors"][0][1].rstrip().endswith("TypeError: Unsupported type: <class 'set'>")
+    assert project.run(f"out(error(default_task_backend.get_result, '{plain.id}'))")[0] == \
+        "TaskResultDoesNotExist"
+
+
+@sqlite_only
+def test_django_status_mapping_running_cancelled_expired(django_project, tmp_path):
+    """queued: READY; running: RUNNING; cancelled and expired: FAILED, with a litetq
+    exception class path; a lost worker's failure too."""
+    project = django_project
+    release = tmp_path / "release"
+    waiting, cancelled, expired = project.run(f"""
+        out([tasks.wait_for_file.enqueue({str(release)!r}).id,
+             tasks.add.using(priority=-1).enqueue(1, 1).id,
+             tasks.add.using(priority=-2).enqueue(2, 2).id])
+    """)
+    with litetq.Queue(project.db) as queue:
+        assert queue.job(int(cancelled)).cancel()
+        queue.storage.change("update litetq_jobs set expires = 0 where id = ?", (int(expired),))
+    worker = project.start_worker()
+    try:
+        def running():
+            return project.run(f"out(results({waiting!r}))")[0]
+        wait_for(lambda: running()["status"] == "RUNNING", 20)
+        now = running()
+        assert len(now["worker_ids"]) == 1 and now["started_at"] and not now["finished_at"]
+        release.write_text("go")
+        wait_for(lambda: running()["status"] == "SUCCESSFUL", 20)
+        wait_for(lambda: litetq.Queue(project.db).job(int(expired)).done(), 20)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        finish(worker)
+    ok, was_cancelled, was_expired = project.run(
+        f"out(results({waiting!r}, {cancelled!r}, {expired!r}))")
+    assert ok["return_value"] == "seen"
+    assert was_cancelled["status"] == "FAILED" and was_cancelled["worker_ids"] == []
+    assert was_cancelled["errors"][0][0] == "litetq.Cancelled"
+    assert was_expired["status"] == "FAILED"
+    assert was_expired["errors"][0][0] == "litetq.Expired"
+    assert was_expired["finished_at"] is not None
+
+
+@sqlite_only
+def test_django_connections_are_closed_between_steps(django_project):
+    """Under --django every step, a Django task's or a plain litetq task's, runs between
+    two close_old_connections(), as a request does."""
+    project = django_project
+    project.run("""
+        out([tasks.query.using(priority=2).enqueue().id,
+             tasks.connection_open.using(priority=1).enqueue().id])
+    """)
+    with litetq.Queue(project.db) as queue:
+        plain = [queue.enqueue(Task("tasks.plain_query"), priority=-1),
+                 queue.enqueue(Task("tasks.plain_connection_open"), priority=-2)]
+    project.work()
+    query, after = project.run("out(results('1', '2'))")
+    assert query["return_value"] == [42, True]  # open while its step ran
+    assert after["return_value"] is False  # closed after it, as after a request
+    with litetq.Queue(project.db) as queue:
+        assert [queue.job(job.id).result() for job in plain] == [True, False]
+
+
+@sqlite_only
+def test_django_async_enqueue_and_get_result(django_project):
+    project = django_project
+    job_id = project.run("""
+        async def main():
+            result = await tasks.fetch.aenqueue(9)
+            again = await tasks.fetch.aget_result(result.id)
+            assert again.status == "READY" and again.id == result.id
+            return result.id
+        out(asyncio.run(main()))
+    """)
+    # Spawned worker processes share nothing with the supervisor: each sets Django up.
+    finish(project.start_worker("--burst", "--start-method", "spawn"), timeout=60)
+    [done] = project.run(f"out(results({job_id!r}))")
+    assert done["return_value"] == {"n": 9, "loop": True, "setup": True}
+    mismatch = project.run(f"out(error(tasks.add.get_result, {job_id!r}))")
+    assert mismatch[0] == "TaskResultMismatch"
+
+
+@sqlite_only
+def test_django_worker_with_bad_settings_exits_2(tmp_path, db_path):
+    pytest.importorskip("django")
+    proc = subprocess.run([sys.executable, "-m", "litetq", "worker", db_path, "--django",
+                           "no_such_settings", "--burst"], cwd=tmp_path,
+                          env=subprocess_env(tmp_path), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2
+    assert "litetq: error: cannot set up Django with settings 'no_such_settings': " \
+           "ModuleNotFoundError" in proc.stderr
+
+
+@sqlite_only
+def test_django_attempts_of_a_retried_job(django_project):
+    """A job queued again (litetq's retry) is a second attempt to Django: a second
+    worker id, its context's attempt 2, the first attempt's error kept."""
+    project = django_project
+    job_id = project.run("out(tasks.fails_first.enqueue().id)")
+    project.work()
+    [first] = project.run(f"out(results({job_id!r}))")
+    assert first["status"] == "FAILED" and len(first["worker_ids"]) == 1
+    assert [e[0] for e in first["errors"]] == ["builtins.ValueError"]
+    with litetq.Queue(project.db) as queue:
+        assert queue.job(int(job_id)).retry()
+    [again] = project.run(f"out(results({job_id!r}))")
+    assert again["status"] == "READY" and again["finished_at"] is None
+    project.work()
+    [second] = project.run(f"out(results({job_id!r}))")
+    assert second["status"] == "SUCCESSFUL" and second["errors"] == first["errors"]
+    assert len(second["worker_ids"]) == 2 and second["worker_ids"][0] == first["worker_ids"][0]
+    assert second["return_value"] == [2, second["worker_ids"]]
+    assert second["started_at"] == first["started_at"]
+    assert django_time(second["last_attempted_at"]) > django_time(first["last_attempted_at"])
+    assert django_time(second["finished_at"]) > django_time(first["finished_at"])
+
+
+@sqlite_only
+def test_django_worker_api_on_threads(django_project):
+    """litetq.Worker(db, django=SETTINGS, threads=True) runs Django's tasks in this
+    process, as a web app or a test would."""
+    project = django_project
+    done = project.run("""
+        with litetq.Worker(os.environ["LITETQ_TEST_DB"], django="settings", threads=True,
+                           concurrency=1):
+            result = tasks.add.enqueue(5, 6)
+            deadline = datetime.datetime.now() + datetime.timedelta(seconds=20)
+            while not result.is_finished and datetime.datetime.now() < deadline:
+                time.sleep(0.02)
+                result.refresh()
+        out([summary(result), os.getpid()])
+    """)
+    result, pid = done
+    assert result["status"] == "SUCCESSFUL" and result["return_value"] == 11
+    assert [record[:2] for record in project.records()] == [
+        ["enqueued", pid], ["started", pid], ["finished", pid]]
+
+
+@sqlite_only
+def test_django_attempt_of_a_killed_worker_process(django_project, tmp_path):
+    """A worker process killed mid-task loses nothing: the task runs again on the new
+    process, and Django sees two attempts, one worker id each."""
+    project = django_project
+    release = tmp_path / "release"
+    job_id = project.run(f"out(tasks.wait_for_file.enqueue({str(release)!r}).id)")
+    worker = project.start_worker("--lease", "1")
+    try:
+        def seen():
+            return project.run(f"out(results({job_id!r}))")[0]
+        wait_for(lambda: seen()["status"] == "RUNNING", 20)
+        [first] = seen()["worker_ids"]
+        os.kill(int(first.rpartition(":")[2]), signal.SIGKILL)
+        wait_for(lambda: len(seen()["worker_ids"]) == 2, 20)
+        release.write_text("go")
+        wait_for(lambda: seen()["status"] == "SUCCESSFUL", 20)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        finish(worker)
+    done = seen()
+    assert done["worker_ids"][0] == first and done["worker_ids"][1] != first
+    assert done["errors"] == [] and done["return_value"] == "seen"
+    assert django_time(done["last_attempted_at"]) > django_time(done["started_at"])
+
+
+@sqlite_only
+def test_django_task_waiting_on_a_litetq_subtask_is_running(django_project, tmp_path):
+    """A Django task may spawn litetq subtasks: while it waits on them it is RUNNING."""
+    project = django_project
+    release = tmp_path / "release"
+    job_id = project.run(f"out(tasks.spawner.enqueue({str(release)!r}).id)")
+    worker = project.start_worker()
+    try:
+        with litetq.Queue(project.db) as queue:
+            wait_for(lambda: queue.job(int(job_id)).status == "waiting", 20)
+            [waiting] = project.run(f"out(results({job_id!r}))")
+            release.write_text("go")
+            queue.job(int(job_id)).wait(20)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        finish(worker)
+    assert waiting["status"] == "RUNNING" and waiting["finished_at"] is None
+    [done] = project.run(f"out(results({job_id!r}))")
+    assert done["status"] == "SUCCESSFUL" and done["return_value"] == "parent"
