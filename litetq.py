@@ -71,6 +71,7 @@ __all__ = [
     "loads",
     "main",
     "make_web_server",
+    "on",
     "periodic",
     "serve_web",
     "task",
@@ -85,6 +86,7 @@ logger.addHandler(logging.NullHandler())
 
 UNFINISHED = ("queued", "running", "waiting")
 TERMINAL = ("complete", "failed", "cancelled", "expired")
+OUTCOMES = ("complete", "continued", "retried", "failed", "cancelled", "expired")  # of a step
 DEFAULT_LEASE = 10.0  # seconds a claimed step stays ours without renewal
 MAX_RETRY_DELAY = 3600.0
 MAX_LOST = 3  # a step whose worker died this many times fails as "worker lost"
@@ -318,6 +320,7 @@ def _name(value, what):
 _registry = {}   # task name -> TaskFunction
 _consumers = {}  # raw payload queue name -> function(payload)
 _periodic = []   # (spec, name, tz, queue, TaskFunction) written to the cron table by workers
+_hooks = {"enqueued": [], "started": [], "retrying": [], "finished": []}  # event -> functions
 
 
 class Task:
@@ -587,6 +590,35 @@ def consumer(queue_name):
     return register
 
 
+def on(event, fn=None):
+    """Call `fn(job, **details)` on `event`; also a decorator, `@litetq.on("finished")`.
+
+    "enqueued" (no details) in the producer, once the job is written; in the worker
+    process that runs the step: "started" (`attempt`) as each attempt begins, then,
+    once its outcome is committed, "retrying" (`error`, `delay`) or "finished"
+    (`status`, `error` or None, `duration`: the last step's seconds). Hooks run in
+    the process that registered them; one that raises is logged and changes nothing.
+    """
+    if event not in _hooks:
+        raise ValueError(f"unknown hook event {event!r}; use one of {', '.join(_hooks)}")
+    if fn is None:
+        return lambda fn: on(event, fn)
+    if not callable(fn):
+        raise TypeError(f"a hook must be callable, not {type(fn).__name__} {_short_repr(fn)}")
+    if fn not in _hooks[event]:  # a module imported twice registers its hooks once
+        _hooks[event].append(fn)
+    return fn
+
+
+def _fire(event, job, **details):
+    for fn in _hooks[event]:
+        try:
+            fn(job, **details)
+        except Exception:
+            logger.exception("the %r hook %s failed on job %s", event,
+                             getattr(fn, "__qualname__", fn), job.id)
+
+
 @task(name=CHAIN)
 def chain(*calls):
     """Run the calls in order, each to its final value; the result is the last one's.
@@ -632,7 +664,7 @@ def http_post(url, data, headers=None, timeout=10):
 # transaction, which errors mean "wait" or "try again", column types, many-row
 # inserts, and how to hear that another process committed.
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = """
 create table if not exists litetq_meta (key text primary key, value text not null);
 create table if not exists litetq_jobs (
@@ -708,6 +740,16 @@ create table if not exists litetq_limits (
 create table if not exists litetq_starts (name text not null, time {real} not null);
 create index if not exists litetq_starts_name on litetq_starts (name, time);
 create table if not exists litetq_paused (queue text primary key);
+create table if not exists litetq_counts (
+    minute bigint not null,        -- epoch of the minute's start (0: minutes folded long ago)
+    queue text not null, task text not null, outcome text not null, n bigint not null,
+    primary key (minute, queue, task, outcome));
+create table if not exists litetq_tally (
+    queue text not null, status text not null, n bigint not null, primary key (queue, status));
+create table if not exists litetq_count_deltas (
+    minute bigint not null, queue text not null, task text not null, outcome text not null);
+create table if not exists litetq_tally_deltas (
+    queue text not null, status text not null, n integer not null);
 """
 # Why a queued step is not in the ready index, which claims read: 1 it is not due
 # yet (it joins when due: promote), 2 a concurrency limit holds it (it joins when a
@@ -724,6 +766,40 @@ alter table litetq_jobs add column limit_key text;
 drop index if exists litetq_jobs_next;
 update litetq_jobs set parked = 1 where status = 'queued' and due > litetq_now();
 """
+# Counting (version 3). Triggers on litetq_jobs count, in the statement that commits a
+# step's outcome, the steps finished per minute, queue, task and outcome (litetq_counts,
+# the counter behind /metrics and the chart), and keep the number of jobs of each queue
+# in the statuses TALLIED (litetq_tally). Queued and running jobs are counted when asked,
+# through their partial indexes: a count kept for them would cost every enqueue and every
+# claim a write. On SQLite the triggers add to the counts at once (one writer: no one
+# waits for a hot row); on PostgreSQL every worker would queue behind the row lock of
+# the same hot row, so its triggers append to the _deltas tables, which the supervisors
+# fold into the counts (fold_counts) and readers add in. Old minutes fold into minute 0,
+# so the counter's total survives while its table stays small.
+TALLIED = "('waiting', 'complete', 'failed', 'cancelled', 'expired')"
+COUNTED = ("old.status <> new.status and (new.status in ('complete', 'failed', 'cancelled', "
+           "'expired') or new.status = 'queued' and (new.steps > old.steps or "
+           "old.status = 'running' and new.attempts = old.attempts))")
+OUTCOME = ("case when new.status = 'queued' and new.steps > old.steps then 'continued' "
+           "when new.status = 'queued' then 'retried' else new.status end")
+TALLY_FROM_JOBS = (f"insert into litetq_tally select queue, status, count(*) from litetq_jobs "
+                   f"where status in {TALLIED} group by queue, status")
+SQLITE_DDL = (
+    "create trigger if not exists litetq_jobs_counted after update of status on litetq_jobs "
+    f"when {COUNTED} begin insert into litetq_counts values (litetq_minute(), new.queue, "
+    f"old.name, {OUTCOME}, 1) on conflict (minute, queue, task, outcome) do update set "
+    "n = n + 1; end",
+    "create trigger if not exists litetq_jobs_tallied after update of status on litetq_jobs "
+    f"when old.status <> new.status and (old.status in {TALLIED} or new.status in {TALLIED}) "
+    f"begin insert into litetq_tally select new.queue, new.status, 1 where new.status in "
+    f"{TALLIED} on conflict (queue, status) do update set n = n + 1; update litetq_tally set "
+    "n = n - 1 where queue = old.queue and status = old.status; end",
+    "create trigger if not exists litetq_jobs_forgotten after delete on litetq_jobs "
+    f"when old.status in {TALLIED} begin update litetq_tally set n = n - 1 "
+    "where queue = old.queue and status = old.status; end",
+)
+KEEP_MINUTES = 120  # minutes of step counts kept one by one; older ones fold into one total
+WORKER_LIVE = 10.0  # seconds without a heartbeat before a worker no longer counts as live
 
 JOB_COLUMNS = ("id, queue, priority, status, name, args, rest, due, expires, unique_key, "
                "attempts, steps, lost, token, worker, lease_until, started, cancel, parent_id, "
@@ -1189,9 +1265,10 @@ class Storage:
 
     # Claiming steps.
 
-    def claim(self, worker, lease, queues=None, limit=1):
+    def claim(self, worker, lease, queues=None, limit=1, expired=None):
         """Take up to `limit` due steps, in queue order: a list of `Claim`s. Steps
-        whose ttl ran out are marked expired instead.
+        whose ttl ran out are marked expired instead (their ids go to the list
+        `expired`, if given).
 
         The claim is one UPDATE over the ready index: SQLite's write statement takes
         the lock before it reads, PostgreSQL's "skip locked" passes rows another
@@ -1207,9 +1284,11 @@ class Storage:
                     conn, worker, lease, queues, limit - len(rows)))
             claims = sorted(map(Claim._make, rows),  # RETURNING has no order
                             key=lambda claim: (-claim.priority, claim.due, claim.id))
-            expired = [claim for claim in claims if claim.expired]
-            if expired:
-                self._expire(expired)
+            ended = [claim for claim in claims if claim.expired]
+            if ended:
+                self._expire(ended)
+                if expired is not None:
+                    expired.extend(claim.id for claim in ended)
             live = [claim for claim in claims if not claim.expired]
             if live or not claims:
                 return live
@@ -1630,11 +1709,77 @@ class Storage:
             (job_id,))]
 
     def stats(self):
+        """{queue: {status: count}}: queued and running jobs counted through their
+        partial indexes (each `parked` value has its own), the rest kept by triggers."""
+        counted = " union all ".join(
+            f"select queue, 'queued', count(*) from litetq_jobs where status = 'queued' and "
+            f"parked = {parked} group by queue" for parked in (0, *PARKED.values()))
         counts = {}
         for queue, status, n in self.query(
-                "select queue, status, count(*) from litetq_jobs group by queue, status"):
-            counts.setdefault(queue, {})[status] = n
-        return counts
+                f"{counted} union all select queue, 'running', count(*) from litetq_jobs where "
+                f"status = 'running' group by queue union all select queue, status, n from "
+                f"litetq_tally union all select queue, status, n from litetq_tally_deltas"):
+            by_status = counts.setdefault(queue, {})
+            by_status[status] = by_status.get(status, 0) + n
+        return {queue: {status: n for status, n in by_status.items() if n}
+                for queue, by_status in counts.items() if any(by_status.values())}
+
+    def oldest_due(self):
+        """{queue: seconds its oldest due, queued job has waited}, through the partial
+        indexes of queued jobs."""
+        oldest = {}
+        for queue, waited in self.query(" union all ".join(
+                f"select queue, litetq_now() - min(due) from litetq_jobs where status = "
+                f"'queued' and parked = {parked} and due <= litetq_now() group by queue"
+                for parked in (0, *PARKED.values()))):
+            oldest[queue] = max(oldest.get(queue, 0.0), waited)
+        return oldest
+
+    def step_counts(self):
+        """(queue, task, outcome, steps) of every step ever finished, for /metrics."""
+        return self.query(
+            "select queue, task, outcome, sum(n) from (select queue, task, outcome, n from "
+            "litetq_counts union all select queue, task, outcome, 1 from litetq_count_deltas"
+            ") c group by queue, task, outcome order by queue, task, outcome")
+
+    def steps_per_minute(self, minutes):
+        """(epoch of the current minute, [(minute, outcome, steps)]) for the last
+        `minutes` minutes."""
+        with self.connection() as conn:
+            now = self._execute(conn, "select litetq_minute()").fetchone()[0]
+            rows = self._execute(
+                conn, "select minute, outcome, sum(n) from (select minute, outcome, n from "
+                "litetq_counts where minute > ? union all select minute, outcome, 1 from "
+                "litetq_count_deltas where minute > ?) c group by minute, outcome",
+                (now - minutes * 60, now - minutes * 60)).fetchall()
+        return now, rows
+
+    def fold_counts(self):
+        """Fold PostgreSQL's deltas into the counts, and minutes older than KEEP_MINUTES
+        into minute 0. The supervisor runs it every second; it writes only when there
+        is something to fold."""
+        self._fold_deltas()
+        old = self.query_one("select litetq_minute() - ?, exists (select 1 from litetq_counts "
+                             "where minute > 0 and minute <= litetq_minute() - ?)",
+                             (KEEP_MINUTES * 60, KEEP_MINUTES * 60))
+        if old[1]:
+            self.transact(lambda conn: self._fold_minutes(conn, old[0]))
+
+    def _fold_minutes(self, conn, until):
+        self._execute(conn, "insert into litetq_counts select 0, queue, task, outcome, sum(n) "
+                      "from litetq_counts where minute > 0 and minute <= ? group by queue, task, "
+                      "outcome order by queue, task, outcome on conflict (minute, queue, task, "
+                      "outcome) do update set n = litetq_counts.n + excluded.n", (until,))
+        self._execute(conn, "delete from litetq_counts where minute > 0 and minute <= ?",
+                      (until,))
+
+    def _fold_deltas(self):
+        """PostgreSQL: move the deltas its triggers appended into the counts."""
+
+    def running_steps(self):
+        """(job id, task name, worker id) of every running step."""
+        return self.query("select id, name, worker from litetq_jobs where status = 'running' "
+                          "order by id")
 
     def oldest_wait(self):
         """Seconds the longest-waiting due job has waited, or None."""
@@ -1871,6 +2016,8 @@ class Storage:
                 if statement.strip():
                     self._execute(conn, statement)
             self._after_schema(conn)
+            if found is not None and found < 3:  # the tally starts from the jobs there are
+                self._execute(conn, TALLY_FROM_JOBS)
             self._execute(conn, "insert into litetq_meta values ('schema', ?) on conflict (key) "
                           "do update set value = excluded.value", (str(SCHEMA_VERSION),))
         self.transact(create)
@@ -1984,8 +2131,15 @@ class SQLiteStorage(Storage):
                 self._shared.close()
 
     def _translate(self, sql):
-        # One writer at a time: nothing to lock row by row.
-        return sql.replace(" for update skip locked", "").replace(" for update", "")
+        # One writer at a time: nothing to lock row by row. The minute is the wall
+        # clock's, through a built-in function, so the triggers work on every
+        # connection, litetq_now() or not.
+        return (sql.replace(" for update skip locked", "").replace(" for update", "")
+                .replace("litetq_minute()", "(cast(strftime('%s', 'now') as integer) / 60 * 60)"))
+
+    def _after_schema(self, conn):
+        for statement in SQLITE_DDL:
+            self._execute(conn, statement)
 
     def _begin(self, conn):
         self._wait_for_lock(conn.execute, "begin immediate")
@@ -2205,7 +2359,9 @@ class PostgresStorage(Storage):
 
     def _translate(self, sql):
         return (sql.replace("%", "%%").replace("?", "%s")
-                .replace("litetq_now()", "extract(epoch from clock_timestamp())::float8"))
+                .replace("litetq_now()", "extract(epoch from clock_timestamp())::float8")
+                .replace("litetq_minute()",
+                         "(floor(extract(epoch from clock_timestamp()) / 60)::bigint * 60)"))
 
     def _execute(self, conn, sql, params=()):
         return conn.cursor(row_factory=self.psycopg.rows.tuple_row).execute(
@@ -2284,6 +2440,27 @@ class PostgresStorage(Storage):
         for statement in POSTGRES_DDL:
             self._execute(conn, statement)
 
+    def _fold_deltas(self):
+        # One DELETE ... RETURNING per table: a delta is folded by exactly one
+        # supervisor (a concurrent delete skips the rows another one took), and rows in
+        # key order, so two folds cannot deadlock on the counts they both add to.
+        if not self.query_one("select exists (select 1 from litetq_count_deltas) or "
+                              "exists (select 1 from litetq_tally_deltas)")[0]:
+            return
+        def fold(conn):
+            self._execute(conn, "with moved as (delete from litetq_count_deltas returning "
+                          "minute, queue, task, outcome) insert into litetq_counts select "
+                          "minute, queue, task, outcome, count(*) from moved group by minute, "
+                          "queue, task, outcome order by minute, queue, task, outcome on "
+                          "conflict (minute, queue, task, outcome) do update set "
+                          "n = litetq_counts.n + excluded.n")
+            self._execute(conn, "with moved as (delete from litetq_tally_deltas returning "
+                          "queue, status, n) insert into litetq_tally select queue, status, "
+                          "sum(n) from moved group by queue, status order by queue, status on "
+                          "conflict (queue, status) do update set n = litetq_tally.n + "
+                          "excluded.n")
+        self.transact(fold)
+
     def _watch(self):
         conn = self._connect()
         try:
@@ -2313,6 +2490,22 @@ POSTGRES_DDL = (
     "drop trigger if exists litetq_messages_put on litetq_messages",
     "create trigger litetq_messages_put after insert on litetq_messages "
     "for each statement execute function litetq_notify()",
+    # Counting: see TALLIED. Appends only, so workers never wait for each other here.
+    "create or replace function litetq_count() returns trigger language plpgsql as $$ begin "
+    f"if {COUNTED} then insert into litetq_count_deltas values (litetq_minute(), new.queue, "
+    f"old.name, {OUTCOME}); end if; if new.status in {TALLIED} then insert into "
+    "litetq_tally_deltas values (new.queue, new.status, 1); end if; "
+    f"if old.status in {TALLIED} then insert into litetq_tally_deltas values (old.queue, "
+    "old.status, -1); end if; return null; end $$",
+    "drop trigger if exists litetq_jobs_counted on litetq_jobs",
+    "create trigger litetq_jobs_counted after update of status on litetq_jobs for each row "
+    "when (old.status <> new.status and new.status <> 'running') "
+    "execute function litetq_count()",
+    "create or replace function litetq_forget() returns trigger language plpgsql as $$ begin "
+    "insert into litetq_tally_deltas values (old.queue, old.status, -1); return null; end $$",
+    "drop trigger if exists litetq_jobs_forgotten on litetq_jobs",
+    "create trigger litetq_jobs_forgotten after delete on litetq_jobs for each row "
+    f"when (old.status in {TALLIED}) execute function litetq_forget()",
 )
 
 
@@ -2399,6 +2592,10 @@ class Queue:
         self._declare(row[2])
         job = Job(self, self.storage.insert_jobs([row], conn)[0])
         self.storage.changed()
+        if _hooks["enqueued"]:
+            # With conn=, "written" means written in the caller's transaction: the hook
+            # runs before the caller commits or rolls back, which litetq cannot know.
+            _fire("enqueued", job)
         return job
 
     def enqueue_many(self, tasks, *, queue=None, priority=None, delay=None, at=None, ttl=None,
@@ -2411,6 +2608,8 @@ class Queue:
             self._declare(name)
         jobs = [Job(self, job_id) for job_id in self.storage.insert_jobs(rows, conn)]
         self.storage.changed()
+        for job in jobs if _hooks["enqueued"] else ():  # with conn=: see enqueue()
+            _fire("enqueued", job)
         return jobs
 
     def _declare(self, name):
@@ -2468,6 +2667,49 @@ class Queue:
         """{queue name: {status: count}}."""
         return self.storage.stats()
 
+    # Observability: what /metrics and the web page show.
+
+    def oldest_due(self):
+        """{queue name: seconds its oldest due, queued job has waited}."""
+        return self.storage.oldest_due()
+
+    def step_counts(self):
+        """{(queue, task, outcome): steps finished}, since the database was made: retention
+        and restarts keep them. Outcomes: complete, continued, retried, failed,
+        cancelled, expired."""
+        return {tuple(row[:3]): int(row[3]) for row in self.storage.step_counts()}
+
+    def steps_per_minute(self, minutes=60):
+        """Steps finished per minute over the last `minutes` (this one included), by
+        outcome: {"start": epoch of the first minute, "minutes": N, "series":
+        {outcome: [N counts, oldest first]}}."""
+        minutes = _integer(minutes, "minutes", 1, KEEP_MINUTES)
+        now, rows = self.storage.steps_per_minute(minutes)
+        start = now - (minutes - 1) * 60
+        series = {outcome: [0] * minutes for outcome in OUTCOMES}
+        for minute, outcome, n in rows:
+            if outcome in series and start <= minute <= now:
+                series[outcome][int(minute - start) // 60] += int(n)
+        return {"start": int(start), "minutes": minutes, "series": series}
+
+    def workers(self):
+        """The live workers (a heartbeat within WORKER_LIVE seconds), oldest first, as
+        dicts: id, host, pid, queues (a list, or None for all), concurrency,
+        heartbeat_age (seconds) and steps (the {"id", "task"} of each step it runs)."""
+        running = self.storage.running_steps()
+        found = []
+        for worker_id, host, pid, queues, concurrency, _, age in self.storage.workers():
+            if age >= WORKER_LIVE:
+                continue
+            # A worker's processes claim as "<its id>/<process id>" (see Worker._start).
+            steps = [{"id": job_id, "task": name} for job_id, name, holder in running
+                     if holder == worker_id or (holder or "").startswith(worker_id + "/")]
+            found.append({"id": worker_id, "host": host, "pid": pid,
+                          "queues": None if queues in (None, "*") else queues.split(","),
+                          "concurrency": concurrency, "heartbeat_age": max(age, 0.0),
+                          "steps": steps})
+        return found
+
     # Running work in this process.
 
     def run_until_idle(self, max_steps=None):
@@ -2483,11 +2725,19 @@ class Queue:
 
     def _work_once(self, queues=None):
         """Run one due step or consumer message; False if there was none."""
-        claims = self.storage.claim(self.worker_id, self.lease, queues)
+        claims = self._claim(queues)
         if claims:
             self._run_step(claims[0])
             return True
         return self._consume_one(queues)
+
+    def _claim(self, queues=None, limit=1):
+        """storage.claim(), and the "finished" hooks of the steps it found expired."""
+        expired = []
+        claims = self.storage.claim(self.worker_id, self.lease, queues, limit, expired)
+        for job_id in expired:
+            self._step_ended(job_id, "expired", "expired: waited longer than its ttl", 0.0)
+        return claims
 
     def _run_step(self, claim, defer=False):
         """Run one claimed step and commit its outcome; returns the job's new status.
@@ -2505,20 +2755,23 @@ class Queue:
         try:
             function = _lookup_task(claim.name)
         except Error as exc:
-            return self.storage.step_failed(claim.id, claim.token, str(exc), None)
+            return self._unregistered(claim, exc)
         if function.is_async:  # here, outside a worker's loop: one of its own
             return _run_coroutine(self._aexecute(claim), f"job {claim.id}")
         context = Context(self, Job(self, claim.id), claim.attempts, function.atomic,
                           claim.token)
         reset = _current.set(context)
+        began = time.monotonic()
         try:
+            if _hooks["started"]:
+                _fire("started", context.job, attempt=claim.attempts)
             params, kwargs = loads(claim.args)
             result, call = _outcome(function.func(*params, **kwargs),
                                     claim.rest and loads(claim.rest))
             if call is not None:
                 self._declare(call[0])
             if defer and context._step is None:
-                self._finished.append((claim, result, call))
+                self._finished.append((claim, result, call, time.monotonic() - began))
                 return "complete" if call is None else "queued"
             try:
                 status = self.storage.step_succeeded(claim.id, claim.token, result, call)
@@ -2527,12 +2780,28 @@ class Queue:
                 raise _Unsaved(exc) from None
         except Exception as exc:
             context._end_transaction(commit=False)
-            return self._fail_attempt(function, claim, exc)
+            return self._fail_attempt(function, claim, exc, duration=time.monotonic() - began)
         finally:
             _current.reset(reset)
         if status is None:
             logger.warning("job %s lost its claim while running (its lease lapsed)", claim.id)
+        self._step_ended(claim.id, status, None, time.monotonic() - began)
         return status
+
+    def _unregistered(self, claim, exc):
+        status = self.storage.step_failed(claim.id, claim.token, str(exc), None)
+        self._step_ended(claim.id, status, str(exc), 0.0)
+        return status
+
+    def _step_ended(self, job_id, status, error, duration, delay=None):
+        """Run the hooks of a step whose outcome is committed: "retrying" when it is
+        queued again after a failure (`delay` given), "finished" when the job ended."""
+        if status == "queued" and delay is not None:
+            if _hooks["retrying"]:
+                _fire("retrying", Job(self, job_id), error=error, delay=delay)
+        elif status in TERMINAL and _hooks["finished"]:
+            _fire("finished", Job(self, job_id), status=status,
+                  error=None if status == "complete" else error, duration=duration)
 
     async def _aexecute(self, claim, timeout=None):
         """Run a claimed async step on the running loop and record its outcome;
@@ -2541,13 +2810,15 @@ class Queue:
         try:
             function = _lookup_task(claim.name)
         except Error as exc:
-            return await asyncio.to_thread(self.storage.step_failed, claim.id, claim.token,
-                                           str(exc), None)
+            return await asyncio.to_thread(self._unregistered, claim, exc)
         context = Context(self, Job(self, claim.id), claim.attempts, function.atomic,
                           claim.token)
         reset = _current.set(context)
+        began = time.monotonic()
         try:
             try:
+                if _hooks["started"]:
+                    _fire("started", context.job, attempt=claim.attempts)
                 if function.atomic:  # opened first, so ctx.db never blocks the loop
                     context._began(await asyncio.to_thread(self.storage.begin_step))
                 params, kwargs = loads(claim.args)
@@ -2566,14 +2837,16 @@ class Queue:
             except Exception as exc:
                 tb = "" if isinstance(exc, _TimedOut) else traceback.format_exc()
                 await context._aend_transaction(commit=False)
-                return await asyncio.to_thread(self._fail_attempt, function, claim, exc, tb)
+                return await asyncio.to_thread(self._fail_attempt, function, claim, exc, tb,
+                                               duration=time.monotonic() - began)
         finally:
             _current.reset(reset)
         if status is None:
             logger.warning("job %s lost its claim while running (its lease lapsed)", claim.id)
+        self._step_ended(claim.id, status, None, time.monotonic() - began)
         return status
 
-    def _fail_attempt(self, function, claim, exc, tb=None, error=None):
+    def _fail_attempt(self, function, claim, exc, tb=None, error=None, duration=None):
         """Queue the step again if retries are left, else fail the job."""
         retry_delay = None
         if function and not isinstance(exc, Fatal) and claim.attempts <= function.retries:
@@ -2582,9 +2855,11 @@ class Queue:
         if error is None:
             error = (str(exc) if isinstance(exc, (Fatal, _Unsaved, _TimedOut))
                      else f"{type(exc).__name__}: {exc}")
-        return self.storage.step_failed(claim.id, claim.token, error,
-                                        traceback.format_exc() if tb is None else tb,
-                                        retry_delay)
+        status = self.storage.step_failed(claim.id, claim.token, error,
+                                          traceback.format_exc() if tb is None else tb,
+                                          retry_delay)
+        self._step_ended(claim.id, status, error, duration, retry_delay)
+        return status
 
     def _fail_claim(self, job_id, token, message):
         """Fail the attempt of a step whose process was killed (retries apply)."""
@@ -2604,20 +2879,26 @@ class Queue:
             return
         try:
             statuses = self.storage.finish_steps(
-                [(claim.id, claim.token, result, call) for claim, result, call in finished])
+                [(claim.id, claim.token, result, call) for claim, result, call, _ in finished])
         except Exception:  # one by one: only an outcome the database refuses fails
             statuses = [self._save_one(*outcome) for outcome in finished]
-        for (claim, _, _), status in zip(finished, statuses):
+        else:
+            for (claim, _, _, took), status in zip(finished, statuses):
+                self._step_ended(claim.id, status, None, took)
+        for (claim, _, _, _), status in zip(finished, statuses):
             self._claims.pop(claim.id, None)
             if status is None:
                 logger.warning("job %s lost its claim before its result was saved", claim.id)
         self.storage.changed()
 
-    def _save_one(self, claim, result, call):
+    def _save_one(self, claim, result, call, took):
         try:
-            return self.storage.step_succeeded(claim.id, claim.token, result, call)
+            status = self.storage.step_succeeded(claim.id, claim.token, result, call)
         except Exception as exc:
-            return self._fail_attempt(_registry.get(claim.name), claim, _Unsaved(exc), tb="")
+            return self._fail_attempt(_registry.get(claim.name), claim, _Unsaved(exc), tb="",
+                                      duration=took)
+        self._step_ended(claim.id, status, None, took)
+        return status
 
     def _drop_claims(self):
         """Forget the steps this process holds (its database calls are failing): their
@@ -2809,6 +3090,8 @@ class Queue:
         jobs = [Job(self, job_id) for job_id in self.storage.fire_schedules(now, plan)]
         if jobs:
             self.storage.changed()
+        for job in jobs if _hooks["enqueued"] else ():
+            _fire("enqueued", job)
         return jobs
 
 
@@ -3152,6 +3435,8 @@ class Context:
             self.db  # in the step's transaction: spawned if and only if the step commits
         job = Job(queue, queue.storage.insert_jobs([row])[0])
         queue.storage.changed()
+        if _hooks["enqueued"]:  # in an atomic step, written in the step's transaction
+            _fire("enqueued", job)
         return job
 
     @property
@@ -3739,6 +4024,7 @@ class Worker:
         storage = self.queue.storage
         storage.heartbeat(self.worker_id)
         storage.reap()
+        storage.fold_counts()
         if self.cron:
             for job in self.queue.fire_due():
                 logger.info("cron: enqueued job %s %r", job.id, job.task)
@@ -3777,8 +4063,8 @@ class Worker:
                       self.async_concurrency, child.slots, self.stop_event, os.getpid(),
                       self.log_config))
         child.runner.start()
-        if not self.threads:
-            child.worker_id = f"{socket.gethostname()}:{child.runner.pid}"
+        if not self.threads:  # as _worker_process names itself: "<our id>/<its pid>"
+            child.worker_id = f"{self.worker_id}/{child.runner.pid}"
         child.started = time.monotonic()
 
     def _check_children(self):
@@ -3908,6 +4194,8 @@ def _worker_process(path, synchronous, queues, imports, lease, async_concurrency
         _configure_logging(*log_config)
     _import_modules(imports)
     queue = Queue(path, synchronous, lease=lease)
+    # The supervisor's id in ours tells which worker holds the steps we claim.
+    queue._worker_id = (os.getpid(), f"{socket.gethostname()}:{supervisor}/{os.getpid()}")
     _worker_loop(queue, queues, slots, stop, lambda: os.getppid() == supervisor,
                  async_concurrency)
 
@@ -3923,7 +4211,7 @@ def _worker_thread(worker, child):
 def _worker_loop(queue, queues, slots, stop, alive, async_concurrency):
     """Claim steps and run them, until told to stop. A failing database (full, locked
     too long, away) makes it wait and try again, never exit."""
-    storage, worker_id, batch, busy, failures = queue.storage, queue.worker_id, 1, False, 0
+    storage, batch, busy, failures = queue.storage, 1, False, 0
     steps = _Steps(queue, slots, async_concurrency)
     try:
         while not stop.is_set() and alive():
@@ -3932,7 +4220,7 @@ def _worker_loop(queue, queues, slots, stop, alive, async_concurrency):
                 # Look before claiming: the claim takes SQLite's write lock, the look not.
                 wait = 0.0 if busy else storage.next_work(queues)
                 limit = 1 if steps.async_running else batch
-                claims = storage.claim(worker_id, queue.lease, queues, limit) if wait == 0.0 else []
+                claims = queue._claim(queues, limit) if wait == 0.0 else []
                 busy = len(claims) == limit
                 if claims:
                     batch = steps.run_batch(claims, batch, stop)
@@ -4187,12 +4475,67 @@ def _api_schedules(queue, query):
     return [dict(entry, task=repr(entry["task"])) for entry in queue.schedules()]
 
 
+# Observability (SPEC section 15): Prometheus metrics, the live workers, the chart.
+
+class _WebText(collections.namedtuple("_WebText", "body ctype")):
+    """A route's answer that is not JSON."""
+
+
+_PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _api_metrics(queue, query):
+    """GET /metrics in Prometheus's text format (version 0.0.4)."""
+    _query_params(query, ())
+    stats, oldest = queue.stats(), queue.oldest_due()
+    lines = _metric_family("litetq_jobs", "gauge", "Jobs now in each status.", [
+        ({"queue": name, "status": status}, stats[name].get(status, 0))
+        for name in sorted(stats) for status in _WEB_STATUSES])
+    lines += _metric_family(
+        "litetq_oldest_due_seconds", "gauge",
+        "How long the oldest due, queued job of each queue has waited.",
+        [({"queue": name}, oldest.get(name, 0.0)) for name in sorted(set(stats) | set(oldest))])
+    lines += _metric_family("litetq_workers", "gauge", "Live workers.",
+                            [({}, len(queue.workers()))])
+    lines += _metric_family(
+        "litetq_steps_total", "counter", "Steps finished, by outcome.",
+        [({"queue": name, "task": task, "outcome": outcome}, n)
+         for (name, task, outcome), n in sorted(queue.step_counts().items())])
+    return _WebText(("\n".join(lines) + "\n").encode(), _PROMETHEUS_TYPE)
+
+
+def _metric_family(name, kind, help_text, samples):
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+    for labels, value in samples:
+        text = ",".join(f'{key}="{_label_value(label)}"' for key, label in labels.items())
+        lines.append(f"{name}{{{text}}} {value!r}" if text else f"{name} {value!r}")
+    return lines
+
+
+def _label_value(text):
+    return str(text).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _api_workers(queue, query):
+    _query_params(query, ())
+    return {"workers": queue.workers()}
+
+
+def _api_chart(queue, query):
+    _query_params(query, ())
+    return queue.steps_per_minute(60)
+
+
 _WEB_ROUTES = (
     ("GET", re.compile(r"/api/stats"), _api_stats),
     ("GET", re.compile(r"/api/jobs"), _api_jobs),
     ("GET", re.compile(r"/api/jobs/([^/]+)"), _api_job),
     ("POST", re.compile(r"/api/jobs/([^/]+)/(retry|cancel)"), _api_action),
     ("GET", re.compile(r"/api/schedules"), _api_schedules),
+    # Observability (SPEC section 15)
+    ("GET", re.compile(r"/metrics"), _api_metrics),
+    ("GET", re.compile(r"/api/workers"), _api_workers),
+    ("GET", re.compile(r"/api/chart"), _api_chart),
 )
 
 
@@ -4282,7 +4625,10 @@ class _WebHandler(http.server.BaseHTTPRequestHandler):
             func, groups = _route(method, url.path)
             if method == "POST":
                 self._check_post()
-            self._send_json(200, func(self.server.queue, url.query, *groups))
+            answer = func(self.server.queue, url.query, *groups)
+            if isinstance(answer, _WebText):
+                return self._send(200, answer.body, answer.ctype)
+            self._send_json(200, answer)
         except _WebError as exc:
             self._send_json(exc.status, {"error": exc.message}, exc.headers)
         except NotFound as exc:
