@@ -913,6 +913,7 @@ class Storage:
         self._slots = None  # a semaphore of max_connections
         self._watched = {}  # job id -> callbacks of waiters for it to finish
         self._look = threading.Event()  # wakes _look_at_jobs
+        self._local = threading.local()  # .ended: what _end() ended in this thread's transaction
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.name!r}>"
@@ -1045,12 +1046,14 @@ class Storage:
                     self._execute(conn, "release litetq")
                 return result
             while True:
+                self._local.ended = []
                 self._begin(conn)
                 try:
                     result = work(conn)
                     conn.commit()
                     return result
                 except BaseException as exc:
+                    self._local.ended = []
                     with contextlib.suppress(Exception):
                         conn.rollback()
                     if not self._retryable(exc):
@@ -1063,6 +1066,7 @@ class Storage:
         """Open an atomic step's transaction on a connection of its own, and return it
         (see hold())."""
         conn = self._acquire()
+        self._local.ended = []
         try:
             self._begin(conn)
         except self.driver_errors as exc:
@@ -1561,6 +1565,7 @@ class Storage:
         row = self._execute(conn, sql + " returning parent_id", params).fetchone()
         if row is None:
             return
+        self._local.__dict__.setdefault("ended", []).append((job_id, status, error))
         if status != "complete":
             self._cancel_tree(conn, job_id, include_self=False)
         if row[0] is not None:
@@ -1775,6 +1780,12 @@ class Storage:
 
     def _fold_deltas(self):
         """PostgreSQL: move the deltas its triggers appended into the counts."""
+
+    def ended(self):
+        """Take the (job id, status, error) of the jobs that this thread's transactions
+        made terminal since the last call, subtasks' parents included."""
+        ended, self._local.ended = getattr(self._local, "ended", []), []
+        return ended
 
     def running_steps(self):
         """(job id, task name, worker id) of every running step."""
@@ -2735,8 +2746,11 @@ class Queue:
         """storage.claim(), and the "finished" hooks of the steps it found expired."""
         expired = []
         claims = self.storage.claim(self.worker_id, self.lease, queues, limit, expired)
+        ended = [each for each in self.storage.ended() if each[0] not in expired]
         for job_id in expired:
-            self._step_ended(job_id, "expired", "expired: waited longer than its ttl", 0.0)
+            self._step_ended(job_id, "expired", "expired: waited longer than its ttl", 0.0,
+                             ended=ended)
+            ended = ()
         return claims
 
     def _run_step(self, claim, defer=False):
@@ -2793,15 +2807,26 @@ class Queue:
         self._step_ended(claim.id, status, str(exc), 0.0)
         return status
 
-    def _step_ended(self, job_id, status, error, duration, delay=None):
+    def _step_ended(self, job_id, status, error, duration, delay=None, ended=None):
         """Run the hooks of a step whose outcome is committed: "retrying" when it is
-        queued again after a failure (`delay` given), "finished" when the job ended."""
+        queued again after a failure (`delay` given), "finished" when the job ended,
+        and for a parent that ended with it (`ended`: storage.ended(), taken in the
+        thread that saved the outcome)."""
         if status == "queued" and delay is not None:
             if _hooks["retrying"]:
                 _fire("retrying", Job(self, job_id), error=error, delay=delay)
         elif status in TERMINAL and _hooks["finished"]:
             _fire("finished", Job(self, job_id), status=status,
                   error=None if status == "complete" else error, duration=duration)
+        if ended is None:
+            ended = self.storage.ended()
+        for other, end, reason in ended if _hooks["finished"] else ():
+            # A parent that ended with this step's outcome (its last subtask finished):
+            # its own last step ran earlier, elsewhere perhaps, so no duration. Steps
+            # this process holds get hooks of their own.
+            if other != job_id and other not in self._claims:
+                _fire("finished", Job(self, other), status=end,
+                      error=None if end == "complete" else reason, duration=None)
 
     async def _aexecute(self, claim, timeout=None):
         """Run a claimed async step on the running loop and record its outcome;
@@ -2829,8 +2854,9 @@ class Queue:
                 if call is not None:
                     await asyncio.to_thread(self._declare, call[0])
                 try:
-                    status = await asyncio.to_thread(self.storage.step_succeeded, claim.id,
-                                                     claim.token, result, call)
+                    status, ended = await asyncio.to_thread(
+                        lambda: (self.storage.step_succeeded(claim.id, claim.token, result,
+                                                             call), self.storage.ended()))
                     await context._aend_transaction(commit=True)
                 except Exception as exc:  # the database refused it: this attempt failed
                     raise _Unsaved(exc) from None
@@ -2843,7 +2869,7 @@ class Queue:
             _current.reset(reset)
         if status is None:
             logger.warning("job %s lost its claim while running (its lease lapsed)", claim.id)
-        self._step_ended(claim.id, status, None, time.monotonic() - began)
+        self._step_ended(claim.id, status, None, time.monotonic() - began, ended=ended)
         return status
 
     def _fail_attempt(self, function, claim, exc, tb=None, error=None, duration=None):
