@@ -714,6 +714,8 @@ create index if not exists litetq_jobs_finished on litetq_jobs (status, finished
     where parent_id is null and finished is not null;
 create index if not exists litetq_jobs_lease on litetq_jobs (lease_until)
     where status = 'running';
+create index if not exists litetq_jobs_waiting on litetq_jobs (queue)
+    where status = 'waiting';
 create index if not exists litetq_jobs_parent on litetq_jobs (parent_id)
     where parent_id is not null;
 create unique index if not exists litetq_jobs_unique on litetq_jobs (unique_key)
@@ -744,12 +746,10 @@ create table if not exists litetq_counts (
     minute bigint not null,        -- epoch of the minute's start (0: minutes folded long ago)
     queue text not null, task text not null, outcome text not null, n bigint not null,
     primary key (minute, queue, task, outcome));
-create table if not exists litetq_tally (
-    queue text not null, status text not null, n bigint not null, primary key (queue, status));
 create table if not exists litetq_count_deltas (
     minute bigint not null, queue text not null, task text not null, outcome text not null);
-create table if not exists litetq_tally_deltas (
-    queue text not null, status text not null, n integer not null);
+create table if not exists litetq_removed (
+    queue text not null, status text not null, n bigint not null, primary key (queue, status));
 """
 # Why a queued step is not in the ready index, which claims read: 1 it is not due
 # yet (it joins when due: promote), 2 a concurrency limit holds it (it joins when a
@@ -766,40 +766,6 @@ alter table litetq_jobs add column limit_key text;
 drop index if exists litetq_jobs_next;
 update litetq_jobs set parked = 1 where status = 'queued' and due > litetq_now();
 """
-# Counting (version 3). Triggers on litetq_jobs count, in the statement that commits a
-# step's outcome, the steps finished per minute, queue, task and outcome (litetq_counts,
-# the counter behind /metrics and the chart), and keep the number of jobs of each queue
-# in the statuses TALLIED (litetq_tally). Queued and running jobs are counted when asked,
-# through their partial indexes: a count kept for them would cost every enqueue and every
-# claim a write. On SQLite the triggers add to the counts at once (one writer: no one
-# waits for a hot row); on PostgreSQL every worker would queue behind the row lock of
-# the same hot row, so its triggers append to the _deltas tables, which the supervisors
-# fold into the counts (fold_counts) and readers add in. Old minutes fold into minute 0,
-# so the counter's total survives while its table stays small.
-TALLIED = "('waiting', 'complete', 'failed', 'cancelled', 'expired')"
-COUNTED = ("old.status <> new.status and (new.status in ('complete', 'failed', 'cancelled', "
-           "'expired') or new.status = 'queued' and (new.steps > old.steps or "
-           "old.status = 'running' and new.attempts = old.attempts))")
-OUTCOME = ("case when new.status = 'queued' and new.steps > old.steps then 'continued' "
-           "when new.status = 'queued' then 'retried' else new.status end")
-TALLY_FROM_JOBS = (f"insert into litetq_tally select queue, status, count(*) from litetq_jobs "
-                   f"where status in {TALLIED} group by queue, status")
-SQLITE_DDL = (
-    "create trigger if not exists litetq_jobs_counted after update of status on litetq_jobs "
-    f"when {COUNTED} begin insert into litetq_counts values (litetq_minute(), new.queue, "
-    f"old.name, {OUTCOME}, 1) on conflict (minute, queue, task, outcome) do update set "
-    "n = n + 1; end",
-    "create trigger if not exists litetq_jobs_tallied after update of status on litetq_jobs "
-    f"when old.status <> new.status and (old.status in {TALLIED} or new.status in {TALLIED}) "
-    f"begin insert into litetq_tally select new.queue, new.status, 1 where new.status in "
-    f"{TALLIED} on conflict (queue, status) do update set n = n + 1; update litetq_tally set "
-    "n = n - 1 where queue = old.queue and status = old.status; end",
-    "create trigger if not exists litetq_jobs_forgotten after delete on litetq_jobs "
-    f"when old.status in {TALLIED} begin update litetq_tally set n = n - 1 "
-    "where queue = old.queue and status = old.status; end",
-)
-KEEP_MINUTES = 120  # minutes of step counts kept one by one; older ones fold into one total
-WORKER_LIVE = 10.0  # seconds without a heartbeat before a worker no longer counts as live
 
 JOB_COLUMNS = ("id, queue, priority, status, name, args, rest, due, expires, unique_key, "
                "attempts, steps, lost, token, worker, lease_until, started, cancel, parent_id, "
@@ -810,6 +776,49 @@ UNFINISHED_SQL = "('queued', 'running', 'waiting')"
 TREE = ("with recursive tree(id) as (select cast(? as bigint) union all select j.id from "
         "litetq_jobs j join tree on j.parent_id = tree.id) select id from tree")
 TERMINAL_SQL = "('complete', 'failed', 'cancelled', 'expired')"
+
+# Counting (version 3). A trigger on litetq_jobs counts, in the statement that commits
+# a step's outcome, the steps finished per minute, queue, task and outcome
+# (litetq_counts: the counter behind /metrics and the chart). Every finished job was
+# counted as it finished, so the finished jobs of a queue and status now are that count
+# less those that left the status since (litetq_removed: retried, or deleted by
+# retention), which changes rarely. The trigger fires on updates of the columns that
+# only outcomes set (finished, steps, traceback), never on an enqueue, a claim or a
+# lease renewal: on SQLite a trigger's upsert costs about as much as the update it
+# rides on. (A finished job leaves its status only through retry(), the one statement
+# that sets `cancel` on a finished job, or a delete: two more triggers count those.) Queued, running and waiting jobs are counted when asked, through partial
+# indexes that hold only them. On SQLite the trigger adds to the counts at once (one
+# writer: no one waits for a hot row); on PostgreSQL every worker would queue behind
+# the row lock of the same hot row, so its trigger appends to litetq_count_deltas,
+# which the supervisors fold into the counts (fold_counts) and readers add in. Minutes
+# older than KEEP_MINUTES fold into minute 0, so the totals survive in a small table.
+COUNTED = ("new.status in ('complete', 'failed', 'cancelled', 'expired') or new.status = "
+           "'queued' and (new.steps > old.steps or old.status = 'running' and "
+           "new.attempts = old.attempts)")
+OUTCOME = ("case when new.status = 'queued' and new.steps > old.steps then 'continued' "
+           "when new.status = 'queued' then 'retried' else new.status end")
+COUNT_TRIGGER = ("after update of finished, steps, traceback on litetq_jobs{each} "
+                 f"when (old.status <> new.status and ({COUNTED}))")
+RETRY_TRIGGER = ("after update of cancel on litetq_jobs{each} when (old.status in "
+                 f"{TERMINAL_SQL} and new.status <> old.status)")
+REMOVED = ("insert into litetq_removed values (old.queue, old.status, 1) on conflict "
+           "(queue, status) do update set n = litetq_removed.n + 1")
+# An older database's finished jobs count as finished in minute 0.
+COUNTS_FROM_JOBS = (f"insert into litetq_counts select 0, queue, name, status, count(*) "
+                    f"from litetq_jobs where status in {TERMINAL_SQL} group by queue, name, "
+                    f"status")
+SQLITE_DDL = (
+    "create trigger if not exists litetq_jobs_counted " + COUNT_TRIGGER.format(each="") +
+    f" begin insert into litetq_counts values (litetq_minute(), new.queue, old.name, "
+    f"{OUTCOME}, 1) on conflict (minute, queue, task, outcome) do update set n = n + 1; end",
+    "create trigger if not exists litetq_jobs_retried " + RETRY_TRIGGER.format(each="") +
+    f" begin {REMOVED}; end",
+    "create trigger if not exists litetq_jobs_forgotten after delete on litetq_jobs "
+    f"when old.status in {TERMINAL_SQL} begin {REMOVED}; end",
+)
+KEEP_MINUTES = 120  # minutes of step counts kept one by one; older ones fold into one total
+WORKER_LIVE = 10.0  # seconds without a heartbeat before a worker no longer counts as live
+
 NO_LIMIT = 2 ** 62  # "limit ?" for every row, in both dialects
 # A job row from Queue._job_row is (queue, priority, name, args) for a plain call
 # due now, which most jobs are: the short insert is half again as fast in bulk.
@@ -1714,16 +1723,20 @@ class Storage:
             (job_id,))]
 
     def stats(self):
-        """{queue: {status: count}}: queued and running jobs counted through their
-        partial indexes (each `parked` value has its own), the rest kept by triggers."""
-        counted = " union all ".join(
-            f"select queue, 'queued', count(*) from litetq_jobs where status = 'queued' and "
-            f"parked = {parked} group by queue" for parked in (0, *PARKED.values()))
+        """{queue: {status: count}}: unfinished jobs counted through their partial
+        indexes (each `parked` value of queued ones has its own), finished ones from the
+        step counts (see COUNTED)."""
+        unfinished = " union all ".join(
+            f"select queue, status, count(*) from litetq_jobs where {where} group by queue, "
+            f"status" for where in [f"status = 'queued' and parked = {parked}" for parked in
+                                    (0, *PARKED.values())] + ["status = 'running'",
+                                                              "status = 'waiting'"])
         counts = {}
         for queue, status, n in self.query(
-                f"{counted} union all select queue, 'running', count(*) from litetq_jobs where "
-                f"status = 'running' group by queue union all select queue, status, n from "
-                f"litetq_tally union all select queue, status, n from litetq_tally_deltas"):
+                f"{unfinished} union all select queue, outcome, n from litetq_counts where "
+                f"outcome in {TERMINAL_SQL} union all select queue, outcome, 1 from "
+                f"litetq_count_deltas where outcome in {TERMINAL_SQL} union all select queue, "
+                f"status, -n from litetq_removed"):
             by_status = counts.setdefault(queue, {})
             by_status[status] = by_status.get(status, 0) + n
         return {queue: {status: n for status, n in by_status.items() if n}
@@ -2027,8 +2040,8 @@ class Storage:
                 if statement.strip():
                     self._execute(conn, statement)
             self._after_schema(conn)
-            if found is not None and found < 3:  # the tally starts from the jobs there are
-                self._execute(conn, TALLY_FROM_JOBS)
+            if found is not None and found < 3:
+                self._execute(conn, COUNTS_FROM_JOBS)
             self._execute(conn, "insert into litetq_meta values ('schema', ?) on conflict (key) "
                           "do update set value = excluded.value", (str(SCHEMA_VERSION),))
         self.transact(create)
@@ -2455,22 +2468,13 @@ class PostgresStorage(Storage):
         # One DELETE ... RETURNING per table: a delta is folded by exactly one
         # supervisor (a concurrent delete skips the rows another one took), and rows in
         # key order, so two folds cannot deadlock on the counts they both add to.
-        if not self.query_one("select exists (select 1 from litetq_count_deltas) or "
-                              "exists (select 1 from litetq_tally_deltas)")[0]:
+        if not self.query_one("select exists (select 1 from litetq_count_deltas)")[0]:
             return
-        def fold(conn):
-            self._execute(conn, "with moved as (delete from litetq_count_deltas returning "
-                          "minute, queue, task, outcome) insert into litetq_counts select "
-                          "minute, queue, task, outcome, count(*) from moved group by minute, "
-                          "queue, task, outcome order by minute, queue, task, outcome on "
-                          "conflict (minute, queue, task, outcome) do update set "
-                          "n = litetq_counts.n + excluded.n")
-            self._execute(conn, "with moved as (delete from litetq_tally_deltas returning "
-                          "queue, status, n) insert into litetq_tally select queue, status, "
-                          "sum(n) from moved group by queue, status order by queue, status on "
-                          "conflict (queue, status) do update set n = litetq_tally.n + "
-                          "excluded.n")
-        self.transact(fold)
+        self.change("with moved as (delete from litetq_count_deltas returning minute, queue, "
+                    "task, outcome) insert into litetq_counts select minute, queue, task, "
+                    "outcome, count(*) from moved group by minute, queue, task, outcome order "
+                    "by minute, queue, task, outcome on conflict (minute, queue, task, "
+                    "outcome) do update set n = litetq_counts.n + excluded.n")
 
     def _watch(self):
         conn = self._connect()
@@ -2501,22 +2505,21 @@ POSTGRES_DDL = (
     "drop trigger if exists litetq_messages_put on litetq_messages",
     "create trigger litetq_messages_put after insert on litetq_messages "
     "for each statement execute function litetq_notify()",
-    # Counting: see TALLIED. Appends only, so workers never wait for each other here.
+    # Counting: see COUNTED. Deltas are appended, so workers never wait for each other.
     "create or replace function litetq_count() returns trigger language plpgsql as $$ begin "
-    f"if {COUNTED} then insert into litetq_count_deltas values (litetq_minute(), new.queue, "
-    f"old.name, {OUTCOME}); end if; if new.status in {TALLIED} then insert into "
-    "litetq_tally_deltas values (new.queue, new.status, 1); end if; "
-    f"if old.status in {TALLIED} then insert into litetq_tally_deltas values (old.queue, "
-    "old.status, -1); end if; return null; end $$",
+    f"insert into litetq_count_deltas values (litetq_minute(), new.queue, old.name, "
+    f"{OUTCOME}); return null; end $$",
     "drop trigger if exists litetq_jobs_counted on litetq_jobs",
-    "create trigger litetq_jobs_counted after update of status on litetq_jobs for each row "
-    "when (old.status <> new.status and new.status <> 'running') "
-    "execute function litetq_count()",
+    "create trigger litetq_jobs_counted " + COUNT_TRIGGER.format(each=" for each row") +
+    " execute function litetq_count()",
     "create or replace function litetq_forget() returns trigger language plpgsql as $$ begin "
-    "insert into litetq_tally_deltas values (old.queue, old.status, -1); return null; end $$",
+    f"{REMOVED}; return null; end $$",
+    "drop trigger if exists litetq_jobs_retried on litetq_jobs",
+    "create trigger litetq_jobs_retried " + RETRY_TRIGGER.format(each=" for each row") +
+    " execute function litetq_forget()",
     "drop trigger if exists litetq_jobs_forgotten on litetq_jobs",
     "create trigger litetq_jobs_forgotten after delete on litetq_jobs for each row "
-    f"when (old.status in {TALLIED}) execute function litetq_forget()",
+    f"when (old.status in {TERMINAL_SQL}) execute function litetq_forget()",
 )
 
 

@@ -8285,12 +8285,11 @@ def test_postgres_counts_append_deltas_that_fold(file_q):
     before, stats = file_q.step_counts(), file_q.stats()
     storage.fold_counts()
     assert storage.query_one("select count(*) from litetq_count_deltas")[0] == 0
-    assert storage.query_one("select count(*) from litetq_tally_deltas")[0] == 0
     assert file_q.step_counts() == before == {("default", "test_litetq.echo", "complete"): 3}
     assert file_q.stats() == stats == {"default": {"complete": 3}}
 
 
-def test_an_older_database_upgrades_with_its_tally(db_path):
+def test_an_older_database_upgrades_and_counts_its_finished_jobs(db_path):
     with litetq.Queue(db_path) as queue:
         litetq.use(queue)
         echo.delay(1)
@@ -8299,22 +8298,27 @@ def test_an_older_database_upgrades_with_its_tally(db_path):
         queue.run_until_idle(max_steps=2)
     # Back to what schema version 2 had: no counting tables, triggers or functions.
     with db_session(db_path) as run:
-        for table in ("litetq_counts", "litetq_tally", "litetq_count_deltas",
-                      "litetq_tally_deltas"):
+        for table in ("litetq_counts", "litetq_removed", "litetq_count_deltas"):
             run(f"drop table {table}" + (" cascade" if is_url(db_path) else ""))
         if is_url(db_path):
             run("drop function litetq_count() cascade")
             run("drop function litetq_forget() cascade")
         else:
-            for trigger in ("counted", "tallied", "forgotten"):
+            for trigger in ("counted", "retried", "forgotten"):
                 run(f"drop trigger litetq_jobs_{trigger}")
+        run("drop index litetq_jobs_waiting")
         run("update litetq_meta set value = '2' where key = 'schema'")
     with litetq.Queue(db_path) as queue:
         litetq.use(queue)
         assert queue.stats() == {"default": {"complete": 1, "failed": 1, "queued": 1}}
+        # The finished jobs it had count as steps finished long ago (minute 0).
+        assert queue.step_counts() == {("default", "test_litetq.echo", "complete"): 1,
+                                       ("default", "test_litetq.obs_fail", "failed"): 1}
+        assert sum(map(sum, queue.steps_per_minute()["series"].values())) == 0
         queue.run_until_idle()
         assert queue.stats() == {"default": {"complete": 2, "failed": 1}}
-        assert queue.step_counts() == {("default", "test_litetq.echo", "complete"): 1}
+        assert queue.step_counts()[("default", "test_litetq.echo", "complete")] == 2
+        assert queue.purge() == 3 and queue.stats() == {}
         assert db_sql(db_path, "select value from litetq_meta where key = 'schema'") == [
             (str(litetq.SCHEMA_VERSION),)]
 
