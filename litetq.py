@@ -700,13 +700,13 @@ create table if not exists litetq_jobs (
     created {real} not null,
     finished {real}
 );
-create index if not exists litetq_jobs_ready on litetq_jobs (priority desc, due, id)
+create index if not exists litetq_jobs_ready on litetq_jobs (priority desc, due, id, queue)
     where status = 'queued' and parked = 0;
-create index if not exists litetq_jobs_due on litetq_jobs (due)
+create index if not exists litetq_jobs_due on litetq_jobs (due, queue)
     where status = 'queued' and parked = 1;
-create index if not exists litetq_jobs_held on litetq_jobs (limit_key, priority desc, due, id)
-    where status = 'queued' and parked = 2;
-create index if not exists litetq_jobs_paused on litetq_jobs (queue)
+create index if not exists litetq_jobs_held on litetq_jobs (
+    limit_key, priority desc, due, id, queue) where status = 'queued' and parked = 2;
+create index if not exists litetq_jobs_paused on litetq_jobs (queue, due)
     where status = 'queued' and parked = 3;
 create index if not exists litetq_jobs_slots on litetq_jobs (limit_key)
     where status = 'running' and limit_key is not null;
@@ -751,6 +751,8 @@ create table if not exists litetq_count_deltas (
 create table if not exists litetq_removed (
     queue text not null, status text not null, n bigint not null, primary key (queue, status));
 """
+# The indexes of queued steps end with `queue` (and `due`), so the jobs and oldest due
+# time of each queue (stats, /metrics) are counted from the indexes alone.
 # Why a queued step is not in the ready index, which claims read: 1 it is not due
 # yet (it joins when due: promote), 2 a concurrency limit holds it (it joins when a
 # step of its key stops running), 3 its queue is paused (it joins on resume). A
@@ -765,6 +767,14 @@ alter table litetq_jobs add column orphan integer not null default 0;
 alter table litetq_jobs add column limit_key text;
 drop index if exists litetq_jobs_next;
 update litetq_jobs set parked = 1 where status = 'queued' and due > litetq_now();
+"""
+# What a version-2 database (and one just upgraded from 1) needs for version 3, besides
+# the tables and indexes SCHEMA adds: the indexes of queued steps cover their queue.
+MIGRATE_FROM_2 = """
+drop index if exists litetq_jobs_ready;
+drop index if exists litetq_jobs_due;
+drop index if exists litetq_jobs_held;
+drop index if exists litetq_jobs_paused;
 """
 
 JOB_COLUMNS = ("id, queue, priority, status, name, args, rest, due, expires, unique_key, "
@@ -1726,11 +1736,12 @@ class Storage:
         """{queue: {status: count}}: unfinished jobs counted through their partial
         indexes (each `parked` value of queued ones has its own), finished ones from the
         step counts (see COUNTED)."""
+        # The status as a literal: from the column, SQLite would read each row for it.
         unfinished = " union all ".join(
-            f"select queue, status, count(*) from litetq_jobs where {where} group by queue, "
-            f"status" for where in [f"status = 'queued' and parked = {parked}" for parked in
-                                    (0, *PARKED.values())] + ["status = 'running'",
-                                                              "status = 'waiting'"])
+            f"select queue, '{status}', count(*) from litetq_jobs where status = '{status}'"
+            f"{parked} group by queue" for status, parked in
+            [("queued", f" and parked = {parked}") for parked in (0, *PARKED.values())] +
+            [("running", ""), ("waiting", "")])
         counts = {}
         for queue, status, n in self.query(
                 f"{unfinished} union all select queue, outcome, n from litetq_counts where "
@@ -1743,14 +1754,17 @@ class Storage:
                 for queue, by_status in counts.items() if any(by_status.values())}
 
     def oldest_due(self):
-        """{queue: seconds its oldest due, queued job has waited}, through the partial
-        indexes of queued jobs."""
+        """{queue: seconds its oldest due, queued job has waited}, from the indexes of
+        queued jobs (with the time read once: litetq_now() per row would cost more)."""
+        with self.connection() as conn:
+            now = self._execute(conn, "select litetq_now()").fetchone()[0]
+            rows = self._execute(conn, " union all ".join(
+                f"select queue, min(due) from litetq_jobs where status = 'queued' and "
+                f"parked = {parked} and due <= ? group by queue"
+                for parked in (0, *PARKED.values())), (now,) * (1 + len(PARKED))).fetchall()
         oldest = {}
-        for queue, waited in self.query(" union all ".join(
-                f"select queue, litetq_now() - min(due) from litetq_jobs where status = "
-                f"'queued' and parked = {parked} and due <= litetq_now() group by queue"
-                for parked in (0, *PARKED.values()))):
-            oldest[queue] = max(oldest.get(queue, 0.0), waited)
+        for queue, due in rows:
+            oldest[queue] = max(oldest.get(queue, 0.0), now - due)
         return oldest
 
     def step_counts(self):
@@ -1802,8 +1816,8 @@ class Storage:
 
     def running_steps(self):
         """(job id, task name, worker id) of every running step."""
-        return self.query("select id, name, worker from litetq_jobs where status = 'running' "
-                          "order by id")
+        return sorted(self.query("select id, name, worker from litetq_jobs where "
+                                 "status = 'running'"))  # sorted here: the index has them
 
     def oldest_wait(self):
         """Seconds the longest-waiting due job has waited, or None."""
@@ -2032,8 +2046,9 @@ class Storage:
             found = self._schema_version(conn)  # another process may have done it meanwhile
             if found == SCHEMA_VERSION:
                 return
-            if found == 1:
-                for statement in MIGRATE_FROM_1.split(";"):
+            for migration in ((MIGRATE_FROM_1,) if found == 1 else ()) + (
+                    (MIGRATE_FROM_2,) if found in (1, 2) else ()):
+                for statement in migration.split(";"):
                     if statement.strip():
                         self._execute(conn, statement)
             for statement in SCHEMA.format(**ddl_types).split(";"):

@@ -8321,6 +8321,10 @@ def test_an_older_database_upgrades_and_counts_its_finished_jobs(db_path):
         assert queue.purge() == 3 and queue.stats() == {}
         assert db_sql(db_path, "select value from litetq_meta where key = 'schema'") == [
             (str(litetq.SCHEMA_VERSION),)]
+    if not is_url(db_path):  # the queued steps' indexes were made again, covering the queue
+        [(ready,)] = db_sql(db_path, "select sql from sqlite_master where name = "
+                                     "'litetq_jobs_ready'")
+        assert "id, queue)" in ready
 
 
 def test_metrics_in_prometheus_text_format(web_q, web):
