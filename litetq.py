@@ -791,17 +791,18 @@ TERMINAL_SQL = "('complete', 'failed', 'cancelled', 'expired')"
 # a step's outcome, the steps finished per minute, queue, task and outcome
 # (litetq_counts: the counter behind /metrics and the chart). Every finished job was
 # counted as it finished, so the finished jobs of a queue and status now are that count
-# less those that left the status since (litetq_removed: retried, or deleted by
-# retention), which changes rarely. The trigger fires on updates of the columns that
-# only outcomes set (finished, steps, traceback), never on an enqueue, a claim or a
-# lease renewal: on SQLite a trigger's upsert costs about as much as the update it
-# rides on. (A finished job leaves its status only through retry(), the one statement
-# that sets `cancel` on a finished job, or a delete: two more triggers count those.) Queued, running and waiting jobs are counted when asked, through partial
-# indexes that hold only them. On SQLite the trigger adds to the counts at once (one
-# writer: no one waits for a hot row); on PostgreSQL every worker would queue behind
-# the row lock of the same hot row, so its trigger appends to litetq_count_deltas,
-# which the supervisors fold into the counts (fold_counts) and readers add in. Minutes
-# older than KEEP_MINUTES fold into minute 0, so the totals survive in a small table.
+# less those that left the status since (litetq_removed), which happens rarely: only
+# retry() (which resets `cancel` and `resume`, as anything that runs a finished job
+# again must) and deletes do it, and two more triggers count those. The counting
+# trigger fires on updates of the columns that only outcomes set (finished, steps,
+# traceback), never on an enqueue, a claim or a lease renewal: on SQLite a trigger's
+# upsert costs about as much as the update it rides on. Queued, running and waiting
+# jobs are counted when asked, from partial indexes that hold only them. On SQLite the
+# trigger adds to the counts at once (one writer: no one waits for a hot row); on
+# PostgreSQL every worker would queue behind the row lock of the same hot row, so its
+# trigger appends to litetq_count_deltas, which the supervisors fold into the counts
+# (fold_counts) and readers add in. Minutes older than KEEP_MINUTES fold into minute 0,
+# so the totals survive in a small table.
 COUNTED = ("new.status in ('complete', 'failed', 'cancelled', 'expired') or new.status = "
            "'queued' and (new.steps > old.steps or old.status = 'running' and "
            "new.attempts = old.attempts)")
@@ -809,7 +810,7 @@ OUTCOME = ("case when new.status = 'queued' and new.steps > old.steps then 'cont
            "when new.status = 'queued' then 'retried' else new.status end")
 COUNT_TRIGGER = ("after update of finished, steps, traceback on litetq_jobs{each} "
                  f"when (old.status <> new.status and ({COUNTED}))")
-RETRY_TRIGGER = ("after update of cancel on litetq_jobs{each} when (old.status in "
+RETRY_TRIGGER = ("after update of cancel, resume on litetq_jobs{each} when (old.status in "
                  f"{TERMINAL_SQL} and new.status <> old.status)")
 REMOVED = ("insert into litetq_removed values (old.queue, old.status, 1) on conflict "
            "(queue, status) do update set n = litetq_removed.n + 1")
