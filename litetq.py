@@ -780,7 +780,7 @@ drop index if exists litetq_jobs_paused;
 JOB_COLUMNS = ("id, queue, priority, status, name, args, rest, due, expires, unique_key, "
                "attempts, steps, lost, token, worker, lease_until, started, cancel, parent_id, "
                "resume, result, error, traceback, progress, created, finished")
-CLAIM_COLUMNS = "id, name, args, rest, attempts, token, priority, due, expired"
+CLAIM_COLUMNS = "id, name, args, rest, attempts, token, priority, due, expired, queue"
 Claim = collections.namedtuple("Claim", CLAIM_COLUMNS)
 UNFINISHED_SQL = "('queued', 'running', 'waiting')"
 TREE = ("with recursive tree(id) as (select cast(? as bigint) union all select j.id from "
@@ -809,7 +809,12 @@ COUNTED = ("new.status in ('complete', 'failed', 'cancelled', 'expired') or new.
 OUTCOME = ("case when new.status = 'queued' and new.steps > old.steps then 'continued' "
            "when new.status = 'queued' then 'retried' else new.status end")
 COUNT_TRIGGER = ("after update of finished, steps, traceback on litetq_jobs{each} "
-                 f"when (old.status <> new.status and ({COUNTED}))")
+                 f"when (old.status <> new.status and ({COUNTED}){{also}})")
+# What only _succeeded_alone() does, the outcome of most steps. On SQLite the trigger
+# leaves those to _count(), which adds up a whole transaction's (a worker commits many
+# steps in one): the trigger's upsert for each would hold the write lock as long again.
+ALONE = (" and not (old.status = 'running' and (new.status = 'complete' or "
+         "new.steps > old.steps))")
 RETRY_TRIGGER = ("after update of cancel, resume on litetq_jobs{each} when (old.status in "
                  f"{TERMINAL_SQL} and new.status <> old.status)")
 REMOVED = ("insert into litetq_removed values (old.queue, old.status, 1) on conflict "
@@ -819,7 +824,8 @@ COUNTS_FROM_JOBS = (f"insert into litetq_counts select 0, queue, name, status, c
                     f"from litetq_jobs where status in {TERMINAL_SQL} group by queue, name, "
                     f"status")
 SQLITE_DDL = (
-    "create trigger if not exists litetq_jobs_counted " + COUNT_TRIGGER.format(each="") +
+    "create trigger if not exists litetq_jobs_counted " +
+    COUNT_TRIGGER.format(each="", also=ALONE) +
     f" begin insert into litetq_counts values (litetq_minute(), new.queue, old.name, "
     f"{OUTCOME}, 1) on conflict (minute, queue, task, outcome) do update set n = n + 1; end",
     "create trigger if not exists litetq_jobs_retried " + RETRY_TRIGGER.format(each="") +
@@ -849,7 +855,7 @@ PLAIN_FIELDS = 4
 CLAIM_SET = ("status = 'running', worker = ?, token = token + 1, lease_until = litetq_now() + ?, "
              "attempts = attempts + 1, started = litetq_now()")
 CLAIM_RETURNING = ("returning id, name, args, rest, attempts, token, priority, due, "
-                   "expires < litetq_now()")
+                   "expires < litetq_now(), queue")
 READY = ("select id from litetq_jobs where status = 'queued' and parked = 0{where} "
          "order by priority desc, due, id limit ? for update skip locked")
 CLAIM = (f"update litetq_jobs set {CLAIM_SET} where id in ({READY}) and not exists "
@@ -912,6 +918,7 @@ class Storage:
     """
 
     memory = False  # one shared in-process database (SQLite's ":memory:")
+    count_alone = False  # True: _count() counts what _succeeded_alone() finishes (COUNTED)
     driver_errors = ()  # the driver's exception classes, turned into litetq.Error
     max_connections = None  # in use at once, per process and storage (None: no limit)
 
@@ -1453,24 +1460,40 @@ class Storage:
 
     # Finishing steps.
 
-    def step_succeeded(self, job_id, token, result=None, call=None):
-        """Record a finished step: its `result` JSON, or the continuation `call`
-        (name, args JSON, rest JSON). Returns the job's new status, or None if the
-        claim was lost meanwhile (another worker owns the step now)."""
-        with self.connection() as conn:
+    def step_succeeded(self, job_id, token, step, result=None, call=None):
+        """Record a finished step, `step` its (queue, task name): its `result` JSON, or
+        the continuation `call` (name, args JSON, rest JSON). Returns the job's new
+        status, or None if the claim was lost meanwhile (another worker owns the step)."""
+        if self.count_alone:
+            return self.finish_steps([(job_id, token, step, result, call)])[0]
+        with self.connection() as conn:  # one statement, which its trigger counts
             if self._succeeded_alone(conn, job_id, token, result, call):
                 return "complete" if call is None else "queued"
         return self.transact(lambda conn: self._succeed(conn, job_id, token, result, call))
 
     def finish_steps(self, outcomes):
-        """Record many successes, each (job id, token, result, call), in one
-        transaction; returns their statuses as step_succeeded() would."""
+        """Record many successes, each (job id, token, (queue, task name), result,
+        call), in one transaction; returns their statuses as step_succeeded() would."""
         def finish(conn):
-            return [("complete" if call is None else "queued")
-                    if self._succeeded_alone(conn, job_id, token, result, call)
-                    else self._succeed(conn, job_id, token, result, call)
-                    for job_id, token, result, call in outcomes]
+            statuses, counted = [], collections.Counter()
+            for job_id, token, (queue, name), result, call in outcomes:
+                if self._succeeded_alone(conn, job_id, token, result, call):
+                    counted[queue, name, "complete" if call is None else "continued"] += 1
+                    statuses.append("complete" if call is None else "queued")
+                else:
+                    statuses.append(self._succeed(conn, job_id, token, result, call))
+            if self.count_alone and counted:
+                self._count(conn, counted)
+            return statuses
         return self.transact(finish)
+
+    def _count(self, conn, counted):
+        """Count the steps _succeeded_alone() finished, in the same transaction: one
+        upsert per queue, task and outcome, however many steps (see COUNTED)."""
+        for (queue, name, outcome), n in counted.items():
+            self._execute(conn, "insert into litetq_counts values (litetq_minute(), ?, ?, ?, ?) "
+                          "on conflict (minute, queue, task, outcome) do update set "
+                          "n = litetq_counts.n + excluded.n", (queue, name, outcome, n))
 
     def _succeeded_alone(self, conn, job_id, token, result, call):
         """The common case in one statement: no cancel flag, no subtasks of this step,
@@ -2093,6 +2116,7 @@ class SQLiteStorage(Storage):
     """
 
     driver_errors = (sqlite3.Error,)
+    count_alone = True
     max_connections = 16  # one writes at a time anyway; fewer connections, fewer open files
 
     def __init__(self, path, synchronous="NORMAL", readonly=False):
@@ -2526,7 +2550,7 @@ POSTGRES_DDL = (
     f"insert into litetq_count_deltas values (litetq_minute(), new.queue, old.name, "
     f"{OUTCOME}); return null; end $$",
     "drop trigger if exists litetq_jobs_counted on litetq_jobs",
-    "create trigger litetq_jobs_counted " + COUNT_TRIGGER.format(each=" for each row") +
+    "create trigger litetq_jobs_counted " + COUNT_TRIGGER.format(each=" for each row", also="") +
     " execute function litetq_count()",
     "create or replace function litetq_forget() returns trigger language plpgsql as $$ begin "
     f"{REMOVED}; return null; end $$",
@@ -2807,7 +2831,8 @@ class Queue:
                 self._finished.append((claim, result, call, time.monotonic() - began))
                 return "complete" if call is None else "queued"
             try:
-                status = self.storage.step_succeeded(claim.id, claim.token, result, call)
+                status = self.storage.step_succeeded(claim.id, claim.token,
+                                                     (claim.queue, claim.name), result, call)
                 context._end_transaction(commit=True)
             except Exception as exc:  # the database refused it: this attempt failed
                 raise _Unsaved(exc) from None
@@ -2874,8 +2899,9 @@ class Queue:
                     await asyncio.to_thread(self._declare, call[0])
                 try:
                     status, ended = await asyncio.to_thread(
-                        lambda: (self.storage.step_succeeded(claim.id, claim.token, result,
-                                                             call), self.storage.ended()))
+                        lambda: (self.storage.step_succeeded(
+                            claim.id, claim.token, (claim.queue, claim.name), result, call),
+                            self.storage.ended()))
                     await context._aend_transaction(commit=True)
                 except Exception as exc:  # the database refused it: this attempt failed
                     raise _Unsaved(exc) from None
@@ -2912,7 +2938,8 @@ class Queue:
         function = None
         with contextlib.suppress(Error):
             function = _lookup_task(row["name"])
-        claim = Claim(job_id, row["name"], None, None, row["attempts"], token, 0, 0, False)
+        claim = Claim(job_id, row["name"], None, None, row["attempts"], token, 0, 0, False,
+                      row["queue"])
         return self._fail_attempt(function, claim, Error(message), tb="", error=message)
 
     def _save_finished(self):
@@ -2924,7 +2951,8 @@ class Queue:
             return
         try:
             statuses = self.storage.finish_steps(
-                [(claim.id, claim.token, result, call) for claim, result, call, _ in finished])
+                [(claim.id, claim.token, (claim.queue, claim.name), result, call)
+                 for claim, result, call, _ in finished])
         except Exception:  # one by one: only an outcome the database refuses fails
             statuses = [self._save_one(*outcome) for outcome in finished]
         else:
@@ -2938,7 +2966,8 @@ class Queue:
 
     def _save_one(self, claim, result, call, took):
         try:
-            status = self.storage.step_succeeded(claim.id, claim.token, result, call)
+            status = self.storage.step_succeeded(claim.id, claim.token,
+                                                 (claim.queue, claim.name), result, call)
         except Exception as exc:
             return self._fail_attempt(_registry.get(claim.name), claim, _Unsaved(exc), tb="",
                                       duration=took)
