@@ -787,34 +787,30 @@ TREE = ("with recursive tree(id) as (select cast(? as bigint) union all select j
         "litetq_jobs j join tree on j.parent_id = tree.id) select id from tree")
 TERMINAL_SQL = "('complete', 'failed', 'cancelled', 'expired')"
 
-# Counting (version 3). A trigger on litetq_jobs counts, in the statement that commits
-# a step's outcome, the steps finished per minute, queue, task and outcome
-# (litetq_counts: the counter behind /metrics and the chart). Every finished job was
-# counted as it finished, so the finished jobs of a queue and status now are that count
-# less those that left the status since (litetq_removed), which happens rarely: only
-# retry() (which resets `cancel` and `resume`, as anything that runs a finished job
-# again must) and deletes do it, and two more triggers count those. The counting
-# trigger fires on updates of the columns that only outcomes set (finished, steps,
-# traceback), never on an enqueue, a claim or a lease renewal: on SQLite a trigger's
-# upsert costs about as much as the update it rides on. Queued, running and waiting
-# jobs are counted when asked, from partial indexes that hold only them. On SQLite the
-# trigger adds to the counts at once (one writer: no one waits for a hot row); on
-# PostgreSQL every worker would queue behind the row lock of the same hot row, so its
-# trigger appends to litetq_count_deltas, which the supervisors fold into the counts
-# (fold_counts) and readers add in. Minutes older than KEEP_MINUTES fold into minute 0,
-# so the totals survive in a small table.
+# Counting (version 3). Each step's outcome is counted in the transaction that commits
+# it, per minute, queue, task and outcome (litetq_counts: the counter behind /metrics
+# and the chart). Most steps end through _succeeded_alone() (complete, or a
+# continuation), whose outcomes _count() adds up per transaction: a worker commits many
+# steps in one, and a trigger's upsert for each would cost SQLite as much as the update
+# it rides on. Every other outcome (retried, failed, cancelled, expired, and a parent's
+# end when its subtasks are done) sets `resume` (to null, or a waiting parent's next
+# step), which neither those updates nor claims do, and a trigger on it counts those.
+# Every finished job was counted as it finished, so the finished jobs of a queue and
+# status now are that count less those that left the status since (litetq_removed):
+# only retry() (which resets `cancel` and `resume`, as anything that runs a finished
+# job again must) and deletes do that, and two more triggers count them. Queued,
+# running and waiting jobs are counted when asked, from partial indexes that hold only
+# them. On PostgreSQL every worker would queue behind the row lock of the same hot
+# row, so there one trigger counts every outcome by appending to litetq_count_deltas,
+# which the supervisors fold into the counts (fold_counts) and readers add in. Minutes
+# older than KEEP_MINUTES fold into minute 0, so the totals survive in a small table.
 COUNTED = ("new.status in ('complete', 'failed', 'cancelled', 'expired') or new.status = "
            "'queued' and (new.steps > old.steps or old.status = 'running' and "
            "new.attempts = old.attempts)")
 OUTCOME = ("case when new.status = 'queued' and new.steps > old.steps then 'continued' "
            "when new.status = 'queued' then 'retried' else new.status end")
-COUNT_TRIGGER = ("after update of finished, steps, traceback on litetq_jobs{each} "
-                 f"when (old.status <> new.status and ({COUNTED}){{also}})")
-# What only _succeeded_alone() does, the outcome of most steps. On SQLite the trigger
-# leaves those to _count(), which adds up a whole transaction's (a worker commits many
-# steps in one): the trigger's upsert for each would hold the write lock as long again.
-ALONE = (" and not (old.status = 'running' and (new.status = 'complete' or "
-         "new.steps > old.steps))")
+COUNT_TRIGGER = ("after update of {columns} on litetq_jobs{each} "
+                 f"when (old.status <> new.status and ({COUNTED}))")
 RETRY_TRIGGER = ("after update of cancel, resume on litetq_jobs{each} when (old.status in "
                  f"{TERMINAL_SQL} and new.status <> old.status)")
 REMOVED = ("insert into litetq_removed values (old.queue, old.status, 1) on conflict "
@@ -825,7 +821,7 @@ COUNTS_FROM_JOBS = (f"insert into litetq_counts select 0, queue, name, status, c
                     f"status")
 SQLITE_DDL = (
     "create trigger if not exists litetq_jobs_counted " +
-    COUNT_TRIGGER.format(each="", also=ALONE) +
+    COUNT_TRIGGER.format(columns="resume", each="") +
     f" begin insert into litetq_counts values (litetq_minute(), new.queue, old.name, "
     f"{OUTCOME}, 1) on conflict (minute, queue, task, outcome) do update set n = n + 1; end",
     "create trigger if not exists litetq_jobs_retried " + RETRY_TRIGGER.format(each="") +
@@ -1542,7 +1538,7 @@ class Storage:
             return "failed"
         self._execute(conn, "update litetq_jobs set status = 'queued', "
                       "due = litetq_now() + ?, parked = ?, error = ?, traceback = ?, "
-                      "lease_until = null, expires = null where id = ?",
+                      "lease_until = null, expires = null, resume = null where id = ?",
                       (retry_delay, int(retry_delay > 0), error, tb, job_id))
         return "queued"
 
@@ -1600,7 +1596,7 @@ class Storage:
         """Make a job terminal, then let its parent know."""
         sql = ("update litetq_jobs set status = ?, finished = litetq_now(), "
                "error = coalesce(?, error), traceback = coalesce(?, traceback), "
-               "lease_until = null where id = ?")
+               "lease_until = null, resume = null where id = ?")
         params = [status, error, tb, job_id]
         if only_if:
             sql += " and status = ?"
@@ -1650,8 +1646,9 @@ class Storage:
         changed = False
         for each in ids:
             changed |= self._execute(
-                conn, "update litetq_jobs set status = 'cancelled', finished = litetq_now() "
-                "where id = ? and status in ('queued', 'waiting')", (each,)).rowcount > 0
+                conn, "update litetq_jobs set status = 'cancelled', finished = litetq_now(), "
+                "resume = null where id = ? and status in ('queued', 'waiting')",
+                (each,)).rowcount > 0
             changed |= self._execute(
                 conn, "update litetq_jobs set cancel = 1 where id = ? and status = 'running' "
                 "and cancel = 0", (each,)).rowcount > 0
@@ -2550,7 +2547,8 @@ POSTGRES_DDL = (
     f"insert into litetq_count_deltas values (litetq_minute(), new.queue, old.name, "
     f"{OUTCOME}); return null; end $$",
     "drop trigger if exists litetq_jobs_counted on litetq_jobs",
-    "create trigger litetq_jobs_counted " + COUNT_TRIGGER.format(each=" for each row", also="") +
+    "create trigger litetq_jobs_counted " + COUNT_TRIGGER.format(
+        columns="resume, finished, steps", each=" for each row") +
     " execute function litetq_count()",
     "create or replace function litetq_forget() returns trigger language plpgsql as $$ begin "
     f"{REMOVED}; return null; end $$",

@@ -8442,3 +8442,45 @@ def test_finished_hook_of_a_parent_its_last_subtask_ended(hooks, q):
     assert details[awaited.id]["status"] == "complete"
     assert details[bad.id]["status"] == "failed"
     assert "obs kaput" in details[bad.id]["error"]
+
+
+def test_counts_under_a_real_worker_batching_its_commits(worker, wq):
+    worker(concurrency=2)
+    jobs = [w_enqueue(wq, "step", f"b{i}") for i in range(60)]
+    jobs += [w_enqueue(wq, "countdown", 3) for _ in range(2)]
+    jobs.append(w_enqueue(wq, "fails", "counted"))
+    for job in jobs:
+        job.wait(timeout=30)
+    assert wq.step_counts() == {("default", "wtasks.step", "complete"): 60,
+                                ("default", "wtasks.countdown", "continued"): 6,
+                                ("default", "wtasks.countdown", "complete"): 2,
+                                ("default", "wtasks.fails", "failed"): 1}
+    assert wq.stats() == {"default": {"complete": 62, "failed": 1}}
+    series = wq.steps_per_minute(2)["series"]
+    assert sum(series["complete"]) == 62 and sum(series["continued"]) == 6
+
+
+@litetq.task(atomic=True)
+def obs_atomic(fail):
+    db_exec(litetq.current().db, "select 1")
+    if fail:
+        raise ValueError("rolled back")
+    return "kept"
+
+
+@litetq.task
+async def obs_async(n):
+    await asyncio.sleep(0)
+    return obs_async(n - 1) if n else "async done"
+
+
+def test_counts_of_atomic_and_async_steps(file_q):
+    file_q.enqueue(obs_atomic(False))
+    file_q.enqueue(obs_atomic(True))
+    file_q.enqueue(obs_async(2))
+    file_q.run_until_idle()
+    assert file_q.step_counts() == {("default", "test_litetq.obs_atomic", "complete"): 1,
+                                    ("default", "test_litetq.obs_atomic", "failed"): 1,
+                                    ("default", "test_litetq.obs_async", "continued"): 2,
+                                    ("default", "test_litetq.obs_async", "complete"): 1}
+    assert file_q.stats() == {"default": {"complete": 2, "failed": 1}}
