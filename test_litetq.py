@@ -8442,6 +8442,11 @@ def test_finished_hook_of_a_parent_its_last_subtask_ended(hooks, q):
     assert details[awaited.id]["status"] == "complete"
     assert details[bad.id]["status"] == "failed"
     assert "obs kaput" in details[bad.id]["error"]
+    counted = q.step_counts()  # a parent's step counts when the parent ends
+    assert counted[("default", "test_litetq.obs_parent", "complete")] == 1
+    assert counted[("default", "test_litetq.obs_parent", "failed")] == 1
+    assert counted[("default", "test_litetq.obs_async_parent", "complete")] == 1
+    assert counts(q) == {"default": {"complete": 4, "failed": 2}}
 
 
 def test_counts_under_a_real_worker_batching_its_commits(worker, wq):
