@@ -72,6 +72,7 @@ __all__ = [
     "loads",
     "main",
     "make_web_server",
+    "on",
     "periodic",
     "serve_web",
     "task",
@@ -86,6 +87,7 @@ logger.addHandler(logging.NullHandler())
 
 UNFINISHED = ("queued", "running", "waiting")
 TERMINAL = ("complete", "failed", "cancelled", "expired")
+OUTCOMES = ("complete", "continued", "retried", "failed", "cancelled", "expired")  # of a step
 DEFAULT_LEASE = 10.0  # seconds a claimed step stays ours without renewal
 MAX_RETRY_DELAY = 3600.0
 MAX_LOST = 3  # a step whose worker died this many times fails as "worker lost"
@@ -319,6 +321,7 @@ def _name(value, what):
 _registry = {}   # task name -> TaskFunction
 _consumers = {}  # raw payload queue name -> function(payload)
 _periodic = []   # (spec, name, tz, queue, TaskFunction) written to the cron table by workers
+_hooks = {"enqueued": [], "started": [], "retrying": [], "finished": []}  # event -> functions
 
 
 class Task:
@@ -599,6 +602,35 @@ def consumer(queue_name):
     return register
 
 
+def on(event, fn=None):
+    """Call `fn(job, **details)` on `event`; also a decorator, `@litetq.on("finished")`.
+
+    "enqueued" (no details) in the producer, once the job is written; in the worker
+    process that runs the step: "started" (`attempt`) as each attempt begins, then,
+    once its outcome is committed, "retrying" (`error`, `delay`) or "finished"
+    (`status`, `error` or None, `duration`: the last step's seconds). Hooks run in
+    the process that registered them; one that raises is logged and changes nothing.
+    """
+    if event not in _hooks:
+        raise ValueError(f"unknown hook event {event!r}; use one of {', '.join(_hooks)}")
+    if fn is None:
+        return lambda fn: on(event, fn)
+    if not callable(fn):
+        raise TypeError(f"a hook must be callable, not {type(fn).__name__} {_short_repr(fn)}")
+    if fn not in _hooks[event]:  # a module imported twice registers its hooks once
+        _hooks[event].append(fn)
+    return fn
+
+
+def _fire(event, job, **details):
+    for fn in _hooks[event]:
+        try:
+            fn(job, **details)
+        except Exception:
+            logger.exception("the %r hook %s failed on job %s", event,
+                             getattr(fn, "__qualname__", fn), job.id)
+
+
 @task(name=CHAIN)
 def chain(*calls):
     """Run the calls in order, each to its final value; the result is the last one's.
@@ -644,7 +676,7 @@ def http_post(url, data, headers=None, timeout=10):
 # transaction, which errors mean "wait" or "try again", column types, many-row
 # inserts, and how to hear that another process committed.
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = """
 create table if not exists litetq_meta (key text primary key, value text not null);
 create table if not exists litetq_jobs (
@@ -680,13 +712,13 @@ create table if not exists litetq_jobs (
     created {real} not null,
     finished {real}
 );
-create index if not exists litetq_jobs_ready on litetq_jobs (priority desc, due, id)
+create index if not exists litetq_jobs_ready on litetq_jobs (priority desc, due, id, queue)
     where status = 'queued' and parked = 0;
-create index if not exists litetq_jobs_due on litetq_jobs (due)
+create index if not exists litetq_jobs_due on litetq_jobs (due, queue)
     where status = 'queued' and parked = 1;
-create index if not exists litetq_jobs_held on litetq_jobs (limit_key, priority desc, due, id)
-    where status = 'queued' and parked = 2;
-create index if not exists litetq_jobs_paused on litetq_jobs (queue)
+create index if not exists litetq_jobs_held on litetq_jobs (
+    limit_key, priority desc, due, id, queue) where status = 'queued' and parked = 2;
+create index if not exists litetq_jobs_paused on litetq_jobs (queue, due)
     where status = 'queued' and parked = 3;
 create index if not exists litetq_jobs_slots on litetq_jobs (limit_key)
     where status = 'running' and limit_key is not null;
@@ -694,6 +726,8 @@ create index if not exists litetq_jobs_finished on litetq_jobs (status, finished
     where parent_id is null and finished is not null;
 create index if not exists litetq_jobs_lease on litetq_jobs (lease_until)
     where status = 'running';
+create index if not exists litetq_jobs_waiting on litetq_jobs (queue)
+    where status = 'waiting';
 create index if not exists litetq_jobs_parent on litetq_jobs (parent_id)
     where parent_id is not null;
 create unique index if not exists litetq_jobs_unique on litetq_jobs (unique_key)
@@ -720,7 +754,17 @@ create table if not exists litetq_limits (
 create table if not exists litetq_starts (name text not null, time {real} not null);
 create index if not exists litetq_starts_name on litetq_starts (name, time);
 create table if not exists litetq_paused (queue text primary key);
+create table if not exists litetq_counts (
+    minute bigint not null,        -- epoch of the minute's start (0: minutes folded long ago)
+    queue text not null, task text not null, outcome text not null, n bigint not null,
+    primary key (minute, queue, task, outcome));
+create table if not exists litetq_count_deltas (
+    minute bigint not null, queue text not null, task text not null, outcome text not null);
+create table if not exists litetq_removed (
+    queue text not null, status text not null, n bigint not null, primary key (queue, status));
 """
+# The indexes of queued steps end with `queue` (and `due`), so the jobs and oldest due
+# time of each queue (stats, /metrics) are counted from the indexes alone.
 # Why a queued step is not in the ready index, which claims read: 1 it is not due
 # yet (it joins when due: promote), 2 a concurrency limit holds it (it joins when a
 # step of its key stops running), 3 its queue is paused (it joins on resume). A
@@ -736,16 +780,70 @@ alter table litetq_jobs add column limit_key text;
 drop index if exists litetq_jobs_next;
 update litetq_jobs set parked = 1 where status = 'queued' and due > litetq_now();
 """
+# What a version-2 database (and one just upgraded from 1) needs for version 3, besides
+# the tables and indexes SCHEMA adds: the indexes of queued steps cover their queue.
+MIGRATE_FROM_2 = """
+drop index if exists litetq_jobs_ready;
+drop index if exists litetq_jobs_due;
+drop index if exists litetq_jobs_held;
+drop index if exists litetq_jobs_paused;
+"""
 
 JOB_COLUMNS = ("id, queue, priority, status, name, args, rest, due, expires, unique_key, "
                "attempts, steps, lost, token, worker, lease_until, started, cancel, parent_id, "
                "resume, result, error, traceback, progress, created, finished")
-CLAIM_COLUMNS = "id, name, args, rest, attempts, token, priority, due, expired"
+CLAIM_COLUMNS = "id, name, args, rest, attempts, token, priority, due, expired, queue"
 Claim = collections.namedtuple("Claim", CLAIM_COLUMNS)
 UNFINISHED_SQL = "('queued', 'running', 'waiting')"
 TREE = ("with recursive tree(id) as (select cast(? as bigint) union all select j.id from "
         "litetq_jobs j join tree on j.parent_id = tree.id) select id from tree")
 TERMINAL_SQL = "('complete', 'failed', 'cancelled', 'expired')"
+
+# Counting (version 3). Each step's outcome is counted in the transaction that commits
+# it, per minute, queue, task and outcome (litetq_counts: the counter behind /metrics
+# and the chart). Most steps end through _succeeded_alone() (complete, or a
+# continuation), whose outcomes _count() adds up per transaction: a worker commits many
+# steps in one, and a trigger's upsert for each would cost SQLite as much as the update
+# it rides on. Every other outcome (retried, failed, cancelled, expired, and a parent's
+# end when its subtasks are done) sets `resume` (to null, or a waiting parent's next
+# step), which neither those updates nor claims do, and a trigger on it counts those.
+# Every finished job was counted as it finished, so the finished jobs of a queue and
+# status now are that count less those that left the status since (litetq_removed):
+# only retry() (which resets `cancel` and `resume`, as anything that runs a finished
+# job again must) and deletes do that, and two more triggers count them. Queued,
+# running and waiting jobs are counted when asked, from partial indexes that hold only
+# them. On PostgreSQL every worker would queue behind the row lock of the same hot
+# row, so there one trigger counts every outcome by appending to litetq_count_deltas,
+# which the supervisors fold into the counts (fold_counts) and readers add in. Minutes
+# older than KEEP_MINUTES fold into minute 0, so the totals survive in a small table.
+COUNTED = ("new.status in ('complete', 'failed', 'cancelled', 'expired') or new.status = "
+           "'queued' and (new.steps > old.steps or old.status = 'running' and "
+           "new.attempts = old.attempts)")
+OUTCOME = ("case when new.status = 'queued' and new.steps > old.steps then 'continued' "
+           "when new.status = 'queued' then 'retried' else new.status end")
+COUNT_TRIGGER = ("after update of {columns} on litetq_jobs{each} "
+                 f"when (old.status <> new.status and ({COUNTED}))")
+RETRY_TRIGGER = ("after update of cancel, resume on litetq_jobs{each} when (old.status in "
+                 f"{TERMINAL_SQL} and new.status <> old.status)")
+REMOVED = ("insert into litetq_removed values (old.queue, old.status, 1) on conflict "
+           "(queue, status) do update set n = litetq_removed.n + 1")
+# An older database's finished jobs count as finished in minute 0.
+COUNTS_FROM_JOBS = (f"insert into litetq_counts select 0, queue, name, status, count(*) "
+                    f"from litetq_jobs where status in {TERMINAL_SQL} group by queue, name, "
+                    f"status")
+SQLITE_DDL = (
+    "create trigger if not exists litetq_jobs_counted " +
+    COUNT_TRIGGER.format(columns="resume", each="") +
+    f" begin insert into litetq_counts values (litetq_minute(), new.queue, old.name, "
+    f"{OUTCOME}, 1) on conflict (minute, queue, task, outcome) do update set n = n + 1; end",
+    "create trigger if not exists litetq_jobs_retried " + RETRY_TRIGGER.format(each="") +
+    f" begin {REMOVED}; end",
+    "create trigger if not exists litetq_jobs_forgotten after delete on litetq_jobs "
+    f"when old.status in {TERMINAL_SQL} begin {REMOVED}; end",
+)
+KEEP_MINUTES = 120  # minutes of step counts kept one by one; older ones fold into one total
+WORKER_LIVE = 10.0  # seconds without a heartbeat before a worker no longer counts as live
+
 NO_LIMIT = 2 ** 62  # "limit ?" for every row, in both dialects
 # A job row from Queue._job_row is (queue, priority, name, args) for a plain call
 # due now, which most jobs are: the short insert is half again as fast in bulk.
@@ -765,7 +863,7 @@ PLAIN_FIELDS = 4
 CLAIM_SET = ("status = 'running', worker = ?, token = token + 1, lease_until = litetq_now() + ?, "
              "attempts = attempts + 1, started = litetq_now()")
 CLAIM_RETURNING = ("returning id, name, args, rest, attempts, token, priority, due, "
-                   "expires < litetq_now()")
+                   "expires < litetq_now(), queue")
 READY = ("select id from litetq_jobs where status = 'queued' and parked = 0{where} "
          "order by priority desc, due, id limit ? for update skip locked")
 CLAIM = (f"update litetq_jobs set {CLAIM_SET} where id in ({READY}) and not exists "
@@ -828,6 +926,7 @@ class Storage:
     """
 
     memory = False  # one shared in-process database (SQLite's ":memory:")
+    count_alone = False  # True: _count() counts what _succeeded_alone() finishes (COUNTED)
     driver_errors = ()  # the driver's exception classes, turned into litetq.Error
     max_connections = None  # in use at once, per process and storage (None: no limit)
 
@@ -851,6 +950,7 @@ class Storage:
         self._slots = None  # a semaphore of max_connections
         self._watched = {}  # job id -> callbacks of waiters for it to finish
         self._look = threading.Event()  # wakes _look_at_jobs
+        self._local = threading.local()  # .ended: what _end() ended in this thread's transaction
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.name!r}>"
@@ -983,12 +1083,14 @@ class Storage:
                     self._execute(conn, "release litetq")
                 return result
             while True:
+                self._local.ended = []
                 self._begin(conn)
                 try:
                     result = work(conn)
                     conn.commit()
                     return result
                 except BaseException as exc:
+                    self._local.ended = []
                     with contextlib.suppress(Exception):
                         conn.rollback()
                     if not self._retryable(exc):
@@ -1001,6 +1103,7 @@ class Storage:
         """Open an atomic step's transaction on a connection of its own, and return it
         (see hold())."""
         conn = self._acquire()
+        self._local.ended = []
         try:
             self._begin(conn)
         except self.driver_errors as exc:
@@ -1208,9 +1311,10 @@ class Storage:
 
     # Claiming steps.
 
-    def claim(self, worker, lease, queues=None, limit=1):
+    def claim(self, worker, lease, queues=None, limit=1, expired=None):
         """Take up to `limit` due steps, in queue order: a list of `Claim`s. Steps
-        whose ttl ran out are marked expired instead.
+        whose ttl ran out are marked expired instead (their ids go to the list
+        `expired`, if given).
 
         The claim is one UPDATE over the ready index: SQLite's write statement takes
         the lock before it reads, PostgreSQL's "skip locked" passes rows another
@@ -1226,9 +1330,11 @@ class Storage:
                     conn, worker, lease, queues, limit - len(rows)))
             claims = sorted(map(Claim._make, rows),  # RETURNING has no order
                             key=lambda claim: (-claim.priority, claim.due, claim.id))
-            expired = [claim for claim in claims if claim.expired]
-            if expired:
-                self._expire(expired)
+            ended = [claim for claim in claims if claim.expired]
+            if ended:
+                self._expire(ended)
+                if expired is not None:
+                    expired.extend(claim.id for claim in ended)
             live = [claim for claim in claims if not claim.expired]
             if live or not claims:
                 return live
@@ -1369,24 +1475,40 @@ class Storage:
 
     # Finishing steps.
 
-    def step_succeeded(self, job_id, token, result=None, call=None):
-        """Record a finished step: its `result` JSON, or the continuation `call`
-        (name, args JSON, rest JSON). Returns the job's new status, or None if the
-        claim was lost meanwhile (another worker owns the step now)."""
-        with self.connection() as conn:
+    def step_succeeded(self, job_id, token, step, result=None, call=None):
+        """Record a finished step, `step` its (queue, task name): its `result` JSON, or
+        the continuation `call` (name, args JSON, rest JSON). Returns the job's new
+        status, or None if the claim was lost meanwhile (another worker owns the step)."""
+        if self.count_alone:
+            return self.finish_steps([(job_id, token, step, result, call)])[0]
+        with self.connection() as conn:  # one statement, which its trigger counts
             if self._succeeded_alone(conn, job_id, token, result, call):
                 return "complete" if call is None else "queued"
         return self.transact(lambda conn: self._succeed(conn, job_id, token, result, call))
 
     def finish_steps(self, outcomes):
-        """Record many successes, each (job id, token, result, call), in one
-        transaction; returns their statuses as step_succeeded() would."""
+        """Record many successes, each (job id, token, (queue, task name), result,
+        call), in one transaction; returns their statuses as step_succeeded() would."""
         def finish(conn):
-            return [("complete" if call is None else "queued")
-                    if self._succeeded_alone(conn, job_id, token, result, call)
-                    else self._succeed(conn, job_id, token, result, call)
-                    for job_id, token, result, call in outcomes]
+            statuses, counted = [], collections.Counter()
+            for job_id, token, (queue, name), result, call in outcomes:
+                if self._succeeded_alone(conn, job_id, token, result, call):
+                    counted[queue, name, "complete" if call is None else "continued"] += 1
+                    statuses.append("complete" if call is None else "queued")
+                else:
+                    statuses.append(self._succeed(conn, job_id, token, result, call))
+            if self.count_alone and counted:
+                self._count(conn, counted)
+            return statuses
         return self.transact(finish)
+
+    def _count(self, conn, counted):
+        """Count the steps _succeeded_alone() finished, in the same transaction: one
+        upsert per queue, task and outcome, however many steps (see COUNTED)."""
+        for (queue, name, outcome), n in counted.items():
+            self._execute(conn, "insert into litetq_counts values (litetq_minute(), ?, ?, ?, ?) "
+                          "on conflict (minute, queue, task, outcome) do update set "
+                          "n = litetq_counts.n + excluded.n", (queue, name, outcome, n))
 
     def _succeeded_alone(self, conn, job_id, token, result, call):
         """The common case in one statement: no cancel flag, no subtasks of this step,
@@ -1435,7 +1557,7 @@ class Storage:
             return "failed"
         self._execute(conn, "update litetq_jobs set status = 'queued', "
                       "due = litetq_now() + ?, parked = ?, error = ?, traceback = ?, "
-                      "lease_until = null, expires = null where id = ?",
+                      "lease_until = null, expires = null, resume = null where id = ?",
                       (retry_delay, int(retry_delay > 0), error, tb, job_id))
         return "queued"
 
@@ -1493,7 +1615,7 @@ class Storage:
         """Make a job terminal, then let its parent know."""
         sql = ("update litetq_jobs set status = ?, finished = litetq_now(), "
                "error = coalesce(?, error), traceback = coalesce(?, traceback), "
-               "lease_until = null where id = ?")
+               "lease_until = null, resume = null where id = ?")
         params = [status, error, tb, job_id]
         if only_if:
             sql += " and status = ?"
@@ -1501,6 +1623,7 @@ class Storage:
         row = self._execute(conn, sql + " returning parent_id", params).fetchone()
         if row is None:
             return
+        self._local.__dict__.setdefault("ended", []).append((job_id, status, error))
         if status != "complete":
             self._cancel_tree(conn, job_id, include_self=False)
         if row[0] is not None:
@@ -1542,8 +1665,9 @@ class Storage:
         changed = False
         for each in ids:
             changed |= self._execute(
-                conn, "update litetq_jobs set status = 'cancelled', finished = litetq_now() "
-                "where id = ? and status in ('queued', 'waiting')", (each,)).rowcount > 0
+                conn, "update litetq_jobs set status = 'cancelled', finished = litetq_now(), "
+                "resume = null where id = ? and status in ('queued', 'waiting')",
+                (each,)).rowcount > 0
             changed |= self._execute(
                 conn, "update litetq_jobs set cancel = 1 where id = ? and status = 'running' "
                 "and cancel = 0", (each,)).rowcount > 0
@@ -1658,11 +1782,91 @@ class Storage:
         return ids
 
     def stats(self):
+        """{queue: {status: count}}: unfinished jobs counted through their partial
+        indexes (each `parked` value of queued ones has its own), finished ones from the
+        step counts (see COUNTED)."""
+        # The status as a literal: from the column, SQLite would read each row for it.
+        unfinished = " union all ".join(
+            f"select queue, '{status}', count(*) from litetq_jobs where status = '{status}'"
+            f"{parked} group by queue" for status, parked in
+            [("queued", f" and parked = {parked}") for parked in (0, *PARKED.values())] +
+            [("running", ""), ("waiting", "")])
         counts = {}
         for queue, status, n in self.query(
-                "select queue, status, count(*) from litetq_jobs group by queue, status"):
-            counts.setdefault(queue, {})[status] = n
-        return counts
+                f"{unfinished} union all select queue, outcome, n from litetq_counts where "
+                f"outcome in {TERMINAL_SQL} union all select queue, outcome, 1 from "
+                f"litetq_count_deltas where outcome in {TERMINAL_SQL} union all select queue, "
+                f"status, -n from litetq_removed"):
+            by_status = counts.setdefault(queue, {})
+            by_status[status] = by_status.get(status, 0) + n
+        return {queue: {status: n for status, n in by_status.items() if n}
+                for queue, by_status in counts.items() if any(by_status.values())}
+
+    def oldest_due(self):
+        """{queue: seconds its oldest due, queued job has waited}, from the indexes of
+        queued jobs (with the time read once: litetq_now() per row would cost more)."""
+        with self.connection() as conn:
+            now = self._execute(conn, "select litetq_now()").fetchone()[0]
+            rows = self._execute(conn, " union all ".join(
+                f"select queue, min(due) from litetq_jobs where status = 'queued' and "
+                f"parked = {parked} and due <= ? group by queue"
+                for parked in (0, *PARKED.values())), (now,) * (1 + len(PARKED))).fetchall()
+        oldest = {}
+        for queue, due in rows:
+            oldest[queue] = max(oldest.get(queue, 0.0), now - due)
+        return oldest
+
+    def step_counts(self):
+        """(queue, task, outcome, steps) of every step ever finished, for /metrics."""
+        return self.query(
+            "select queue, task, outcome, sum(n) from (select queue, task, outcome, n from "
+            "litetq_counts union all select queue, task, outcome, 1 from litetq_count_deltas"
+            ") c group by queue, task, outcome order by queue, task, outcome")
+
+    def steps_per_minute(self, minutes):
+        """(epoch of the current minute, [(minute, outcome, steps)]) for the last
+        `minutes` minutes."""
+        with self.connection() as conn:
+            now = self._execute(conn, "select litetq_minute()").fetchone()[0]
+            rows = self._execute(
+                conn, "select minute, outcome, sum(n) from (select minute, outcome, n from "
+                "litetq_counts where minute > ? union all select minute, outcome, 1 from "
+                "litetq_count_deltas where minute > ?) c group by minute, outcome",
+                (now - minutes * 60, now - minutes * 60)).fetchall()
+        return now, rows
+
+    def fold_counts(self):
+        """Fold PostgreSQL's deltas into the counts, and minutes older than KEEP_MINUTES
+        into minute 0. The supervisor runs it every second; it writes only when there
+        is something to fold."""
+        self._fold_deltas()
+        old = self.query_one("select litetq_minute() - ?, exists (select 1 from litetq_counts "
+                             "where minute > 0 and minute <= litetq_minute() - ?)",
+                             (KEEP_MINUTES * 60, KEEP_MINUTES * 60))
+        if old[1]:
+            self.transact(lambda conn: self._fold_minutes(conn, old[0]))
+
+    def _fold_minutes(self, conn, until):
+        self._execute(conn, "insert into litetq_counts select 0, queue, task, outcome, sum(n) "
+                      "from litetq_counts where minute > 0 and minute <= ? group by queue, task, "
+                      "outcome order by queue, task, outcome on conflict (minute, queue, task, "
+                      "outcome) do update set n = litetq_counts.n + excluded.n", (until,))
+        self._execute(conn, "delete from litetq_counts where minute > 0 and minute <= ?",
+                      (until,))
+
+    def _fold_deltas(self):
+        """PostgreSQL: move the deltas its triggers appended into the counts."""
+
+    def ended(self):
+        """Take the (job id, status, error) of the jobs that this thread's transactions
+        made terminal since the last call, subtasks' parents included."""
+        ended, self._local.ended = getattr(self._local, "ended", []), []
+        return ended
+
+    def running_steps(self):
+        """(job id, task name, worker id) of every running step."""
+        return sorted(self.query("select id, name, worker from litetq_jobs where "
+                                 "status = 'running'"))  # sorted here: the index has them
 
     def oldest_wait(self):
         """Seconds the longest-waiting due job has waited, or None."""
@@ -1897,14 +2101,17 @@ class Storage:
             found = self._schema_version(conn)  # another process may have done it meanwhile
             if found == SCHEMA_VERSION:
                 return
-            if found == 1:
-                for statement in MIGRATE_FROM_1.split(";"):
+            for migration in ((MIGRATE_FROM_1,) if found == 1 else ()) + (
+                    (MIGRATE_FROM_2,) if found in (1, 2) else ()):
+                for statement in migration.split(";"):
                     if statement.strip():
                         self._execute(conn, statement)
             for statement in SCHEMA.format(**ddl_types).split(";"):
                 if statement.strip():
                     self._execute(conn, statement)
             self._after_schema(conn)
+            if found is not None and found < 3:
+                self._execute(conn, COUNTS_FROM_JOBS)
             self._execute(conn, "insert into litetq_meta values ('schema', ?) on conflict (key) "
                           "do update set value = excluded.value", (str(SCHEMA_VERSION),))
         self.transact(create)
@@ -1940,6 +2147,7 @@ class SQLiteStorage(Storage):
     """
 
     driver_errors = (sqlite3.Error,)
+    count_alone = True
     max_connections = 16  # one writes at a time anyway; fewer connections, fewer open files
 
     def __init__(self, path, synchronous="NORMAL", readonly=False, create=True):
@@ -2026,8 +2234,15 @@ class SQLiteStorage(Storage):
                 self._shared.close()
 
     def _translate(self, sql):
-        # One writer at a time: nothing to lock row by row.
-        return sql.replace(" for update skip locked", "").replace(" for update", "")
+        # One writer at a time: nothing to lock row by row. The minute is the wall
+        # clock's, through a built-in function, so the triggers work on every
+        # connection, litetq_now() or not.
+        return (sql.replace(" for update skip locked", "").replace(" for update", "")
+                .replace("litetq_minute()", "(cast(strftime('%s', 'now') as integer) / 60 * 60)"))
+
+    def _after_schema(self, conn):
+        for statement in SQLITE_DDL:
+            self._execute(conn, statement)
 
     def _begin(self, conn):
         self._wait_for_lock(conn.execute, "begin immediate")
@@ -2250,7 +2465,9 @@ class PostgresStorage(Storage):
 
     def _translate(self, sql):
         return (sql.replace("%", "%%").replace("?", "%s")
-                .replace("litetq_now()", "extract(epoch from clock_timestamp())::float8"))
+                .replace("litetq_now()", "extract(epoch from clock_timestamp())::float8")
+                .replace("litetq_minute()",
+                         "(floor(extract(epoch from clock_timestamp()) / 60)::bigint * 60)"))
 
     def _execute(self, conn, sql, params=()):
         return conn.cursor(row_factory=self.psycopg.rows.tuple_row).execute(
@@ -2335,6 +2552,18 @@ class PostgresStorage(Storage):
         for statement in POSTGRES_DDL:
             self._execute(conn, statement)
 
+    def _fold_deltas(self):
+        # One DELETE ... RETURNING per table: a delta is folded by exactly one
+        # supervisor (a concurrent delete skips the rows another one took), and rows in
+        # key order, so two folds cannot deadlock on the counts they both add to.
+        if not self.query_one("select exists (select 1 from litetq_count_deltas)")[0]:
+            return
+        self.change("with moved as (delete from litetq_count_deltas returning minute, queue, "
+                    "task, outcome) insert into litetq_counts select minute, queue, task, "
+                    "outcome, count(*) from moved group by minute, queue, task, outcome order "
+                    "by minute, queue, task, outcome on conflict (minute, queue, task, "
+                    "outcome) do update set n = litetq_counts.n + excluded.n")
+
     def _watch(self):
         conn = self._connect()
         try:
@@ -2364,6 +2593,22 @@ POSTGRES_DDL = (
     "drop trigger if exists litetq_messages_put on litetq_messages",
     "create trigger litetq_messages_put after insert on litetq_messages "
     "for each statement execute function litetq_notify()",
+    # Counting: see COUNTED. Deltas are appended, so workers never wait for each other.
+    "create or replace function litetq_count() returns trigger language plpgsql as $$ begin "
+    f"insert into litetq_count_deltas values (litetq_minute(), new.queue, old.name, "
+    f"{OUTCOME}); return null; end $$",
+    "drop trigger if exists litetq_jobs_counted on litetq_jobs",
+    "create trigger litetq_jobs_counted " + COUNT_TRIGGER.format(
+        columns="resume, finished, steps", each=" for each row") +
+    " execute function litetq_count()",
+    "create or replace function litetq_forget() returns trigger language plpgsql as $$ begin "
+    f"{REMOVED}; return null; end $$",
+    "drop trigger if exists litetq_jobs_retried on litetq_jobs",
+    "create trigger litetq_jobs_retried " + RETRY_TRIGGER.format(each=" for each row") +
+    " execute function litetq_forget()",
+    "drop trigger if exists litetq_jobs_forgotten on litetq_jobs",
+    "create trigger litetq_jobs_forgotten after delete on litetq_jobs for each row "
+    f"when (old.status in {TERMINAL_SQL}) execute function litetq_forget()",
 )
 
 
@@ -2485,6 +2730,10 @@ class Queue:
         self._declare(row[2])
         job = Job(self, self.storage.insert_jobs([row], conn)[0])
         self.storage.changed()
+        if _hooks["enqueued"]:
+            # With conn=, "written" means written in the caller's transaction: the hook
+            # runs before the caller commits or rolls back, which litetq cannot know.
+            _fire("enqueued", job)
         return job
 
     def enqueue_many(self, tasks, *, queue=None, priority=None, delay=None, at=None, ttl=None,
@@ -2497,6 +2746,8 @@ class Queue:
             self._declare(name)
         jobs = [Job(self, job_id) for job_id in self.storage.insert_jobs(rows, conn)]
         self.storage.changed()
+        for job in jobs if _hooks["enqueued"] else ():  # with conn=: see enqueue()
+            _fire("enqueued", job)
         return jobs
 
     def _declare(self, name):
@@ -2554,6 +2805,49 @@ class Queue:
         """{queue name: {status: count}}."""
         return self.storage.stats()
 
+    # Observability: what /metrics and the web page show.
+
+    def oldest_due(self):
+        """{queue name: seconds its oldest due, queued job has waited}."""
+        return self.storage.oldest_due()
+
+    def step_counts(self):
+        """{(queue, task, outcome): steps finished}, since the database was made: retention
+        and restarts keep them. Outcomes: complete, continued, retried, failed,
+        cancelled, expired."""
+        return {tuple(row[:3]): int(row[3]) for row in self.storage.step_counts()}
+
+    def steps_per_minute(self, minutes=60):
+        """Steps finished per minute over the last `minutes` (this one included), by
+        outcome: {"start": epoch of the first minute, "minutes": N, "series":
+        {outcome: [N counts, oldest first]}}."""
+        minutes = _integer(minutes, "minutes", 1, KEEP_MINUTES)
+        now, rows = self.storage.steps_per_minute(minutes)
+        start = now - (minutes - 1) * 60
+        series = {outcome: [0] * minutes for outcome in OUTCOMES}
+        for minute, outcome, n in rows:
+            if outcome in series and start <= minute <= now:
+                series[outcome][int(minute - start) // 60] += int(n)
+        return {"start": int(start), "minutes": minutes, "series": series}
+
+    def workers(self):
+        """The live workers (a heartbeat within WORKER_LIVE seconds), oldest first, as
+        dicts: id, host, pid, queues (a list, or None for all), concurrency,
+        heartbeat_age (seconds) and steps (the {"id", "task"} of each step it runs)."""
+        running = self.storage.running_steps()
+        found = []
+        for worker_id, host, pid, queues, concurrency, _, age in self.storage.workers():
+            if age >= WORKER_LIVE:
+                continue
+            # A worker's processes claim as "<its id>/<process id>" (see Worker._start).
+            steps = [{"id": job_id, "task": name} for job_id, name, holder in running
+                     if holder == worker_id or (holder or "").startswith(worker_id + "/")]
+            found.append({"id": worker_id, "host": host, "pid": pid,
+                          "queues": None if queues in (None, "*") else queues.split(","),
+                          "concurrency": concurrency, "heartbeat_age": max(age, 0.0),
+                          "steps": steps})
+        return found
+
     # Running work in this process.
 
     def run_until_idle(self, max_steps=None):
@@ -2569,11 +2863,22 @@ class Queue:
 
     def _work_once(self, queues=None):
         """Run one due step or consumer message; False if there was none."""
-        claims = self.storage.claim(self.worker_id, self.lease, queues)
+        claims = self._claim(queues)
         if claims:
             self._run_step(claims[0])
             return True
         return self._consume_one(queues)
+
+    def _claim(self, queues=None, limit=1):
+        """storage.claim(), and the "finished" hooks of the steps it found expired."""
+        expired = []
+        claims = self.storage.claim(self.worker_id, self.lease, queues, limit, expired)
+        ended = [each for each in self.storage.ended() if each[0] not in expired]
+        for job_id in expired:
+            self._step_ended(job_id, "expired", "expired: waited longer than its ttl", 0.0,
+                             ended=ended)
+            ended = ()
+        return claims
 
     def _run_step(self, claim, defer=False):
         """Run one claimed step and commit its outcome; returns the job's new status.
@@ -2591,35 +2896,66 @@ class Queue:
         try:
             function = _lookup_task(claim.name)
         except Error as exc:
-            return self.storage.step_failed(claim.id, claim.token, str(exc), None)
+            return self._unregistered(claim, exc)
         if function.is_async:  # here, outside a worker's loop: one of its own, where its
             # timeout cancels it as a worker's does (only kill-based timeouts are theirs)
             return _run_coroutine(self._aexecute(claim, function.timeout), f"job {claim.id}")
         context = Context(self, Job(self, claim.id), claim.attempts, function.atomic,
                           claim.token)
         reset = _current.set(context)
+        began = time.monotonic()
         try:
+            if _hooks["started"]:
+                _fire("started", context.job, attempt=claim.attempts)
             params, kwargs = loads(claim.args)
             result, call = _outcome(function.func(*params, **kwargs),
                                     claim.rest and loads(claim.rest))
             if call is not None:
                 self._declare(call[0])
             if defer and context._step is None:
-                self._finished.append((claim, result, call))
+                self._finished.append((claim, result, call, time.monotonic() - began))
                 return "complete" if call is None else "queued"
             try:
-                status = self.storage.step_succeeded(claim.id, claim.token, result, call)
+                status = self.storage.step_succeeded(claim.id, claim.token,
+                                                     (claim.queue, claim.name), result, call)
                 context._end_transaction(commit=True)
             except Exception as exc:  # the database refused it: this attempt failed
                 raise _Unsaved(exc) from None
         except Exception as exc:
             context._end_transaction(commit=False)
-            return self._fail_attempt(function, claim, exc)
+            return self._fail_attempt(function, claim, exc, duration=time.monotonic() - began)
         finally:
             _current.reset(reset)
         if status is None:
             logger.warning("job %s lost its claim while running (its lease lapsed)", claim.id)
+        self._step_ended(claim.id, status, None, time.monotonic() - began)
         return status
+
+    def _unregistered(self, claim, exc):
+        status = self.storage.step_failed(claim.id, claim.token, str(exc), None)
+        self._step_ended(claim.id, status, str(exc), 0.0)
+        return status
+
+    def _step_ended(self, job_id, status, error, duration, delay=None, ended=None):
+        """Run the hooks of a step whose outcome is committed: "retrying" when it is
+        queued again after a failure (`delay` given), "finished" when the job ended,
+        and for a parent that ended with it (`ended`: storage.ended(), taken in the
+        thread that saved the outcome)."""
+        if status == "queued" and delay is not None:
+            if _hooks["retrying"]:
+                _fire("retrying", Job(self, job_id), error=error, delay=delay)
+        elif status in TERMINAL and _hooks["finished"]:
+            _fire("finished", Job(self, job_id), status=status,
+                  error=None if status == "complete" else error, duration=duration)
+        if ended is None:
+            ended = self.storage.ended()
+        for other, end, reason in ended if _hooks["finished"] else ():
+            # A parent that ended with this step's outcome (its last subtask finished):
+            # its own last step ran earlier, elsewhere perhaps, so no duration. Steps
+            # this process holds get hooks of their own.
+            if other != job_id and other not in self._claims:
+                _fire("finished", Job(self, other), status=end,
+                      error=None if end == "complete" else reason, duration=None)
 
     async def _aexecute(self, claim, timeout=None):
         """Run a claimed async step on the running loop and record its outcome;
@@ -2628,13 +2964,15 @@ class Queue:
         try:
             function = _lookup_task(claim.name)
         except Error as exc:
-            return await asyncio.to_thread(self.storage.step_failed, claim.id, claim.token,
-                                           str(exc), None)
+            return await asyncio.to_thread(self._unregistered, claim, exc)
         context = Context(self, Job(self, claim.id), claim.attempts, function.atomic,
                           claim.token)
         reset = _current.set(context)
+        began = time.monotonic()
         try:
             try:
+                if _hooks["started"]:
+                    _fire("started", context.job, attempt=claim.attempts)
                 if function.atomic:  # opened first, so ctx.db never blocks the loop
                     context._began(await asyncio.to_thread(self.storage.begin_step))
                 params, kwargs = loads(claim.args)
@@ -2645,22 +2983,26 @@ class Queue:
                 if call is not None:
                     await asyncio.to_thread(self._declare, call[0])
                 try:
-                    status = await asyncio.to_thread(self.storage.step_succeeded, claim.id,
-                                                     claim.token, result, call)
+                    status, ended = await asyncio.to_thread(
+                        lambda: (self.storage.step_succeeded(
+                            claim.id, claim.token, (claim.queue, claim.name), result, call),
+                            self.storage.ended()))
                     await context._aend_transaction(commit=True)
                 except Exception as exc:  # the database refused it: this attempt failed
                     raise _Unsaved(exc) from None
             except Exception as exc:
                 tb = "" if isinstance(exc, _TimedOut) else traceback.format_exc()
                 await context._aend_transaction(commit=False)
-                return await asyncio.to_thread(self._fail_attempt, function, claim, exc, tb)
+                return await asyncio.to_thread(self._fail_attempt, function, claim, exc, tb,
+                                               duration=time.monotonic() - began)
         finally:
             _current.reset(reset)
         if status is None:
             logger.warning("job %s lost its claim while running (its lease lapsed)", claim.id)
+        self._step_ended(claim.id, status, None, time.monotonic() - began, ended=ended)
         return status
 
-    def _fail_attempt(self, function, claim, exc, tb=None, error=None):
+    def _fail_attempt(self, function, claim, exc, tb=None, error=None, duration=None):
         """Queue the step again if retries are left, else fail the job."""
         retry_delay = None
         if function and not isinstance(exc, Fatal) and claim.attempts <= function.retries:
@@ -2669,9 +3011,11 @@ class Queue:
         if error is None:
             error = (str(exc) if isinstance(exc, (Fatal, _Unsaved, _TimedOut))
                      else f"{type(exc).__name__}: {exc}")
-        return self.storage.step_failed(claim.id, claim.token, error,
-                                        traceback.format_exc() if tb is None else tb,
-                                        retry_delay)
+        status = self.storage.step_failed(claim.id, claim.token, error,
+                                          traceback.format_exc() if tb is None else tb,
+                                          retry_delay)
+        self._step_ended(claim.id, status, error, duration, retry_delay)
+        return status
 
     def _fail_claim(self, job_id, token, message):
         """Fail the attempt of a step whose process was killed (retries apply)."""
@@ -2679,7 +3023,8 @@ class Queue:
         function = None
         with contextlib.suppress(Error):
             function = _lookup_task(row["name"])
-        claim = Claim(job_id, row["name"], None, None, row["attempts"], token, 0, 0, False)
+        claim = Claim(job_id, row["name"], None, None, row["attempts"], token, 0, 0, False,
+                      row["queue"])
         return self._fail_attempt(function, claim, Error(message), tb="", error=message)
 
     def _save_finished(self):
@@ -2691,20 +3036,28 @@ class Queue:
             return
         try:
             statuses = self.storage.finish_steps(
-                [(claim.id, claim.token, result, call) for claim, result, call in finished])
+                [(claim.id, claim.token, (claim.queue, claim.name), result, call)
+                 for claim, result, call, _ in finished])
         except Exception:  # one by one: only an outcome the database refuses fails
             statuses = [self._save_one(*outcome) for outcome in finished]
-        for (claim, _, _), status in zip(finished, statuses):
+        else:
+            for (claim, _, _, took), status in zip(finished, statuses):
+                self._step_ended(claim.id, status, None, took)
+        for (claim, _, _, _), status in zip(finished, statuses):
             self._claims.pop(claim.id, None)
             if status is None:
                 logger.warning("job %s lost its claim before its result was saved", claim.id)
         self.storage.changed()
 
-    def _save_one(self, claim, result, call):
+    def _save_one(self, claim, result, call, took):
         try:
-            return self.storage.step_succeeded(claim.id, claim.token, result, call)
+            status = self.storage.step_succeeded(claim.id, claim.token,
+                                                 (claim.queue, claim.name), result, call)
         except Exception as exc:
-            return self._fail_attempt(_registry.get(claim.name), claim, _Unsaved(exc), tb="")
+            return self._fail_attempt(_registry.get(claim.name), claim, _Unsaved(exc), tb="",
+                                      duration=took)
+        self._step_ended(claim.id, status, None, took)
+        return status
 
     def _drop_claims(self, keep=()):
         """Forget the steps this process holds (its database calls are failing): their
@@ -2901,6 +3254,8 @@ class Queue:
         jobs = [Job(self, job_id) for job_id in self.storage.fire_schedules(now, plan)]
         if jobs:
             self.storage.changed()
+        for job in jobs if _hooks["enqueued"] else ():
+            _fire("enqueued", job)
         return jobs
 
 
@@ -3250,6 +3605,8 @@ class Context:
             self.db  # in the step's transaction: spawned if and only if the step commits
         job = Job(queue, queue.storage.insert_jobs([row])[0])
         queue.storage.changed()
+        if _hooks["enqueued"]:  # in an atomic step, written in the step's transaction
+            _fire("enqueued", job)
         return job
 
     @property
@@ -3841,6 +4198,7 @@ class Worker:
         storage = self.queue.storage
         storage.heartbeat(self.worker_id)
         storage.reap()
+        storage.fold_counts()
         if self.cron:
             for job in self.queue.fire_due():
                 logger.info("cron: enqueued job %s %r", job.id, job.task)
@@ -3879,8 +4237,8 @@ class Worker:
                       self.async_concurrency, child.slots, self.stop_event, os.getpid(),
                       self.log_config, self.django))
         child.runner.start()
-        if not self.threads:
-            child.worker_id = f"{socket.gethostname()}:{child.runner.pid}"
+        if not self.threads:  # as _worker_process names itself: "<our id>/<its pid>"
+            child.worker_id = f"{self.worker_id}/{child.runner.pid}"
         child.started = time.monotonic()
 
     def _check_children(self):
@@ -4012,6 +4370,8 @@ def _worker_process(path, synchronous, queues, imports, lease, async_concurrency
         _django_setup(django)
     _import_modules(imports)
     queue = Queue(path, synchronous, lease=lease)
+    # The supervisor's id in ours tells which worker holds the steps we claim.
+    queue._worker_id = (os.getpid(), f"{socket.gethostname()}:{supervisor}/{os.getpid()}")
     _worker_loop(queue, queues, slots, stop, lambda: os.getppid() == supervisor,
                  async_concurrency)
 
@@ -4027,7 +4387,7 @@ def _worker_thread(worker, child):
 def _worker_loop(queue, queues, slots, stop, alive, async_concurrency):
     """Claim steps and run them, until told to stop. A failing database (full, locked
     too long, away) makes it wait and try again, never exit."""
-    storage, worker_id, batch, busy, failures = queue.storage, queue.worker_id, 1, False, 0
+    storage, batch, busy, failures = queue.storage, 1, False, 0
     steps = _Steps(queue, slots, async_concurrency)
     try:
         while not stop.is_set() and alive():
@@ -4039,7 +4399,7 @@ def _worker_loop(queue, queues, slots, stop, alive, async_concurrency):
                     continue
                 # Look before claiming: the claim takes SQLite's write lock, the look not.
                 wait = 0.0 if busy else storage.next_work(queues)
-                claims = storage.claim(worker_id, queue.lease, queues, limit) if wait == 0.0 else []
+                claims = queue._claim(queues, limit) if wait == 0.0 else []
                 busy = len(claims) == limit
                 if claims:
                     batch = steps.run_batch(claims, batch, stop)
@@ -4624,12 +4984,67 @@ def _api_schedules(queue, query):
     return [dict(entry, task=repr(entry["task"])) for entry in queue.schedules()]
 
 
+# Observability (SPEC section 15): Prometheus metrics, the live workers, the chart.
+
+class _WebText(collections.namedtuple("_WebText", "body ctype")):
+    """A route's answer that is not JSON."""
+
+
+_PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _api_metrics(queue, query):
+    """GET /metrics in Prometheus's text format (version 0.0.4)."""
+    _query_params(query, ())
+    stats, oldest = queue.stats(), queue.oldest_due()
+    lines = _metric_family("litetq_jobs", "gauge", "Jobs now in each status.", [
+        ({"queue": name, "status": status}, stats[name].get(status, 0))
+        for name in sorted(stats) for status in _WEB_STATUSES])
+    lines += _metric_family(
+        "litetq_oldest_due_seconds", "gauge",
+        "How long the oldest due, queued job of each queue has waited.",
+        [({"queue": name}, oldest.get(name, 0.0)) for name in sorted(set(stats) | set(oldest))])
+    lines += _metric_family("litetq_workers", "gauge", "Live workers.",
+                            [({}, len(queue.workers()))])
+    lines += _metric_family(
+        "litetq_steps_total", "counter", "Steps finished, by outcome.",
+        [({"queue": name, "task": task, "outcome": outcome}, n)
+         for (name, task, outcome), n in sorted(queue.step_counts().items())])
+    return _WebText(("\n".join(lines) + "\n").encode(), _PROMETHEUS_TYPE)
+
+
+def _metric_family(name, kind, help_text, samples):
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+    for labels, value in samples:
+        text = ",".join(f'{key}="{_label_value(label)}"' for key, label in labels.items())
+        lines.append(f"{name}{{{text}}} {value!r}" if text else f"{name} {value!r}")
+    return lines
+
+
+def _label_value(text):
+    return str(text).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _api_workers(queue, query):
+    _query_params(query, ())
+    return {"workers": queue.workers()}
+
+
+def _api_chart(queue, query):
+    _query_params(query, ())
+    return queue.steps_per_minute(60)
+
+
 _WEB_ROUTES = (
     ("GET", re.compile(r"/api/stats"), _api_stats),
     ("GET", re.compile(r"/api/jobs"), _api_jobs),
     ("GET", re.compile(r"/api/jobs/([^/]+)"), _api_job),
     ("POST", re.compile(r"/api/jobs/([^/]+)/(retry|cancel)"), _api_action),
     ("GET", re.compile(r"/api/schedules"), _api_schedules),
+    # Observability (SPEC section 15)
+    ("GET", re.compile(r"/metrics"), _api_metrics),
+    ("GET", re.compile(r"/api/workers"), _api_workers),
+    ("GET", re.compile(r"/api/chart"), _api_chart),
 )
 
 
@@ -4719,7 +5134,10 @@ class _WebHandler(http.server.BaseHTTPRequestHandler):
             func, groups = _route(method, url.path)
             if method == "POST":
                 self._check_post()
-            self._send_json(200, func(self.server.queue, url.query, *groups))
+            answer = func(self.server.queue, url.query, *groups)
+            if isinstance(answer, _WebText):
+                return self._send(200, answer.body, answer.ctype)
+            self._send_json(200, answer)
         except _WebError as exc:
             self._send_json(exc.status, {"error": exc.message}, exc.headers)
         except NotFound as exc:

@@ -3142,10 +3142,19 @@ W_COMMANDS = ["worker", "status", "jobs", "show", "retry", "cancel", "purge", "e
 
 
 def w_snapshot(db):
-    """Everything in the database, to show that bad input changes nothing."""
+    """Everything in the database, to show that bad input changes nothing. (A running
+    worker's supervisor writes heartbeats, and folds step counts from one table into
+    another: the counts are compared as totals.)"""
+    counting = ("litetq_counts", "litetq_count_deltas")
     with db_session(db, readonly=True) as run:
-        return {t: sorted(map(repr, run(f"select * from {t}")))
-                for t in db_tables(db, run) if t != "litetq_workers"}
+        snapshot = {t: sorted(map(repr, run(f"select * from {t}")))
+                    for t in db_tables(db, run) if t not in ("litetq_workers", *counting)}
+        if set(counting) <= set(db_tables(db, run)):
+            snapshot["steps counted"] = sorted(map(repr, run(
+                "select queue, task, outcome, sum(n) from (select queue, task, outcome, n "
+                "from litetq_counts union all select queue, task, outcome, 1 from "
+                "litetq_count_deltas) c group by queue, task, outcome")))
+    return snapshot
 
 
 def w_main(capsys, *argv):
@@ -9086,3 +9095,482 @@ def test_django_task_waiting_on_a_litetq_subtask_is_running(django_project, tmp_
     assert waiting["status"] == "RUNNING" and waiting["finished_at"] is None
     [done] = project.run(f"out(results({job_id!r}))")
     assert done["status"] == "SUCCESSFUL" and done["return_value"] == "parent"
+
+# ===========================================================================
+# Observability: hooks, step counters, /metrics, /api/workers, /api/chart (SPEC §15)
+# ===========================================================================
+
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+
+@pytest.fixture
+def hooks():
+    """record(event) -> the list its hook appends (job id, details) to; every hook a
+    test registers is removed afterwards."""
+    saved = {event: list(fns) for event, fns in litetq._hooks.items()}
+    seen = collections.defaultdict(list)
+
+    def record(*events):
+        for event in events:
+            litetq.on(event, lambda job, event=event, **details: seen[event].append(
+                (job.id, details)))
+        return seen
+    yield record
+    for event, fns in saved.items():
+        litetq._hooks[event][:] = fns
+
+
+@litetq.task(retries=2, retry_delay=0)
+def obs_flaky(key, failures):
+    COUNTS[key] = COUNTS.get(key, 0) + 1
+    if COUNTS[key] <= failures:
+        raise ValueError(f"obs flaky {COUNTS[key]}")
+    return COUNTS[key]
+
+
+@litetq.task
+def obs_fail():
+    raise ValueError("obs kaput")
+
+
+@litetq.task(ttl=0.05)
+def obs_short():
+    return "never"
+
+
+def test_on_checks_its_arguments(hooks):
+    with pytest.raises(ValueError, match="unknown hook event 'done'.*enqueued, started, "
+                                         "retrying, finished"):
+        litetq.on("done", print)
+    with pytest.raises(ValueError, match="unknown hook event"):
+        litetq.on("Finished")
+    with pytest.raises(TypeError, match="a hook must be callable, not int"):
+        litetq.on("finished", 3)
+
+    @litetq.on("finished")
+    def decorated(job, **details):
+        pass
+    assert callable(decorated) and decorated in litetq._hooks["finished"]
+    litetq.on("finished", decorated)  # registered once, however often
+    assert litetq._hooks["finished"].count(decorated) == 1
+
+
+def test_enqueued_hook_fires_in_the_producer(hooks, file_q, db_path):
+    seen = hooks("enqueued")
+    one = obs_fail.delay()
+    many = file_q.enqueue_many([echo(i) for i in range(3)])
+    conn = db_connect(db_path)
+    inside = file_q.enqueue(echo("tx"), conn=conn)
+    # conn=: fired once the row is in the caller's transaction, before it commits.
+    assert [job_id for job_id, _ in seen["enqueued"]] == [one.id, *(j.id for j in many),
+                                                          inside.id]
+    conn.commit()
+    conn.close()
+    assert all(details == {} for _, details in seen["enqueued"])
+    assert file_q.job(inside.id).status == "queued"
+
+
+def test_step_hooks_with_their_details(hooks, q):
+    seen = hooks("started", "retrying", "finished")
+    flaky = obs_flaky.delay("h", 1)
+    failing = obs_fail.delay()
+    chained = countdown.delay(1)
+    cancelled = echo.delay("x")
+    cancelled.cancel()
+    q.run_until_idle()
+    assert [d for i, d in seen["started"] if i == flaky.id] == [{"attempt": 1}, {"attempt": 2}]
+    assert [d["attempt"] for i, d in seen["started"] if i == chained.id] == [1, 1]
+    assert seen["retrying"] == [(flaky.id, {"error": "ValueError: obs flaky 1", "delay": 0.0})]
+    finished = {job_id: details for job_id, details in seen["finished"]}
+    assert set(finished) == {flaky.id, failing.id, chained.id}  # never ran: no hook
+    assert finished[flaky.id]["status"] == "complete" and finished[flaky.id]["error"] is None
+    assert finished[failing.id]["status"] == "failed"
+    assert finished[failing.id]["error"] == "ValueError: obs kaput"
+    assert all(isinstance(d["duration"], float) and 0 <= d["duration"] < 5
+               for d in finished.values())
+    assert len(seen["finished"]) == 3  # a continuation is no finish
+
+
+def test_finished_hook_for_an_expired_step(hooks, q):
+    seen = hooks("finished")
+    job = obs_short.delay()
+    time.sleep(0.1)
+    q.run_until_idle()
+    assert job.status == "expired"
+    assert seen["finished"] == [(job.id, {"status": "expired", "error": "expired: waited "
+                                          "longer than its ttl", "duration": 0.0})]
+
+
+def test_a_raising_hook_is_logged_and_changes_nothing(hooks, q, caplog):
+    def bad(job, **details):
+        raise RuntimeError("hook blew up")
+    for event in ("enqueued", "started", "finished"):
+        litetq.on(event, bad)
+    seen = hooks("finished")  # hooks after the bad one still run
+    with caplog.at_level(logging.ERROR, logger="litetq"):
+        job = echo.delay(7)
+        q.run_until_idle()
+    assert job.status == "complete" and job.result() == 7
+    assert seen["finished"][0][0] == job.id
+    failures = [r for r in caplog.records if "hook" in r.getMessage()]
+    assert len(failures) == 3 and all(r.exc_info and "hook blew up" in str(r.exc_info[1])
+                                      for r in failures)
+    assert "'started' hook" in failures[1].getMessage()
+
+
+OBS_HOOKS = '''\
+import os
+
+import litetq
+
+LOG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hooks.log")
+
+
+def _write(line):
+    with open(LOG, "a") as f:
+        f.write(line + "\\n")
+
+
+@litetq.on("started")
+def started(job, attempt):
+    _write(f"started {job.id} {attempt} {os.getpid()}")
+
+
+@litetq.on("retrying")
+def retrying(job, error, delay):
+    _write(f"retrying {job.id} {delay} {error}")
+
+
+@litetq.on("finished")
+def finished(job, status, error, duration):
+    _write(f"finished {job.id} {status} {error} {duration:.3f} {os.getpid()}")
+
+
+@litetq.on("finished")
+def broken(job, **details):
+    raise RuntimeError("a broken hook")
+
+
+@litetq.task(retries=1, retry_delay=0)
+def twice(n):
+    if litetq.current().attempt == 1:
+        raise ValueError("first attempt")
+    return n
+'''
+
+
+def test_hooks_run_in_real_worker_processes(worker, wq, wdir):
+    w_write(wdir, "whooks.py", OBS_HOOKS)
+    proc = worker(imports=("wtasks", "whooks"), concurrency=1)
+    done = w_enqueue(wq, "step", "h1")
+    failed = w_enqueue(wq, "fails", "nope")
+    twice = wq.enqueue(litetq.Task("whooks.twice", (5,)))
+    assert twice.result(timeout=20) == 5 and done.result(timeout=20)["key"] == "h1"
+    failed.wait(timeout=20)
+    log = wdir / "hooks.log"
+    lines = w_wait_for(lambda: log.exists() and log.read_text().count("finished") >= 3
+                       and log.read_text().splitlines(), 10, "three finished hooks")
+    child = proc.children()[0]
+    assert f"started {done.id} 1 {child}" in lines
+    assert f"started {twice.id} 2 {child}" in lines
+    assert f"retrying {twice.id} 0.0 ValueError: first attempt" in lines
+    assert any(line.startswith(f"finished {done.id} complete None ") and
+               line.endswith(f" {child}") for line in lines)
+    assert any(line.startswith(f"finished {failed.id} failed ValueError: nope ")
+               for line in lines)
+    assert "a broken hook" in proc.output()  # logged by the worker, which carried on
+    assert wq.job(done.id).status == "complete"
+
+
+def test_step_counts_by_outcome(q):
+    obs_flaky.delay("c", 2)  # two retries, then complete
+    countdown.delay(2)  # two continuations, then complete
+    obs_fail.delay()
+    echo.delay("x").cancel()
+    short = obs_short.delay()
+    time.sleep(0.1)
+    q.run_until_idle()
+    assert short.status == "expired"
+    assert q.step_counts() == {
+        ("default", "test_litetq.obs_flaky", "retried"): 2,
+        ("default", "test_litetq.obs_flaky", "complete"): 1,
+        ("default", "test_litetq.countdown", "continued"): 2,
+        ("default", "test_litetq.countdown", "complete"): 1,
+        ("default", "test_litetq.obs_fail", "failed"): 1,
+        ("default", "test_litetq.echo", "cancelled"): 1,
+        ("default", "test_litetq.obs_short", "expired"): 1,
+    }
+    chart = q.steps_per_minute(60)
+    assert {k: sum(v) for k, v in chart["series"].items()} == {
+        "complete": 2, "continued": 2, "retried": 2, "failed": 1, "cancelled": 1, "expired": 1}
+    assert counts(q) == {"default": {"complete": 2, "failed": 1, "cancelled": 1,
+                                     "expired": 1}}
+
+
+def test_counts_of_subtasks_and_retried_jobs(q):
+    parent = fan_out.delay(2)
+    q.run_until_idle()
+    assert parent.result() == 1
+    by_task = q.step_counts()
+    assert by_task[("default", "test_litetq.fan_out", "continued")] == 1
+    assert by_task[("default", "test_litetq.square", "complete")] == 2
+    failing = obs_fail.delay()
+    q.run_until_idle()
+    failing.retry()  # failed -> queued: no step finished, the gauge moves
+    assert counts(q)["default"].get("failed") is None
+    assert counts(q)["default"]["queued"] == 1
+    q.run_until_idle()
+    assert q.step_counts()[("default", "test_litetq.obs_fail", "failed")] == 2
+    assert counts(q)["default"]["failed"] == 1
+
+
+def test_counters_survive_purge_and_a_new_queue(db_path):
+    with litetq.Queue(db_path) as queue:
+        litetq.use(queue)
+        for i in range(3):
+            echo.delay(i)
+        obs_fail.delay()
+        queue.run_until_idle()
+        before = queue.step_counts()
+        assert queue.purge() == 4
+        assert queue.stats() == {} and queue.step_counts() == before
+    with litetq.Queue(db_path) as again:  # a restart: a new process would see the same
+        assert again.step_counts() == before == {
+            ("default", "test_litetq.echo", "complete"): 3,
+            ("default", "test_litetq.obs_fail", "failed"): 1}
+        assert again.stats() == {}
+        assert sum(again.steps_per_minute()["series"]["complete"]) == 3
+
+
+def test_old_minutes_fold_into_one_total(file_q):
+    for i in range(2):
+        echo.delay(i)
+    file_q.run_until_idle()
+    now = file_q.storage.steps_per_minute(1)[0]
+    old = now - (litetq.KEEP_MINUTES + 5) * 60
+    file_q.storage.change("insert into litetq_counts values (?, 'default', "
+                          "'test_litetq.echo', 'complete', 5)", (old,))
+    assert file_q.step_counts()[("default", "test_litetq.echo", "complete")] == 7
+    file_q.storage.fold_counts()
+    minutes = file_q.storage.query("select minute, n from litetq_counts order by minute")
+    assert [m for m, _ in minutes][0] == 0 and old not in [m for m, _ in minutes]
+    assert file_q.step_counts()[("default", "test_litetq.echo", "complete")] == 7
+    file_q.storage.fold_counts()  # nothing more to fold: the same
+    assert file_q.step_counts()[("default", "test_litetq.echo", "complete")] == 7
+
+
+@postgres_only
+def test_postgres_counts_append_deltas_that_fold(file_q):
+    for i in range(3):
+        echo.delay(i)
+    file_q.run_until_idle()
+    storage = file_q.storage
+    assert storage.query_one("select count(*) from litetq_count_deltas")[0] == 3
+    assert storage.query_one("select count(*) from litetq_counts")[0] == 0
+    before, stats = file_q.step_counts(), file_q.stats()
+    storage.fold_counts()
+    assert storage.query_one("select count(*) from litetq_count_deltas")[0] == 0
+    assert file_q.step_counts() == before == {("default", "test_litetq.echo", "complete"): 3}
+    assert file_q.stats() == stats == {"default": {"complete": 3}}
+
+
+def test_an_older_database_upgrades_and_counts_its_finished_jobs(db_path):
+    with litetq.Queue(db_path) as queue:
+        litetq.use(queue)
+        echo.delay(1)
+        obs_fail.delay()
+        echo.delay(2)
+        queue.run_until_idle(max_steps=2)
+    # Back to what schema version 2 had: no counting tables, triggers or functions.
+    with db_session(db_path) as run:
+        for table in ("litetq_counts", "litetq_removed", "litetq_count_deltas"):
+            run(f"drop table {table}" + (" cascade" if is_url(db_path) else ""))
+        if is_url(db_path):
+            run("drop function litetq_count() cascade")
+            run("drop function litetq_forget() cascade")
+        else:
+            for trigger in ("counted", "retried", "forgotten"):
+                run(f"drop trigger litetq_jobs_{trigger}")
+        run("drop index litetq_jobs_waiting")
+        run("update litetq_meta set value = '2' where key = 'schema'")
+    with litetq.Queue(db_path) as queue:
+        litetq.use(queue)
+        assert queue.stats() == {"default": {"complete": 1, "failed": 1, "queued": 1}}
+        # The finished jobs it had count as steps finished long ago (minute 0).
+        assert queue.step_counts() == {("default", "test_litetq.echo", "complete"): 1,
+                                       ("default", "test_litetq.obs_fail", "failed"): 1}
+        assert sum(map(sum, queue.steps_per_minute()["series"].values())) == 0
+        queue.run_until_idle()
+        assert queue.stats() == {"default": {"complete": 2, "failed": 1}}
+        assert queue.step_counts()[("default", "test_litetq.echo", "complete")] == 2
+        assert queue.purge() == 3 and queue.stats() == {}
+        assert db_sql(db_path, "select value from litetq_meta where key = 'schema'") == [
+            (str(litetq.SCHEMA_VERSION),)]
+    if not is_url(db_path):  # the queued steps' indexes were made again, covering the queue
+        [(ready,)] = db_sql(db_path, "select sql from sqlite_master where name = "
+                                     "'litetq_jobs_ready'")
+        assert "id, queue)" in ready
+
+
+def test_metrics_in_prometheus_text_format(web_q, web):
+    odd = 'we"ird\\queue\nname'
+    web_q.enqueue(obs_flaky("m", 1))
+    web_q.enqueue(countdown(1), queue=odd)
+    web_q.enqueue(obs_fail())
+    web_q.run_until_idle()
+    web_q.enqueue(echo(1), at=time.time() - 5)  # due 5 s ago
+    status, headers, text = call(web, "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert {name: f.type for name, f in families.items()} == {
+        "litetq_jobs": "gauge", "litetq_oldest_due_seconds": "gauge",
+        "litetq_workers": "gauge", "litetq_steps": "counter"}
+    assert "# TYPE litetq_steps_total counter" in text
+    jobs = {(s.labels["queue"], s.labels["status"]): s.value
+            for s in families["litetq_jobs"].samples}
+    assert jobs[("default", "complete")] == 1 and jobs[("default", "failed")] == 1
+    assert jobs[("default", "queued")] == 1 and jobs[("default", "running")] == 0
+    assert jobs[(odd, "complete")] == 1  # the label escaped and parsed back
+    oldest = {s.labels["queue"]: s.value for s in families["litetq_oldest_due_seconds"].samples}
+    assert 4 < oldest["default"] < 60 and oldest[odd] == 0
+    assert [s.value for s in families["litetq_workers"].samples] == [0]
+    steps = {(s.labels["queue"], s.labels["task"], s.labels["outcome"]): s.value
+             for s in families["litetq_steps"].samples}
+    assert steps == {("default", "test_litetq.obs_flaky", "retried"): 1,
+                     ("default", "test_litetq.obs_flaky", "complete"): 1,
+                     (odd, "test_litetq.countdown", "continued"): 1,
+                     (odd, "test_litetq.countdown", "complete"): 1,
+                     ("default", "test_litetq.obs_fail", "failed"): 1}
+    assert all(s.name == "litetq_steps_total" for s in families["litetq_steps"].samples)
+    assert call(web, "/metrics?x=1")[0] == 400
+    assert call(web, "/metrics", method="POST",
+                headers={"Content-Type": "application/json"})[0] == 405
+
+
+def test_metrics_answer_only_to_local_host_names(web):
+    status, _, body = call(web, "/metrics", headers={"Host": "evil.example"})
+    assert status == 403 and "unexpected Host" in body["error"]
+
+
+def test_api_chart_has_an_hour_of_minutes(web_q, web):
+    web_q.enqueue(obs_flaky("chart", 1))
+    web_q.enqueue(countdown(2))
+    web_q.run_until_idle()
+    status, _, chart = call(web, "/api/chart")
+    assert status == 200 and chart["minutes"] == 60 and chart["start"] % 60 == 0
+    assert abs(chart["start"] + 59 * 60 - time.time()) < 120
+    assert set(chart["series"]) == {"complete", "continued", "retried", "failed", "cancelled",
+                                    "expired"}
+    assert all(len(v) == 60 and all(isinstance(n, int) for n in v)
+               for v in chart["series"].values())
+    assert sum(chart["series"]["complete"][-2:]) == 2  # this minute (or the last one)
+    assert sum(chart["series"]["continued"]) == 2 and sum(chart["series"]["retried"]) == 1
+    assert sum(chart["series"]["complete"][:-2]) == 0
+    assert call(web, "/api/chart?minutes=5")[0] == 400
+
+
+def test_api_workers_lists_a_live_worker_and_its_step(worker, wq, wdir):
+    proc = worker(concurrency=2)
+    job = w_enqueue(wq, "step", "held", 5.0)
+    w_run_pid(wdir, "held", 1)
+    server, base = start(wq)
+    try:
+        status, _, body = call(base, "/api/workers")
+    finally:
+        stop(server)
+    assert status == 200
+    [found] = body["workers"]
+    assert found["pid"] == proc.pid and found["host"] == socket.gethostname()
+    assert found["id"] == f"{socket.gethostname()}:{proc.pid}"
+    assert found["queues"] is None and found["concurrency"] == 2
+    assert 0 <= found["heartbeat_age"] < 5
+    assert found["steps"] == [{"id": job.id, "task": "wtasks.step"}]
+    assert wq.workers()[0]["steps"] == found["steps"]
+
+
+def test_queue_workers_with_queues_and_thread_workers(db_path):
+    with litetq.Queue(db_path) as queue:
+        with litetq.Worker(queue, queues=["a", "b"], concurrency=1, threads=True):
+            [found] = w_wait_for(queue.workers, 10, "the worker to register")
+            assert found["queues"] == ["a", "b"] and found["steps"] == []
+        assert queue.workers() == []  # it unregistered as it stopped
+
+
+@litetq.task
+def obs_parent(fail):
+    ctx = litetq.current()
+    ctx.spawn(obs_fail() if fail else echo("child"))
+    return "parent's own value"
+
+
+@litetq.task
+async def obs_async_child():
+    return "async child"
+
+
+@litetq.task
+def obs_async_parent():
+    litetq.current().spawn(obs_async_child())
+    return "waited"
+
+
+def test_finished_hook_of_a_parent_its_last_subtask_ended(hooks, q):
+    seen = hooks("finished")
+    ok, bad = obs_parent.delay(False), obs_parent.delay(True)
+    awaited = obs_async_parent.delay()
+    q.run_until_idle()
+    assert ok.status == awaited.status == "complete" and bad.status == "failed"
+    finished = collections.Counter(job_id for job_id, _ in seen["finished"])
+    assert set(finished.values()) == {1} and len(finished) == 6  # 3 parents, 3 children,
+    details = dict(seen["finished"])                             # and no job twice
+    assert details[ok.id] == {"status": "complete", "error": None, "duration": None}
+    assert details[awaited.id]["status"] == "complete"
+    assert details[bad.id]["status"] == "failed"
+    assert "obs kaput" in details[bad.id]["error"]
+    counted = q.step_counts()  # a parent's step counts when the parent ends
+    assert counted[("default", "test_litetq.obs_parent", "complete")] == 1
+    assert counted[("default", "test_litetq.obs_parent", "failed")] == 1
+    assert counted[("default", "test_litetq.obs_async_parent", "complete")] == 1
+    assert counts(q) == {"default": {"complete": 4, "failed": 2}}
+
+
+def test_counts_under_a_real_worker_batching_its_commits(worker, wq):
+    worker(concurrency=2)
+    jobs = [w_enqueue(wq, "step", f"b{i}") for i in range(60)]
+    jobs += [w_enqueue(wq, "countdown", 3) for _ in range(2)]
+    jobs.append(w_enqueue(wq, "fails", "counted"))
+    for job in jobs:
+        job.wait(timeout=30)
+    assert wq.step_counts() == {("default", "wtasks.step", "complete"): 60,
+                                ("default", "wtasks.countdown", "continued"): 6,
+                                ("default", "wtasks.countdown", "complete"): 2,
+                                ("default", "wtasks.fails", "failed"): 1}
+    assert wq.stats() == {"default": {"complete": 62, "failed": 1}}
+    series = wq.steps_per_minute(2)["series"]
+    assert sum(series["complete"]) == 62 and sum(series["continued"]) == 6
+
+
+@litetq.task(atomic=True)
+def obs_atomic(fail):
+    db_exec(litetq.current().db, "select 1")
+    if fail:
+        raise ValueError("rolled back")
+    return "kept"
+
+
+@litetq.task
+async def obs_async(n):
+    await asyncio.sleep(0)
+    return obs_async(n - 1) if n else "async done"
+
+
+def test_counts_of_atomic_and_async_steps(file_q):
+    file_q.enqueue(obs_atomic(False))
+    file_q.enqueue(obs_atomic(True))
+    file_q.enqueue(obs_async(2))
+    file_q.run_until_idle()
+    assert file_q.step_counts() == {("default", "test_litetq.obs_atomic", "complete"): 1,
+                                    ("default", "test_litetq.obs_atomic", "failed"): 1,
+                                    ("default", "test_litetq.obs_async", "continued"): 2,
+                                    ("default", "test_litetq.obs_async", "complete"): 1}
+    assert file_q.stats() == {"default": {"complete": 2, "failed": 1}}
