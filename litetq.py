@@ -632,7 +632,7 @@ def http_post(url, data, headers=None, timeout=10):
 # transaction, which errors mean "wait" or "try again", column types, many-row
 # inserts, and how to hear that another process committed.
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = """
 create table if not exists litetq_meta (key text primary key, value text not null);
 create table if not exists litetq_jobs (
@@ -684,6 +684,9 @@ create index if not exists litetq_jobs_lease on litetq_jobs (lease_until)
     where status = 'running';
 create index if not exists litetq_jobs_parent on litetq_jobs (parent_id)
     where parent_id is not null;
+create index if not exists litetq_jobs_status on litetq_jobs (status, id);
+create index if not exists litetq_jobs_queue on litetq_jobs (queue, status, id);
+create index if not exists litetq_jobs_name on litetq_jobs (name, status, id);
 create unique index if not exists litetq_jobs_unique on litetq_jobs (unique_key)
     where unique_key is not null and status in ('queued', 'running', 'waiting');
 create table if not exists litetq_logs (
@@ -735,6 +738,20 @@ TREE = ("with recursive tree(id) as (select cast(? as bigint) union all select j
         "litetq_jobs j join tree on j.parent_id = tree.id) select id from tree")
 TERMINAL_SQL = "('complete', 'failed', 'cancelled', 'expired')"
 NO_LIMIT = 2 ** 62  # "limit ?" for every row, in both dialects
+STATUSES = UNFINISHED + TERMINAL
+RETRYABLE = ("failed", "cancelled", "expired")
+SEARCH_SPAN = 100_000  # ids one page of a search looks through, at most
+BULK_BATCH = 500  # jobs retried or cancelled in one transaction
+# Counts per queue and status: the queue names by skip scan of litetq_jobs_queue,
+# then one count of index entries per queue and status, twice as fast as a
+# "group by" over a big table.
+STATS = ("with recursive queues(name) as (select min(queue) from litetq_jobs union all "
+         "select (select min(queue) from litetq_jobs where queue > queues.name) from queues "
+         "where name is not null), statuses(status) as ("
+         + " union all ".join(f"select '{s}'" for s in STATUSES) +
+         ") select name, status, (select count(*) from litetq_jobs j where j.queue = "
+         "queues.name and j.status = statuses.status) from queues, statuses "
+         "where name is not null")
 # A job row from Queue._job_row is (queue, priority, name, args) for a plain call
 # due now, which most jobs are: the short insert is half again as fast in bulk.
 # With any option it goes on: (at, delay, parked, at, delay, ttl, rest, unique_key,
@@ -818,6 +835,7 @@ class Storage:
     memory = False  # one shared in-process database (SQLite's ":memory:")
     driver_errors = ()  # the driver's exception classes, turned into litetq.Error
     max_connections = None  # in use at once, per process and storage (None: no limit)
+    like = "like"  # the case-insensitive LIKE operator
 
     def __init__(self, name, readonly=False):
         self.name, self.readonly = name, readonly
@@ -1532,6 +1550,9 @@ class Storage:
 
     @_transaction
     def cancel(self, conn, job_id):
+        return self._cancel(conn, job_id)
+
+    def _cancel(self, conn, job_id):
         changed = self._cancel_tree(conn, job_id)
         parent = self._execute(conn, "select parent_id from litetq_jobs where id = ?",
                                (job_id,)).fetchone()
@@ -1541,6 +1562,9 @@ class Storage:
 
     @_transaction
     def retry(self, conn, job_id):
+        return self._retry(conn, job_id)
+
+    def _retry(self, conn, job_id):
         row = self._execute(conn, "select unique_key, token from litetq_jobs where id = ? and "
                             "status in ('failed', 'cancelled', 'expired') for update",
                             (job_id,)).fetchone()
@@ -1631,15 +1655,113 @@ class Storage:
 
     def stats(self):
         counts = {}
-        for queue, status, n in self.query(
-                "select queue, status, count(*) from litetq_jobs group by queue, status"):
-            counts.setdefault(queue, {})[status] = n
+        for queue, status, n in self.query(STATS):
+            if n:
+                counts.setdefault(queue, {})[status] = n
         return counts
 
     def oldest_wait(self):
         """Seconds the longest-waiting due job has waited, or None."""
         return self.query_one("select litetq_now() - min(due) from litetq_jobs "
                               "where status = 'queued' and due <= litetq_now()")[0]
+
+    # The web page's queries: each reads an index, or a bounded range of ids.
+
+    def find_jobs(self, status=None, queue=None, name=None, search=None, before=None,
+                  limit=100):
+        """Rows (dicts, newest first) of the jobs with ids below `before` that match, and
+        the `before` of the next page (None when nothing older is left to look at).
+        A `search` reads at most SEARCH_SPAN ids below `before`: when fewer than `limit`
+        match there, the next page starts where this one stopped looking."""
+        where, params = _job_filter(status, queue, name, before)
+        if search is None:
+            if status is None and (queue is not None or name is not None):
+                # One index range per status (litetq_jobs_queue or _name), merged:
+                # newest first without sorting every job of the queue or task.
+                part = (f"select id from (select id from litetq_jobs where {where} and "
+                        f"status = ? order by id desc limit ?) as s{{}}")
+                sql = " union all ".join(part.format(i) for i in range(len(STATUSES)))
+                params = [p for each in STATUSES for p in (*params, each, limit + 1)]
+                ids = [r[0] for r in self.query(f"{sql} order by id desc limit ?",
+                                                (*params, limit + 1))]
+            else:
+                ids = [r[0] for r in self.query(f"select id from litetq_jobs where {where} "
+                                                "order by id desc limit ?", (*params, limit + 1))]
+            more = ids[limit - 1] if len(ids) > limit else None
+            return self._job_rows(ids[:limit]), more
+        # Two subqueries: SQLite reads min() or max() from the index only when alone.
+        low, top = self.query_one("select (select min(id) from litetq_jobs), "
+                                  "(select max(id) from litetq_jobs)")
+        top = top + 1 if before is None and top is not None else before
+        if top is None:
+            return [], None
+        floor = top - SEARCH_SPAN
+        match, terms = self._search_clause(search)
+        ids = [r[0] for r in self.query(
+            f"select id from litetq_jobs where {where} and id >= ? and id < ? and {match} "
+            "order by id desc limit ?", (*params, floor, top, *terms, limit + 1))]
+        if len(ids) > limit:
+            more = ids[limit - 1]
+        else:
+            more = floor if low is not None and floor > low else None
+        ids = ids[:limit]
+        number = _search_id(search)
+        if before is None and number is not None and number not in ids:
+            hit = self.query_one(f"select id from litetq_jobs where {where} and id = ?",
+                                 (*params, number))
+            ids = ([hit[0]] if hit else []) + ids  # an id typed in is found however old
+        return self._job_rows(ids), more
+
+    def _search_clause(self, search):
+        """SQL matching `search` in a job's task name, arguments or error (or its id)."""
+        pattern = "%" + re.sub(r"([\\%_])", r"\\\1", search) + "%"
+        like = self.like
+        sql = (f"(name {like} ? escape '\\' or args {like} ? escape '\\' "
+               f"or error {like} ? escape '\\'")
+        terms = [pattern] * 3
+        if _search_id(search) is not None:
+            sql += " or id = ?"
+            terms.append(_search_id(search))
+        return sql + ")", terms
+
+    def _job_rows(self, ids):
+        if not ids:
+            return []
+        rows = self.query(f"select {JOB_COLUMNS} from litetq_jobs where id in "
+                          f"({', '.join('?' * len(ids))})", ids)
+        columns = JOB_COLUMNS.split(", ")
+        found = {row[0]: dict(zip(columns, row)) for row in rows}
+        return [found[i] for i in ids if i in found]
+
+    def act_on_jobs(self, action, status=None, queue=None, name=None, search=None):
+        """Retry (action "retry") or cancel ("cancel") every job that matches and whose
+        state allows it, BULK_BATCH to a transaction; returns how many changed."""
+        allowed = RETRYABLE if action == "retry" else UNFINISHED
+        statuses = [s for s in ([status] if status else allowed) if s in allowed]
+        count, before = 0, None
+        while statuses:
+            where, params = _job_filter(None, queue, name, before)
+            where += f" and status in ({', '.join('?' * len(statuses))})"
+            params += statuses
+            if search is not None:
+                match, terms = self._search_clause(search)
+                where, params = f"{where} and {match}", params + terms
+            ids = [r[0] for r in self.query(f"select id from litetq_jobs where {where} "
+                                            "order by id desc limit ?", (*params, BULK_BATCH))]
+            if not ids:
+                break
+            count += self.transact(lambda conn: sum(
+                self._act(conn, action, job_id) for job_id in ids))
+            before = ids[-1]
+        return count
+
+    def _act(self, conn, action, job_id):
+        if action == "cancel":
+            return self._cancel(conn, job_id)
+        try:
+            return self._retry(conn, job_id)
+        except Error:  # its unique key is taken again: it stays as it is (nothing written)
+            return False
 
     def purge(self, status, older_than, budget=None):
         """Delete the job trees (a root and every subtask, with their logs) whose root
@@ -1886,6 +2008,24 @@ class Storage:
         """What a dialect adds to the tables (PostgreSQL: the NOTIFY triggers)."""
 
 
+def _job_filter(status, queue, name, before):
+    """A "where" clause (never empty) and its parameters for the jobs list's filters."""
+    clauses, params = ["1 = 1"], []
+    for column, value in (("status", status), ("queue", queue), ("name", name),
+                          ("id", before)):
+        if value is not None:
+            clauses.append(f"{column} {'<' if column == 'id' else '='} ?")
+            params.append(value)
+    return " and ".join(clauses), params
+
+
+def _search_id(search):
+    """The job id a search could mean (it is all digits), else None."""
+    if search.isascii() and search.isdigit() and len(search) < 19:
+        return int(search)
+    return None
+
+
 def _epoch():
     return time.time()  # looked up at each call, so tests may shift the clock
 
@@ -1907,6 +2047,7 @@ class SQLiteStorage(Storage):
 
     driver_errors = (sqlite3.Error,)
     max_connections = 16  # one writes at a time anyway; fewer connections, fewer open files
+    like = "like"  # case-insensitive for ASCII letters (PRAGMA case_sensitive_like)
 
     def __init__(self, path, synchronous="NORMAL", readonly=False):
         level = str(synchronous).upper()
@@ -2166,6 +2307,7 @@ class PostgresStorage(Storage):
     only delays. Tables live in the schema the connection's search_path selects.
     """
 
+    like = "ilike"  # "like" is case-sensitive here
     max_connections = 10
 
     def __init__(self, url, readonly=False):
@@ -3055,16 +3197,20 @@ class Job:
 
     def to_dict(self):
         """Everything about the job as JSON-ready data (for the CLI and web page)."""
-        row = self.queue.storage.job(self.id)
-        call = _call_of(row)
-        info = {key: row[key] for key in (
-            "id", "queue", "priority", "status", "name", "attempts", "steps", "error",
-            "traceback", "created", "started", "finished", "due")}
-        info.update(task=repr(call), args=_encode(list(call.args)), kwargs=_encode(call.kwargs),
-                    parent_id=row["parent_id"],
-                    progress=json.loads(row["progress"]) if row["progress"] else None,
-                    result=json.loads(row["result"]) if row["result"] else None)
-        return info
+        return _job_info(self.queue.storage.job(self.id))
+
+
+def _job_info(row):
+    """A job row (a dict of storage's JOB_COLUMNS) as JSON-ready data."""
+    call = _call_of(row)
+    info = {key: row[key] for key in (
+        "id", "queue", "priority", "status", "name", "attempts", "steps", "error",
+        "traceback", "created", "started", "finished", "due")}
+    info.update(task=repr(call), args=_encode(list(call.args)), kwargs=_encode(call.kwargs),
+                parent_id=row["parent_id"],
+                progress=json.loads(row["progress"]) if row["progress"] else None,
+                result=json.loads(row["result"]) if row["result"] else None)
+    return info
 
 
 def _call_of(row):
@@ -4066,8 +4212,6 @@ class _Steps:
 # JSON and goes into the DOM as text nodes, so nothing a task stored (args,
 # errors, log lines, queue names) is ever parsed as HTML.
 
-_WEB_STATUSES = UNFINISHED + TERMINAL
-_WEB_RETRYABLE = ("failed", "cancelled", "expired")
 _WEB_MAX_LIMIT = 1000
 _WEB_MAX_BODY = 64 * 1024
 
@@ -4145,16 +4289,46 @@ def _api_stats(queue, query):
     return queue.stats()
 
 
+def _api_queues(queue, query):
+    """Every queue with jobs or a pause: its counts per status and whether it is paused."""
+    _query_params(query, ())
+    stats, paused = queue.stats(), queue.paused()
+    return {"queues": [
+        {"name": name, "paused": name in paused,
+         "counts": {status: stats.get(name, {}).get(status, 0) for status in STATUSES}}
+        for name in sorted(set(stats) | paused)]}
+
+
 def _api_jobs(queue, query):
-    params = _query_params(query, ("status", "queue", "task", "limit"))
-    status = params.get("status")
-    if status is not None and status not in _WEB_STATUSES:
-        raise _WebError(400, f"unknown status {status!r}; use one of "
-                             f"{', '.join(_WEB_STATUSES)}")
+    """A page of jobs, newest first, and the `before` that asks for the next one."""
+    params = _query_params(query, _WEB_FILTERS + ("limit", "before"))
     limit = _int_param(params.get("limit", "100"), "limit", 1, _WEB_MAX_LIMIT)
-    jobs = queue.jobs(status=status, queue=params.get("queue"),
-                      task=params.get("task"), limit=limit)
-    return [job.to_dict() for job in jobs]
+    before = params.get("before")
+    before = None if before is None else _int_param(before, "before", 1, NO_LIMIT)
+    rows, more = queue.storage.find_jobs(**_job_filters(params), before=before, limit=limit)
+    return {"jobs": [_job_info(row) for row in rows], "next_before": more}
+
+
+def _api_jobs_action(queue, query, action):
+    """POST /api/jobs/retry|cancel: every job the filters match whose state allows it."""
+    filters = _job_filters(_query_params(query, _WEB_FILTERS))
+    count = queue.storage.act_on_jobs(action, **filters)
+    queue.storage.changed()
+    return {"count": count}
+
+
+def _job_filters(params):
+    """The jobs list's filters, checked, as keywords of Storage.find_jobs()."""
+    status = params.get("status")
+    if status is not None and status not in STATUSES:
+        raise _WebError(400, f"unknown status {status!r}; use one of {', '.join(STATUSES)}")
+    filters = {"status": status}
+    for param, key in (("queue", "queue"), ("task", "name"), ("q", "search")):
+        value = params.get(param)
+        if value is not None and (len(value) > 1000 or "\0" in value):
+            raise _WebError(400, f"{param} must be at most 1000 characters, without NUL")
+        filters[key] = value
+    return filters
 
 
 def _api_job(queue, query, job_id):
@@ -4164,9 +4338,10 @@ def _api_job(queue, query, job_id):
 
 def _api_action(queue, query, job_id, action):
     """POST /api/jobs/ID/retry|cancel: answer 409 when the state forbids it."""
+    _query_params(query, ())
     job = queue.job(_job_id(job_id))
     status = job.status
-    if action == "retry" and status not in _WEB_RETRYABLE:
+    if action == "retry" and status not in RETRYABLE:
         raise _WebError(409, f"job {job.id} is {status}; only failed, "
                              "cancelled or expired jobs can be retried")
     if action == "cancel" and status in TERMINAL:
@@ -4182,17 +4357,41 @@ def _api_action(queue, query, job_id, action):
     return job.to_dict()
 
 
+def _api_pause(queue, query, name, action):
+    """POST /api/queues/NAME/pause|resume."""
+    _query_params(query, ())
+    name = _path_name(name, "queue name")
+    getattr(queue, action)(name)
+    return {"name": name, "paused": action == "pause"}
+
+
 def _api_schedules(queue, query):
     _query_params(query, ())
     return [dict(entry, task=repr(entry["task"])) for entry in queue.schedules()]
 
 
+def _api_run_schedule(queue, query, name):
+    """POST /api/schedules/NAME/run: enqueue the entry's call now, as its next fire
+    would; the schedule itself is left as it is."""
+    _query_params(query, ())
+    name = _path_name(name, "cron entry name")
+    for entry in queue.schedules():
+        if entry["name"] == name:
+            return queue.enqueue(entry["task"], queue=entry["queue"]).to_dict()
+    raise _WebError(404, f"no cron entry named {name!r}")
+
+
+_WEB_FILTERS = ("status", "queue", "task", "q")
 _WEB_ROUTES = (
     ("GET", re.compile(r"/api/stats"), _api_stats),
+    ("GET", re.compile(r"/api/queues"), _api_queues),
+    ("POST", re.compile(r"/api/queues/([^/]+)/(pause|resume)"), _api_pause),
     ("GET", re.compile(r"/api/jobs"), _api_jobs),
-    ("GET", re.compile(r"/api/jobs/([^/]+)"), _api_job),
+    ("POST", re.compile(r"/api/jobs/(retry|cancel)"), _api_jobs_action),
+    ("GET", re.compile(r"/api/jobs/(?!(?:retry|cancel)$)([^/]+)"), _api_job),
     ("POST", re.compile(r"/api/jobs/([^/]+)/(retry|cancel)"), _api_action),
     ("GET", re.compile(r"/api/schedules"), _api_schedules),
+    ("POST", re.compile(r"/api/schedules/([^/]+)/run"), _api_run_schedule),
 )
 
 
@@ -4208,6 +4407,14 @@ def _job_id(text):
     if not _is_digits(text):
         raise _WebError(400, f"job id must be a positive integer, not {text!r}")
     return int(text)
+
+
+def _path_name(text, what):
+    """A queue or cron entry name from a URL path segment (percent-encoded)."""
+    try:
+        return _name(urllib.parse.unquote(text, errors="strict"), what)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _WebError(400, f"bad {what} {text!r}: {exc}") from None
 
 
 def _query_params(query, allowed):
@@ -4630,8 +4837,8 @@ async function refresh() {
       api("/api/stats"), api("/api/jobs?status=running&limit=50"),
       api("/api/jobs?status=failed&limit=20"), api("/api/jobs?limit=30"),
       api("/api/schedules")]);
-    renderQueues(stats); renderRunning(running); renderFailures(failed);
-    renderRecent(recent); renderSchedules(schedules);
+    renderQueues(stats); renderRunning(running.jobs); renderFailures(failed.jobs);
+    renderRecent(recent.jobs); renderSchedules(schedules);
     setStatus("updated " + new Date().toLocaleTimeString(), false);
   } catch (err) {
     setStatus("cannot reach the server: " + err.message, true);

@@ -3655,7 +3655,7 @@ def test_page_is_self_contained_and_locked_down(web):
     status, headers, page = call(web, "/")
     assert status == 200
     assert headers["Content-Type"] == "text/html; charset=utf-8"
-    assert "<script>" in page and "/api/stats" in page
+    assert "<script>" in page and "/api/queues" in page
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # no external assets
     assert not re.search(r"\.(inner|outer)HTML|insertAdjacentHTML|document\.write", page)
     csp = headers["Content-Security-Policy"]
@@ -3674,17 +3674,20 @@ def test_api_stats_matches_queue(web_q, web):
 def test_api_jobs_lists_newest_first_with_filters(web_q, web):
     jobs = make_jobs(web_q)
     _, _, everything = call(web, "/api/jobs")
+    assert everything["next_before"] is None
+    everything = everything["jobs"]
     ids = [j["id"] for j in everything]
     assert ids == sorted(ids, reverse=True) and jobs["queued"].id == ids[0]
     _, _, failed = call(web, "/api/jobs?status=failed")
+    failed = failed["jobs"]
     assert [j["id"] for j in failed] == [jobs["failed"].id]
     assert "kaput" in failed[0]["error"] and "ValueError" in failed[0]["traceback"]
     _, _, batch = call(web, "/api/jobs?queue=batch")
-    assert [j["id"] for j in batch] == [jobs["parent"].id]
+    assert [j["id"] for j in batch["jobs"]] == [jobs["parent"].id]
     _, _, one = call(web, "/api/jobs?limit=1")
-    assert len(one) == 1
+    assert len(one["jobs"]) == 1 and one["next_before"] == ids[0]
     status, _, blank = call(web, "/api/jobs?status=&queue=&limit=")
-    assert status == 200 and len(blank) == len(everything)
+    assert status == 200 and len(blank["jobs"]) == len(everything)
 
 
 @pytest.mark.parametrize("query", [
@@ -3788,7 +3791,7 @@ def test_running_job_shows_progress_and_can_be_cancelled(web_q, web):
     try:
         assert SLOW_STARTED.wait(10)
         _, _, running = call(web, "/api/jobs?status=running")
-        assert [(j["id"], j["progress"]) for j in running] == [(job.id, [3, 10])]
+        assert [(j["id"], j["progress"]) for j in running["jobs"]] == [(job.id, [3, 10])]
         status, _, body = post(web, f"/api/jobs/{job.id}/cancel")
         assert status == 200 and body["status"] in ("running", "cancelled")
     finally:
