@@ -4566,7 +4566,7 @@ class _WebHandler(http.server.BaseHTTPRequestHandler):
 
 _WEB_CSS = """
 :root { --fg:#1d2330; --muted:#6b7385; --line:#e3e6ec; --bg:#f6f7f9;
-  --card:#fff; --accent:#3563d6; }
+  --card:#fff; --accent:#3563d6; --bad:#b3261e; }
 * { box-sizing: border-box; }
 body { margin:0; font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;
   color:var(--fg); background:var(--bg); }
@@ -4575,52 +4575,79 @@ header { display:flex; align-items:baseline; gap:1em; padding:14px 24px;
 header h1 { margin:0; font-size:20px; letter-spacing:.5px; }
 #status { color:#aab2c5; font-size:13px; }
 #status.bad { color:#ff9b8f; }
-main { max-width:1200px; margin:0 auto; padding:16px 24px 40px; }
+main { max-width:1280px; margin:0 auto; padding:16px 24px 40px; }
 section { background:var(--card); border:1px solid var(--line);
-  border-radius:8px; margin:0 0 16px; padding:12px 16px; }
+  border-radius:8px; margin:0 0 16px; padding:12px 16px; min-width:0; }
+.grid { display:grid; grid-template-columns:minmax(0,3fr) minmax(0,2fr); gap:16px;
+  margin-bottom:16px; }
+.grid > section { margin:0; }
+@media (max-width:900px) { .grid { grid-template-columns:1fr; } }
 h2 { font-size:15px; margin:0 0 8px; }
-h2 .count { color:var(--muted); font-weight:normal; }
+h2 .count, h2 .sub { color:var(--muted); font-weight:normal; }
+h2 .sub { font-size:12px; }
 table { border-collapse:collapse; width:100%; }
 th, td { text-align:left; padding:5px 8px; border-bottom:1px solid var(--line);
   vertical-align:middle; }
 th { font-size:12px; color:var(--muted); font-weight:600;
-  text-transform:uppercase; letter-spacing:.4px; }
+  text-transform:uppercase; letter-spacing:.4px; white-space:nowrap; }
 td.num, th.num { text-align:right; font-variant-numeric:tabular-nums; }
 td.zero { color:#c3c8d2; }
 .task { font-family:ui-monospace,Menlo,Consolas,monospace; font-size:13px;
   max-width:420px; overflow:hidden; text-overflow:ellipsis; white-space:nowrap; }
+td .error { color:var(--bad); font-size:12px; max-width:420px; overflow:hidden;
+  text-overflow:ellipsis; white-space:nowrap; }
 .muted, .empty { color:var(--muted); }
 .badge { display:inline-block; padding:0 7px; border-radius:9px; font-size:12px;
-  background:#eef0f4; color:#444; }
+  background:#eef0f4; color:#444; white-space:nowrap; }
 .s-queued { background:#e8eefc; color:#2c4fa8; }
 .s-running { background:#e3f4fb; color:#0d6f96; }
 .s-waiting { background:#f1e9fb; color:#6a3fa8; }
 .s-complete { background:#e5f5e8; color:#237a36; }
-.s-failed { background:#fde8e6; color:#b3261e; }
+.s-failed { background:#fde8e6; color:var(--bad); }
 .s-cancelled, .s-expired { background:#efefef; color:#666; }
-.bar { width:160px; height:10px; background:#e9ecf1; border-radius:5px;
+.s-paused { background:#fff1d6; color:#8a5a00; margin-left:6px; }
+a.filter { color:inherit; text-decoration:none; cursor:pointer; }
+a.filter:hover { color:var(--accent); text-decoration:underline; }
+.bar { width:120px; height:10px; background:#e9ecf1; border-radius:5px;
   overflow:hidden; display:inline-block; vertical-align:middle; }
 .bar > div { height:100%; background:var(--accent); }
 .bar.unknown > div { width:100%; opacity:.35; }
 button { font:inherit; font-size:12px; padding:2px 10px; border-radius:5px;
-  border:1px solid #c9ceda; background:#fff; cursor:pointer; }
-button:hover { border-color:var(--accent); color:var(--accent); }
-button.danger:hover { border-color:#b3261e; color:#b3261e; }
+  border:1px solid #c9ceda; background:#fff; cursor:pointer; white-space:nowrap; }
+button:hover:not(:disabled) { border-color:var(--accent); color:var(--accent); }
+button.danger:hover:not(:disabled) { border-color:var(--bad); color:var(--bad); }
+button:disabled { opacity:.45; cursor:default; }
 a.job { color:var(--accent); text-decoration:none; cursor:pointer; }
 .failure { border-top:1px solid var(--line); padding:8px 0; }
 .failure:first-of-type { border-top:0; }
 .failure .head, h2.title { display:flex; gap:10px; align-items:center; }
 h2.title > button { margin-left:auto; }
 .actions button + button { margin-left:4px; }
-.failure .error { color:#b3261e; margin:2px 0; white-space:pre-wrap;
+.failure .error { color:var(--bad); margin:2px 0; white-space:pre-wrap;
   word-break:break-word; }
 pre { background:#f3f4f7; border:1px solid var(--line); border-radius:6px;
   padding:8px 10px; overflow:auto; max-height:320px; font-size:12px;
-  white-space:pre-wrap; word-break:break-word; }
+  white-space:pre-wrap; word-break:break-word; margin:0 0 10px; }
 details summary { cursor:pointer; color:var(--muted); font-size:12px; }
+.filters { display:flex; flex-wrap:wrap; gap:8px; align-items:center; margin:0 0 10px; }
+.filters select, .filters input { font:inherit; font-size:13px; padding:3px 6px;
+  border:1px solid #c9ceda; border-radius:5px; background:#fff; }
+.filters input[type=search] { flex:1; min-width:220px; }
+.filters .spacer { flex:1; }
+.pager { display:flex; gap:8px; align-items:center; margin-top:8px; }
+.pager .note { color:var(--muted); font-size:12px; }
+svg.chart { width:100%; height:auto; display:block; }
+svg.chart .axis { stroke:#c9ceda; stroke-width:1; }
+svg.chart text { fill:var(--muted); font-size:10px; }
+.legend { display:flex; flex-wrap:wrap; gap:4px 14px; font-size:12px; margin-top:4px; }
+.legend .swatch { display:inline-block; width:10px; height:10px; border-radius:2px;
+  margin-right:5px; vertical-align:-1px; }
+.steps a + a { margin-left:6px; }
+td.wrap { overflow-wrap:anywhere; }
 dialog { border:1px solid var(--line); border-radius:10px; padding:0;
   width:min(900px,94vw); max-height:88vh; }
 dialog .inner { padding:14px 18px; }
+dialog h3 { font-size:13px; margin:12px 0 4px; color:var(--muted); }
 dialog dl { display:grid; grid-template-columns:110px 1fr; gap:3px 12px;
   margin:0 0 10px; }
 dialog dt { color:var(--muted); }
@@ -4635,7 +4662,17 @@ _WEB_JS = r"""
 // data is never handed to innerHTML, so stored markup stays inert text.
 const STATUSES = ["queued", "running", "waiting", "complete", "failed",
                   "cancelled", "expired"];
+const RETRYABLE = ["failed", "cancelled", "expired"];
+const CANCELLABLE = ["queued", "running", "waiting"];
+const OUTCOMES = {complete: "#3a9a52", continued: "#6aa5e8", retried: "#e0a93b",
+                  failed: "#d2463b", cancelled: "#9aa0ab", expired: "#b9a3dc"};
+const PAGE_SIZE = 25;
+const SVG = "http://www.w3.org/2000/svg";
 const openTracebacks = new Set();
+const taskNames = new Set();
+// The jobs list: its filters, the id it starts below (null: the newest) and
+// the starts of the pages before it, for "Newer".
+const view = {status: "", queue: "", task: "", q: "", before: null, back: [], next: null};
 let token = sessionStorage.getItem("litetq-token");
 
 function el(tag, props, ...children) {
@@ -4652,18 +4689,28 @@ function el(tag, props, ...children) {
   return node;
 }
 
+function svg(tag, attrs, ...children) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [key, value] of Object.entries(attrs)) node.setAttribute(key, value);
+  node.append(...children);
+  return node;
+}
+
 function fill(id, ...children) {
   document.getElementById(id).replaceChildren(...children.flat());
 }
 
+function ago(seconds) {
+  const abs = Math.abs(Math.round(seconds));
+  return abs < 60 ? abs + "s" : abs < 3600 ? Math.round(abs / 60) + "m"
+    : abs < 86400 ? Math.round(abs / 3600) + "h" : Math.round(abs / 86400) + "d";
+}
+
 function when(epoch) {
   if (epoch === null || epoch === undefined) return el("span", {className: "muted"}, "—");
-  const secs = Math.round(epoch - Date.now() / 1000);
-  const abs = Math.abs(secs);
-  const text = abs < 60 ? abs + "s" : abs < 3600 ? Math.round(abs / 60) + "m"
-    : abs < 86400 ? Math.round(abs / 3600) + "h" : Math.round(abs / 86400) + "d";
+  const secs = epoch - Date.now() / 1000;
   return el("span", {title: new Date(epoch * 1000).toLocaleString()},
-            secs > 0 ? "in " + text : text + " ago");
+            secs > 0.5 ? "in " + ago(secs) : ago(secs) + " ago");
 }
 
 function badge(status) {
@@ -4675,7 +4722,9 @@ function jobLink(id) {
 }
 
 function taskCell(job) {
-  return el("td", {className: "task", title: job.task}, job.task);
+  return el("td", {},
+    el("div", {className: "task", title: job.task}, job.task),
+    job.error ? el("div", {className: "error", title: job.error}, job.error) : null);
 }
 
 function bar(progress) {
@@ -4689,11 +4738,11 @@ function bar(progress) {
 
 function actions(job, tag = "td") {
   const buttons = [];
-  if (["queued", "waiting", "running"].includes(job.status)) {
+  if (CANCELLABLE.includes(job.status)) {
     buttons.push(el("button", {className: "danger", onclick: () => act(job.id, "cancel")},
                     "Cancel"));
   }
-  if (["failed", "cancelled", "expired"].includes(job.status)) {
+  if (RETRYABLE.includes(job.status)) {
     buttons.push(el("button", {onclick: () => act(job.id, "retry")}, "Retry"));
   }
   return el(tag, {className: "actions"}, buttons);
@@ -4722,36 +4771,149 @@ async function api(path, options) {
   return body;
 }
 
-async function act(id, action) {
+async function post(path) {
   // The JSON content type and the custom header make this a request that
   // no other site can send here without a CORS preflight.
   const headers = {"Content-Type": "application/json", "X-Litetq": "1"};
   if (token) headers.Authorization = "Bearer " + token;
   try {
-    await api(`/api/jobs/${Number(id)}/${action}`, {method: "POST", headers, body: "{}"});
+    return await api(path, {method: "POST", headers, body: "{}"});
   } catch (err) {
-    if (err.status !== 401) return toast(err.message);
-    const given = prompt("This server needs its token to " + action + " jobs:");
-    if (!given) return;
+    if (err.status !== 401) throw err;
+    const given = prompt("This server needs its token to change jobs or queues:");
+    if (!given) throw new Error("no token given");
     token = given;
     sessionStorage.setItem("litetq-token", token);
-    return act(id, action);
+    return post(path);
   }
+}
+
+async function perform(path, done) {
+  let answer;
+  try { answer = await post(path); } catch (err) { return toast(err.message); }
+  if (done) toast(done(answer));
   refresh();
+  return answer;
+}
+
+async function act(id, action) {
+  await perform(`/api/jobs/${Number(id)}/${action}`);
   const dialog = document.getElementById("detail");
   if (dialog.open && dialog.dataset.job === String(id)) showJob(id);
 }
 
-function renderQueues(stats) {
-  const names = Object.keys(stats).sort();
-  const rows = names.map(name => {
-    const counts = stats[name];
-    const total = Object.values(counts).reduce((a, b) => a + b, 0);
-    return el("tr", {}, el("td", {}, name),
-      STATUSES.map(s => el("td", {className: "num" + (counts[s] ? "" : " zero")}, counts[s] || 0)),
-      el("td", {className: "num"}, total));
+function segment(name) {
+  // encodeURIComponent leaves "." alone, and a browser would resolve "..".
+  return encodeURIComponent(name).replace(/\./g, "%2E");
+}
+
+function setFilter(changes) {
+  Object.assign(view, changes, {before: null, back: []});
+  for (const key of ["status", "queue", "task", "q"]) {
+    const input = document.getElementById("f-" + key);
+    if (input.value !== view[key]) input.value = view[key];
+  }
+  refresh();
+}
+
+function filterLink(text, changes) {
+  return el("a", {className: "filter", href: "#", title: "show these jobs",
+                  onclick: event => { event.preventDefault(); setFilter(changes); }}, text);
+}
+
+function renderQueues(queues) {
+  const select = document.getElementById("f-queue");
+  const names = queues.map(q => q.name);
+  if (select.dataset.names !== JSON.stringify(names)) {
+    select.dataset.names = JSON.stringify(names);
+    const chosen = view.queue;
+    select.replaceChildren(el("option", {value: ""}, "all queues"),
+      names.map(name => el("option", {value: name}, name)));
+    if (chosen && !names.includes(chosen)) select.append(el("option", {value: chosen}, chosen));
+    select.value = chosen;
+  }
+  const rows = queues.map(q => {
+    const total = Object.values(q.counts).reduce((a, b) => a + b, 0);
+    const toggle = q.paused ? "resume" : "pause";
+    return el("tr", {},
+      el("td", {}, filterLink(q.name, {queue: q.name, status: ""}),
+         q.paused ? el("span", {className: "badge s-paused"}, "paused") : null),
+      STATUSES.map(s => el("td", {className: "num" + (q.counts[s] ? "" : " zero")},
+        q.counts[s] ? filterLink(q.counts[s], {queue: q.name, status: s}) : 0)),
+      el("td", {className: "num"}, total),
+      el("td", {className: "actions"}, el("button", {
+        className: q.paused ? "" : "danger",
+        onclick: () => perform(`/api/queues/${segment(q.name)}/${toggle}`)},
+        q.paused ? "Resume" : "Pause")));
   });
-  fill("queues", table(["queue", ...STATUSES.map(s => " " + s), " total"], rows, "No jobs yet."));
+  fill("queues", table(["queue", ...STATUSES.map(s => " " + s), " total", ""], rows,
+                       "No jobs yet."));
+}
+
+function renderChart(chart) {
+  if (!chart) return fill("chart", el("p", {className: "empty"}, "no data"));
+  const outcomes = Object.keys(OUTCOMES).filter(o => chart.series[o]);
+  const minutes = chart.minutes;
+  const totals = Array.from({length: minutes}, (_, i) =>
+    outcomes.reduce((sum, o) => sum + (chart.series[o][i] || 0), 0));
+  const top = Math.max(1, ...totals);
+  const W = 600, H = 150, left = 34, bottom = 16, plot = H - bottom - 6;
+  const step = (W - left) / minutes;
+  const parts = [svg("line", {class: "axis", x1: left, y1: H - bottom, x2: W, y2: H - bottom}),
+    svg("text", {x: left - 4, y: 10, "text-anchor": "end"}, String(top)),
+    svg("text", {x: left - 4, y: H - bottom, "text-anchor": "end"}, "0")];
+  for (const [x, label, anchor] of [[left, "-60m", "start"], [(left + W) / 2, "-30m", "middle"],
+                                     [W, "now", "end"]]) {
+    parts.push(svg("text", {x, y: H - 3, "text-anchor": anchor}, label));
+  }
+  for (let i = 0; i < minutes; i++) {
+    let y = H - bottom;
+    const time = new Date((chart.start + 60 * i) * 1000).toLocaleTimeString(
+      [], {hour: "2-digit", minute: "2-digit"});
+    const detail = outcomes.filter(o => chart.series[o][i])
+      .map(o => `${o} ${chart.series[o][i]}`).join(", ");
+    const group = svg("g", {}, svg("title", {}, `${time}: ${detail || "nothing finished"}`));
+    for (const o of outcomes) {
+      const height = plot * (chart.series[o][i] || 0) / top;
+      if (!height) continue;
+      y -= height;
+      group.append(svg("rect", {x: (left + i * step + 1).toFixed(1), y: y.toFixed(1),
+        width: Math.max(1, step - 2).toFixed(1), height: height.toFixed(1), fill: OUTCOMES[o]}));
+    }
+    parts.push(group);
+  }
+  const sums = Object.fromEntries(outcomes.map(
+    o => [o, chart.series[o].reduce((a, b) => a + b, 0)]));
+  const legend = el("div", {className: "legend"}, outcomes.map(o => {
+    const swatch = el("span", {className: "swatch"});
+    swatch.style.background = OUTCOMES[o];
+    return el("span", {}, swatch, `${o} ${sums[o]}`);
+  }));
+  fill("chart", svg("svg", {class: "chart", viewBox: `0 0 ${W} ${H}`,
+                            role: "img",
+                            "aria-label": "steps finished per minute"}, ...parts), legend);
+}
+
+function renderWorkers(answer) {
+  if (!answer) {
+    document.getElementById("workers-count").textContent = "";
+    return fill("workers", el("p", {className: "empty"}, "no data"));
+  }
+  const workers = answer.workers;
+  document.getElementById("workers-count").textContent = `(${workers.length})`;
+  const rows = workers.map(w => el("tr", {},
+    el("td", {}, w.host), el("td", {className: "num"}, w.pid),
+    el("td", {className: "wrap"},
+       w.queues ? w.queues.join(", ") : el("span", {className: "muted"}, "all")),
+    el("td", {className: "num"}, w.concurrency ?? "—"),
+    el("td", {className: "num"}, ago(w.heartbeat_age) + " ago"),
+    el("td", {className: "steps wrap"}, w.steps.length ? w.steps.map(s => {
+      const link = jobLink(s.id);
+      link.title = s.task;
+      return link;
+    }) : el("span", {className: "muted"}, "idle"))));
+  fill("workers", table(["host", " pid", "queues", " conc.", " heartbeat", "steps"], rows,
+                        "No live workers."));
 }
 
 function renderRunning(jobs) {
@@ -4778,13 +4940,41 @@ function renderFailures(jobs) {
   }));
 }
 
-function renderRecent(jobs) {
-  const rows = jobs.map(job => el("tr", {}, el("td", {}, jobLink(job.id)),
-    el("td", {}, badge(job.status)), taskCell(job), el("td", {}, job.queue),
-    el("td", {}, bar(job.progress)), el("td", {className: "num"}, job.attempts),
-    el("td", {}, when(job.created)), actions(job)));
-  fill("recent", table(["id", "status", "task", "queue", "progress", " attempts", "created", ""],
-                       rows, "No jobs yet."));
+function filterQuery() {
+  const params = new URLSearchParams();
+  for (const key of ["status", "queue", "task", "q"]) {
+    if (view[key]) params.set(key, view[key]);
+  }
+  return params;
+}
+
+function renderJobs(answer) {
+  view.next = answer.next_before;
+  for (const job of answer.jobs) taskNames.add(job.name);
+  const names = [...taskNames].sort();
+  const list = document.getElementById("task-names");
+  if (list.childElementCount !== names.length) {
+    list.replaceChildren(...names.map(name => el("option", {value: name})));
+  }
+  const rows = answer.jobs.map(job => el("tr", {},
+    el("td", {}, jobLink(job.id)), el("td", {}, badge(job.status)), taskCell(job),
+    el("td", {}, job.queue), el("td", {}, bar(job.progress)),
+    el("td", {className: "num"}, job.attempts), el("td", {}, when(job.created)), actions(job)));
+  const filtered = filterQuery().toString() !== "";
+  fill("jobs", table(["id", "status", "task", "queue", "progress", " attempts", "created", ""],
+                     rows, filtered ? "No jobs match." : "No jobs yet."));
+  document.getElementById("newer").disabled = view.before === null;
+  document.getElementById("older").disabled = view.next === null;
+  const ids = answer.jobs.map(job => job.id);
+  let note = view.before === null ? "newest" : `below #${view.before}`;
+  if (ids.length) note = `#${Math.max(...ids)} – #${Math.min(...ids)}`;
+  if (view.q && answer.jobs.length < PAGE_SIZE && view.next !== null) {
+    note += ` · searched down to #${view.next}; "Older" searches further back`;
+  }
+  document.getElementById("page-note").textContent = note;
+  const status = view.status;
+  document.getElementById("retry-all").disabled = !!status && !RETRYABLE.includes(status);
+  document.getElementById("cancel-all").disabled = !!status && !CANCELLABLE.includes(status);
 }
 
 function renderSchedules(entries) {
@@ -4792,13 +4982,30 @@ function renderSchedules(entries) {
     el("td", {className: "task"}, e.spec), el("td", {className: "task", title: e.task}, e.task),
     el("td", {}, e.queue ?? el("span", {className: "muted"}, "task's queue")),
     el("td", {}, e.tz || "UTC"),
-    el("td", {}, when(e.next_run)), el("td", {}, when(e.last_run))));
-  fill("schedules", table(["name", "spec", "task", "queue", "tz", "next run", "last run"], rows,
-                          "No schedules."));
+    el("td", {}, when(e.next_run)), el("td", {}, when(e.last_run)),
+    el("td", {className: "actions"}, el("button", {onclick: () => perform(
+      `/api/schedules/${segment(e.name)}/run`, job => `started job #${job.id}`)}, "Run now"))));
+  fill("schedules", table(["name", "spec", "task", "queue", "tz", "next run", "last run", ""],
+                          rows, "No schedules."));
+}
+
+async function bulk(action) {
+  const params = filterQuery();
+  const what = [...params].map(([k, v]) => `${k} = ${v}`).join(", ") || "no filter";
+  const states = action === "retry" ? "failed, cancelled or expired" : "queued, running or waiting";
+  if (!confirm(`${action === "retry" ? "Retry" : "Cancel"} every ${states} job ` +
+               `that matches (${what})?`)) return;
+  const query = params.toString() ? "?" + params : "";
+  await perform(`/api/jobs/${action}${query}`,
+                answer => `${action === "retry" ? "retried" : "cancelled"} ${answer.count} jobs`);
 }
 
 function field(name, value) {
   return [el("dt", {}, name), el("dd", {}, value === null || value === undefined ? "—" : value)];
+}
+
+function pretty(value) {
+  return el("pre", {}, JSON.stringify(value, null, 2));
 }
 
 async function showJob(id) {
@@ -4810,7 +5017,7 @@ async function showJob(id) {
   dialog.replaceChildren(el("div", {className: "inner"},
     el("h2", {className: "title"}, "Job #" + job.id, badge(job.status), actions(job, "span"),
        el("button", {onclick: () => dialog.close()}, "Close")),
-    el("dl", {}, field("task", el("span", {className: "task"}, job.task)),
+    el("dl", {}, field("task", el("span", {className: "task"}, job.name)),
        field("queue", job.queue), field("priority", job.priority),
        field("attempts", job.attempts), field("steps", job.steps),
        field("progress", job.progress && bar(job.progress)),
@@ -4818,10 +5025,13 @@ async function showJob(id) {
        field("finished", when(job.finished)), field("due", when(job.due)),
        field("parent", job.parent_id && jobLink(job.parent_id)),
        field("children", job.children.length ? job.children.map(c => [jobLink(c), " "]) : null),
-       field("error", job.error),
-       field("result", job.result === null ? null : JSON.stringify(job.result))),
-    job.traceback ? [el("h2", {}, "Traceback"), el("pre", {}, job.traceback)] : [],
-    el("h2", {}, "Logs"), table(["time", "level", "job", "message"], logs, "No log lines.")));
+       field("error", job.error)),
+    el("h3", {}, "Call"), el("pre", {className: "call"}, job.task),
+    el("h3", {}, "Arguments"), pretty(job.args),
+    Object.keys(job.kwargs).length ? [el("h3", {}, "Keyword arguments"), pretty(job.kwargs)] : [],
+    job.status === "complete" ? [el("h3", {}, "Result"), pretty(job.result)] : [],
+    job.traceback ? [el("h3", {}, "Traceback"), el("pre", {}, job.traceback)] : [],
+    el("h3", {}, "Logs"), table(["time", "level", "job", "message"], logs, "No log lines.")));
   dialog.dataset.job = job.id;
   if (!dialog.open) dialog.showModal();
 }
@@ -4831,14 +5041,24 @@ function fromHash() {
   if (match) showJob(match[1]);
 }
 
+async function optional(path) {
+  // Panels whose endpoint this server may not have answer "no data".
+  try { return await api(path); } catch (err) { return null; }
+}
+
 async function refresh() {
+  const jobsQuery = filterQuery();
+  jobsQuery.set("limit", PAGE_SIZE);
+  if (view.before !== null) jobsQuery.set("before", view.before);
+  optional("/api/chart").then(renderChart);
+  optional("/api/workers").then(renderWorkers);
   try {
-    const [stats, running, failed, recent, schedules] = await Promise.all([
-      api("/api/stats"), api("/api/jobs?status=running&limit=50"),
-      api("/api/jobs?status=failed&limit=20"), api("/api/jobs?limit=30"),
+    const [queues, running, failed, jobs, schedules] = await Promise.all([
+      api("/api/queues"), api("/api/jobs?status=running&limit=50"),
+      api("/api/jobs?status=failed&limit=10"), api("/api/jobs?" + jobsQuery),
       api("/api/schedules")]);
-    renderQueues(stats); renderRunning(running.jobs); renderFailures(failed.jobs);
-    renderRecent(recent.jobs); renderSchedules(schedules);
+    renderQueues(queues.queues); renderRunning(running.jobs); renderFailures(failed.jobs);
+    renderJobs(jobs); renderSchedules(schedules);
     setStatus("updated " + new Date().toLocaleTimeString(), false);
   } catch (err) {
     setStatus("cannot reach the server: " + err.message, true);
@@ -4856,10 +5076,36 @@ async function loop() {
   setTimeout(loop, 2000);  // chained, so slow answers never pile up
 }
 
-document.getElementById("detail").addEventListener("close", () => {
-  if (location.hash) history.replaceState(null, "", location.pathname);
-});
-window.addEventListener("hashchange", fromHash);
+function setUp() {
+  document.getElementById("f-status").append(
+    ...STATUSES.map(s => el("option", {value: s}, s)));
+  let typing;
+  for (const key of ["status", "queue", "task", "q"]) {
+    const input = document.getElementById("f-" + key);
+    const apply = () => { if (input.value !== view[key]) setFilter({[key]: input.value}); };
+    input.addEventListener("change", apply);
+    input.addEventListener("input", () => { clearTimeout(typing); typing = setTimeout(apply, 300); });
+  }
+  document.getElementById("older").addEventListener("click", () => {
+    if (view.next === null) return;
+    view.back.push(view.before);
+    view.before = view.next;
+    refresh();
+  });
+  document.getElementById("newer").addEventListener("click", () => {
+    if (!view.back.length) return;
+    view.before = view.back.pop();
+    refresh();
+  });
+  document.getElementById("retry-all").addEventListener("click", () => bulk("retry"));
+  document.getElementById("cancel-all").addEventListener("click", () => bulk("cancel"));
+  document.getElementById("detail").addEventListener("close", () => {
+    if (location.hash) history.replaceState(null, "", location.pathname);
+  });
+  window.addEventListener("hashchange", fromHash);
+}
+
+setUp();
 fromHash();
 loop();
 """
@@ -4873,11 +5119,30 @@ _WEB_HTML = """<!doctype html>
 <header><h1>litetq</h1><span id="status">loading…</span></header>
 <main>
 <section><h2>Queues</h2><div id="queues"></div></section>
+<div class="grid">
+<section><h2>Finished steps <span class="sub">per minute, last hour</span></h2>
+<div id="chart"></div></section>
+<section><h2>Workers <span class="count" id="workers-count"></span></h2>
+<div id="workers"></div></section>
+</div>
 <section><h2>Running <span class="count" id="running-count"></span></h2>
 <div id="running"></div></section>
 <section><h2>Recent failures <span class="count" id="failures-count"></span></h2>
 <div id="failures"></div></section>
-<section><h2>Recent jobs</h2><div id="recent"></div></section>
+<section><h2>Jobs</h2>
+<div class="filters">
+<select id="f-status" aria-label="status"><option value="">all statuses</option></select>
+<select id="f-queue" aria-label="queue"><option value="">all queues</option></select>
+<input id="f-task" list="task-names" placeholder="task name" aria-label="task">
+<datalist id="task-names"></datalist>
+<input id="f-q" type="search" placeholder="search id, task, arguments, error" aria-label="search">
+<button id="retry-all">Retry all</button>
+<button id="cancel-all" class="danger">Cancel all</button>
+</div>
+<div id="jobs"></div>
+<div class="pager"><button id="newer">← Newer</button><button id="older">Older →</button>
+<span class="note" id="page-note"></span></div>
+</section>
 <section><h2>Cron table</h2><div id="schedules"></div></section>
 </main>
 <dialog id="detail"></dialog>
