@@ -1692,6 +1692,8 @@ class Storage:
         # Two subqueries: SQLite reads min() or max() from the index only when alone.
         low, top = self.query_one("select (select min(id) from litetq_jobs), "
                                   "(select max(id) from litetq_jobs)")
+        if status is None:  # the range of ids, not a queue's or task's index, bounds the work
+            where, params = _job_filter(None, queue, name, before, indexed=False)
         top = top + 1 if before is None and top is not None else before
         if top is None:
             return [], None
@@ -2008,14 +2010,18 @@ class Storage:
         """What a dialect adds to the tables (PostgreSQL: the NOTIFY triggers)."""
 
 
-def _job_filter(status, queue, name, before):
-    """A "where" clause (never empty) and its parameters for the jobs list's filters."""
+def _job_filter(status, queue, name, before, indexed=True):
+    """A "where" clause (never empty) and its parameters for the jobs list's filters;
+    with indexed=False, written so that no index on status, queue or name serves it
+    (`column || ''` is an expression, which no plain index matches)."""
     clauses, params = ["1 = 1"], []
-    for column, value in (("status", status), ("queue", queue), ("name", name),
-                          ("id", before)):
+    for column, value in (("status", status), ("queue", queue), ("name", name)):
         if value is not None:
-            clauses.append(f"{column} {'<' if column == 'id' else '='} ?")
+            clauses.append(f"{column} = ?" if indexed else f"{column} || '' = ?")
             params.append(value)
+    if before is not None:
+        clauses.append("id < ?")
+        params.append(before)
     return " and ".join(clauses), params
 
 

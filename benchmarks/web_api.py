@@ -83,6 +83,9 @@ def main():
         f"/api/jobs?queue=reports&before={middle}",
         "/api/jobs?q=user123", "/api/jobs?q=boom", "/api/jobs?q=nothing-matches-this",
         "/api/jobs?q=nothing-matches-this&status=failed&queue=emails",
+        "/api/jobs?q=nothing-matches-this&queue=emails",
+        "/api/jobs?q=nothing-matches-this&task=app.charge",
+        f"/api/jobs?q=nothing-matches-this&before={middle}",
         f"/api/jobs?q={middle}", f"/api/jobs/{middle}",
     ]
     print(f"{'endpoint':58} {'median ms':>10} {'max ms':>8}")
