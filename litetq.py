@@ -684,9 +684,7 @@ create index if not exists litetq_jobs_lease on litetq_jobs (lease_until)
     where status = 'running';
 create index if not exists litetq_jobs_parent on litetq_jobs (parent_id)
     where parent_id is not null;
-create index if not exists litetq_jobs_status on litetq_jobs (status, id);
 create index if not exists litetq_jobs_queue on litetq_jobs (queue, status, id);
-create index if not exists litetq_jobs_name on litetq_jobs (name, status, id);
 create unique index if not exists litetq_jobs_unique on litetq_jobs (unique_key)
     where unique_key is not null and status in ('queued', 'running', 'waiting');
 create table if not exists litetq_logs (
@@ -740,14 +738,17 @@ TERMINAL_SQL = "('complete', 'failed', 'cancelled', 'expired')"
 NO_LIMIT = 2 ** 62  # "limit ?" for every row, in both dialects
 STATUSES = UNFINISHED + TERMINAL
 RETRYABLE = ("failed", "cancelled", "expired")
-SEARCH_SPAN = 100_000  # ids one page of a search looks through, at most
+SEARCH_SPAN = 50_000  # ids one page of a search looks through, at most
 BULK_BATCH = 500  # jobs retried or cancelled in one transaction
-# Counts per queue and status: the queue names by skip scan of litetq_jobs_queue,
-# then one count of index entries per queue and status, twice as fast as a
-# "group by" over a big table.
-STATS = ("with recursive queues(name) as (select min(queue) from litetq_jobs union all "
-         "select (select min(queue) from litetq_jobs where queue > queues.name) from queues "
-         "where name is not null), statuses(status) as ("
+MERGE_MAX = 64  # queues find_jobs() merges one index range of each, at most
+# The queue names, by skip scan of litetq_jobs_queue: one index seek per queue.
+QUEUES_CTE = ("with recursive queues(name) as (select min(queue) from litetq_jobs union all "
+              "select (select min(queue) from litetq_jobs where queue > queues.name) "
+              "from queues where name is not null)")
+QUEUE_NAMES = QUEUES_CTE + " select name from queues where name is not null"
+# Counts per queue and status: one count of index entries per queue and status,
+# twice as fast as a "group by" over a big table.
+STATS = (QUEUES_CTE + ", statuses(status) as ("
          + " union all ".join(f"select '{s}'" for s in STATUSES) +
          ") select name, status, (select count(*) from litetq_jobs j where j.queue = "
          "queues.name and j.status = statuses.status) from queues, statuses "
@@ -1671,43 +1672,64 @@ class Storage:
                   limit=100):
         """Rows (dicts, newest first) of the jobs with ids below `before` that match, and
         the `before` of the next page (None when nothing older is left to look at).
-        A `search` reads at most SEARCH_SPAN ids below `before`: when fewer than `limit`
-        match there, the next page starts where this one stopped looking."""
-        where, params = _job_filter(status, queue, name, before)
-        if search is None:
-            if status is None and (queue is not None or name is not None):
-                # One index range per status (litetq_jobs_queue or _name), merged:
-                # newest first without sorting every job of the queue or task.
-                part = (f"select id from (select id from litetq_jobs where {where} and "
-                        f"status = ? order by id desc limit ?) as s{{}}")
-                sql = " union all ".join(part.format(i) for i in range(len(STATUSES)))
-                params = [p for each in STATUSES for p in (*params, each, limit + 1)]
-                ids = [r[0] for r in self.query(f"{sql} order by id desc limit ?",
-                                                (*params, limit + 1))]
-            else:
-                ids = [r[0] for r in self.query(f"select id from litetq_jobs where {where} "
-                                                "order by id desc limit ?", (*params, limit + 1))]
-            more = ids[limit - 1] if len(ids) > limit else None
-            return self._job_rows(ids[:limit]), more
+
+        Status and queue filters read litetq_jobs_queue: one short range per queue or
+        per status, merged. A task name or a search reads at most SEARCH_SPAN ids below
+        `before`: when fewer than `limit` match there, the next page starts where this
+        one stopped looking. (One index for the page, not one per filter: every index
+        costs every .delay() another page written.)"""
+        if name is None and search is None:
+            ids = self._indexed_ids(status, queue, before, limit + 1)
+            if ids is not None:
+                more = ids[limit - 1] if len(ids) > limit else None
+                return self._job_rows(ids[:limit]), more
+        return self._scan_jobs(status, queue, name, search, before, limit)
+
+    def _indexed_ids(self, status, queue, before, count):
+        """The newest `count` ids below `before` of a status and/or queue; None when
+        there are too many queues to merge."""
+        where, params = _job_filter(status, queue, None, before)
+        if (status is None) == (queue is None):  # the index, or the ids themselves
+            return [r[0] for r in self.query(f"select id from litetq_jobs where {where} "
+                                             "order by id desc limit ?", (*params, count))]
+        if status is None:
+            column, values = "status", STATUSES
+        else:
+            column, values = "queue", [r[0] for r in self.query(QUEUE_NAMES)]
+            if len(values) > MERGE_MAX:
+                return None
+        if not values:
+            return []
+        part = (f"select id from (select id from litetq_jobs where {where} and {column} = ? "
+                "order by id desc limit ?) as s{}")
+        sql = " union all ".join(part.format(i) for i in range(len(values)))
+        params = [p for value in values for p in (*params, value, count)]
+        return [r[0] for r in self.query(f"{sql} order by id desc limit ?", (*params, count))]
+
+    def _scan_jobs(self, status, queue, name, search, before, limit):
+        """find_jobs() through at most SEARCH_SPAN ids below `before`."""
         # Two subqueries: SQLite reads min() or max() from the index only when alone.
         low, top = self.query_one("select (select min(id) from litetq_jobs), "
                                   "(select max(id) from litetq_jobs)")
-        if status is None:  # the range of ids, not a queue's or task's index, bounds the work
-            where, params = _job_filter(None, queue, name, before, indexed=False)
         top = top + 1 if before is None and top is not None else before
         if top is None:
             return [], None
+        # Without a status, litetq_jobs_queue would read the whole queue: the range of
+        # ids must bound the work instead.
+        where, params = _job_filter(status, queue, name, None, indexed=status is not None)
+        if search is not None:
+            match, terms = self._search_clause(search)
+            where, params = f"{where} and {match}", params + terms
         floor = top - SEARCH_SPAN
-        match, terms = self._search_clause(search)
         ids = [r[0] for r in self.query(
-            f"select id from litetq_jobs where {where} and id >= ? and id < ? and {match} "
-            "order by id desc limit ?", (*params, floor, top, *terms, limit + 1))]
+            f"select id from litetq_jobs where {where} and id >= ? and id < ? "
+            "order by id desc limit ?", (*params, floor, top, limit + 1))]
         if len(ids) > limit:
             more = ids[limit - 1]
         else:
             more = floor if low is not None and floor > low else None
         ids = ids[:limit]
-        number = _search_id(search)
+        number = None if search is None else _search_id(search)
         if before is None and number is not None and number not in ids:
             hit = self.query_one(f"select id from litetq_jobs where {where} and id = ?",
                                  (*params, number))
