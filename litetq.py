@@ -4701,6 +4701,8 @@ const taskNames = new Set();
 // The jobs list: its filters, the id it starts below (null: the newest) and
 // the starts of the pages before it, for "Newer".
 const view = {status: "", queue: "", task: "", q: "", before: null, back: [], next: null};
+const FILTERS = ["status", "queue", "task", "q"];
+let typing;  // the timer that applies what is typed in a filter, after a pause
 let token = sessionStorage.getItem("litetq-token");
 
 function el(tag, props, ...children) {
@@ -4836,11 +4838,14 @@ function segment(name) {
 }
 
 function setFilter(changes) {
-  Object.assign(view, changes, {before: null, back: []});
-  for (const key of ["status", "queue", "task", "q"]) {
+  // The inputs hold the filters; a link may change some of them first.
+  clearTimeout(typing);
+  for (const key of FILTERS) {
     const input = document.getElementById("f-" + key);
-    if (input.value !== view[key]) input.value = view[key];
+    if (key in changes) input.value = changes[key];
+    view[key] = input.value;
   }
+  Object.assign(view, {before: null, back: []});
   refresh();
 }
 
@@ -4856,7 +4861,7 @@ function renderQueues(queues) {
     select.dataset.names = JSON.stringify(names);
     const chosen = view.queue;
     select.replaceChildren(el("option", {value: ""}, "all queues"),
-      names.map(name => el("option", {value: name}, name)));
+      ...names.map(name => el("option", {value: name}, name)));
     if (chosen && !names.includes(chosen)) select.append(el("option", {value: chosen}, chosen));
     select.value = chosen;
   }
@@ -4970,7 +4975,7 @@ function renderFailures(jobs) {
 
 function filterQuery() {
   const params = new URLSearchParams();
-  for (const key of ["status", "queue", "task", "q"]) {
+  for (const key of FILTERS) {
     if (view[key]) params.set(key, view[key]);
   }
   return params;
@@ -5107,10 +5112,9 @@ async function loop() {
 function setUp() {
   document.getElementById("f-status").append(
     ...STATUSES.map(s => el("option", {value: s}, s)));
-  let typing;
-  for (const key of ["status", "queue", "task", "q"]) {
+  for (const key of FILTERS) {
     const input = document.getElementById("f-" + key);
-    const apply = () => { if (input.value !== view[key]) setFilter({[key]: input.value}); };
+    const apply = () => { if (input.value !== view[key]) setFilter({}); };
     input.addEventListener("change", apply);
     input.addEventListener("input", () => { clearTimeout(typing); typing = setTimeout(apply, 300); });
   }

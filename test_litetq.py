@@ -18,6 +18,7 @@ installed, headless Chromium), the cron tests, PostgreSQL's own tests and flow c
 """
 
 import asyncio
+import base64
 import collections
 import contextlib
 import datetime as dt
@@ -8387,3 +8388,231 @@ def test_web_queries_read_indexes_not_the_whole_table(tmp_path, monkeypatch):
                     sql, plan)
             if "TEMP B-TREE" in step:  # merging one short range per status or queue
                 assert ") as s0" in sql, (sql, plan)
+
+
+# --- the new page in a real browser ---------------------------------------
+
+SCREENS = "/tmp/litetq-screens"
+SHOWN = "[...document.querySelectorAll('#jobs a.job')].map(a => Number(a.textContent.slice(1)))"
+SET_INPUT = """((id, value, event) => {
+  const input = document.getElementById(id);
+  input.value = value;
+  input.dispatchEvent(new Event(event));
+  return true;
+})(%s, %s, %s)"""
+# Clicks after the evaluation returns: a confirm() in the handler would block it.
+CLICK_LATER = "setTimeout(() => document.querySelector(%s).click(), 0); true"
+QUEUE_BUTTON = """((name) => {
+  const row = [...document.querySelectorAll('#queues tbody tr')].find(
+      tr => tr.cells[0].querySelector('a').textContent === name);
+  row.querySelector('button').click();
+  return row.querySelector('button').textContent;
+})(%s)"""
+NO_XSS_NEW = """typeof window.__xss === 'undefined' && !('xss' in document.documentElement.dataset)
+  && document.body.querySelectorAll('img, svg:not(.chart), script:not(:first-of-type)')
+       .length === 0"""
+
+
+def set_input(browser, tab, element_id, value, event="change"):
+    browser.js(tab, SET_INPUT % (json.dumps(element_id), json.dumps(value), json.dumps(event)))
+
+
+def wait_shown(browser, tab, expected, timeout=10):
+    shown = json.dumps(json.dumps(expected, separators=(",", ":")))
+    try:
+        browser.wait_js(tab, f"JSON.stringify({SHOWN}) === {shown}", timeout)
+    except AssertionError:
+        assert browser.js(tab, SHOWN) == expected
+        raise
+
+
+def screenshot(browser, tab, name):
+    """Save the whole page as SCREENS/name.png; returns the path."""
+    browser.send("Emulation.setDeviceMetricsOverride", tab, width=1280, height=900,
+                 deviceScaleFactor=1, mobile=False)
+    time.sleep(0.2)  # one frame at the new size
+    png = browser.send("Page.captureScreenshot", tab, captureBeyondViewport=True)["data"]
+    os.makedirs(SCREENS, exist_ok=True)
+    path = os.path.join(SCREENS, f"{name}.png")
+    with open(path, "wb") as f:
+        f.write(base64.b64decode(png))
+    assert os.path.getsize(path) > 10_000
+    return path
+
+
+def accept_dialog(browser, tab, kind, accept=True):
+    dialog = browser.wait_event("Page.javascriptDialogOpening")
+    assert dialog["type"] == kind
+    browser.send("Page.handleJavaScriptDialog", tab, accept=accept)
+    return dialog["message"]
+
+
+def test_browser_filters_searches_pages_and_opens_a_job(web_q, web, browser, backend):
+    done = web_q.enqueue_many([web_add(i, i) for i in range(30)])
+    failed = [web_q.enqueue(web_boom(f"kaput {i}")) for i in range(2)]
+    batch = web_q.enqueue_many([web_echo("needle", i) for i in range(3)], queue="batch")
+    web_q.run_until_idle()
+    newest = ids_of(done, failed, batch)
+    tab = browser.open(web + "/")
+    browser.wait_js(tab, LOADED)
+    wait_shown(browser, tab, newest[:25])  # one page
+    assert browser.js(tab, "document.getElementById('newer').disabled")
+    browser.js(tab, "document.getElementById('older').click()")
+    wait_shown(browser, tab, newest[25:])
+    assert browser.js(tab, "document.getElementById('older').disabled")
+    browser.js(tab, "document.getElementById('newer').click()")
+    wait_shown(browser, tab, newest[:25])
+    set_input(browser, tab, "f-status", "failed")
+    wait_shown(browser, tab, ids_of(failed))
+    set_input(browser, tab, "f-status", "")
+    set_input(browser, tab, "f-queue", "batch")
+    wait_shown(browser, tab, ids_of(batch))
+    set_input(browser, tab, "f-queue", "")
+    set_input(browser, tab, "f-q", "NEEDLE", "input")  # typed: applied after a pause
+    wait_shown(browser, tab, ids_of(batch))
+    set_input(browser, tab, "f-q", "kaput 1", "input")
+    wait_shown(browser, tab, [failed[1].id])
+    set_input(browser, tab, "f-q", "", "input")
+    set_input(browser, tab, "f-task", web_boom.name)
+    wait_shown(browser, tab, ids_of(failed))
+    set_input(browser, tab, "f-task", "")
+    # A queue's count links to its jobs in that status.
+    browser.js(tab, """[...document.querySelectorAll('#queues a.filter')]
+        .find(a => a.title && a.closest('tr').cells[0].textContent === 'default'
+                   && a.closest('td').cellIndex === 5).click()""")
+    wait_shown(browser, tab, ids_of(failed))
+    assert browser.js(tab, "document.getElementById('f-status').value") == "failed"
+    screenshot(browser, tab, f"filtered-{backend}")
+    # Open a job from the list: its call, arguments, result and logs.
+    target = batch[1]
+    set_input(browser, tab, "f-status", "")
+    set_input(browser, tab, "f-queue", "")
+    wait_shown(browser, tab, newest[:25])
+    browser.js(tab, f"""[...document.querySelectorAll('#jobs a.job')]
+        .find(a => a.textContent === '#{target.id}').click()""")
+    browser.wait_js(tab, "document.getElementById('detail').open && document"
+                         f".getElementById('detail').textContent.includes('Job #{target.id}')")
+    detail = browser.js(tab, "document.getElementById('detail').innerText")
+    for text in ("Arguments", '"needle"', "Result", "echo ('needle', 1)", web_echo.name):
+        assert text in detail, text
+    screenshot(browser, tab, f"detail-{backend}")
+
+
+def test_browser_retry_all_and_cancel_all_ask_first(web_q, web, browser):
+    failed = [web_q.enqueue(web_boom(f"kaput {i}")) for i in range(3)]
+    other = web_q.enqueue(web_boom("elsewhere"), queue="other")
+    done = web_q.enqueue(web_add(1, 1))
+    web_q.run_until_idle()
+    queued = web_q.enqueue_many([web_add(i, 2) for i in range(2)])
+    tab = browser.open(web + "/")
+    browser.wait_js(tab, LOADED)
+    set_input(browser, tab, "f-status", "failed")
+    set_input(browser, tab, "f-queue", "default")
+    wait_shown(browser, tab, ids_of(failed))
+    assert browser.js(tab, "document.getElementById('cancel-all').disabled")  # none can be
+    browser.js(tab, CLICK_LATER % json.dumps("#retry-all"))
+    message = accept_dialog(browser, tab, "confirm")
+    assert "status = failed" in message and "queue = default" in message
+    wait_for(lambda: [job.status for job in failed] == ["queued"] * 3)
+    browser.wait_js(tab, "[...document.querySelectorAll('.toast')].some("
+                         "t => t.textContent === 'retried 3 jobs')")
+    assert other.status == "failed" and done.status == "complete"
+    # Dismissed: nothing changes.
+    set_input(browser, tab, "f-status", "")
+    set_input(browser, tab, "f-queue", "")
+    browser.wait_js(tab, "!document.getElementById('cancel-all').disabled")
+    browser.js(tab, CLICK_LATER % json.dumps("#cancel-all"))
+    assert "no filter" in accept_dialog(browser, tab, "confirm", accept=False)
+    time.sleep(0.5)
+    assert [job.status for job in queued + failed] == ["queued"] * 5
+    browser.js(tab, CLICK_LATER % json.dumps("#cancel-all"))
+    accept_dialog(browser, tab, "confirm")
+    wait_for(lambda: [job.status for job in queued + failed] == ["cancelled"] * 5)
+    assert other.status == "failed" and done.status == "complete"
+
+
+def test_browser_pauses_and_resumes_a_queue(web_q, web, browser):
+    web_q.enqueue(web_add(1, 1))
+    web_q.enqueue(web_add(1, 1), queue=XSS_IMG)  # a name that needs escaping in a URL
+    tab = browser.open(web + "/")
+    browser.wait_js(tab, LOADED)
+    assert browser.js(tab, QUEUE_BUTTON % json.dumps("default")) == "Pause"
+    wait_for(lambda: web_q.paused() == {"default"})
+    browser.wait_js(tab, "[...document.querySelectorAll('#queues .s-paused')].length === 1")
+    assert browser.js(tab, QUEUE_BUTTON % json.dumps(XSS_IMG)) == "Pause"
+    wait_for(lambda: web_q.paused() == {"default", XSS_IMG})
+    browser.wait_js(tab, "[...document.querySelectorAll('#queues .s-paused')].length === 2")
+    assert browser.js(tab, NO_XSS_NEW)
+    screenshot(browser, tab, "paused")
+    assert browser.js(tab, QUEUE_BUTTON % json.dumps("default")) == "Resume"
+    wait_for(lambda: web_q.paused() == {XSS_IMG})
+    browser.wait_js(tab, "[...document.querySelectorAll('#queues .s-paused')].length === 1")
+
+
+def test_browser_runs_a_cron_entry_now(web_q, web, browser):
+    web_q.schedule("nightly", "0 3 * * *", web_add(20, 22))
+    tab = browser.open(web + "/")
+    browser.wait_js(tab, LOADED)
+    browser.js(tab, "[...document.querySelectorAll('#schedules button')]"
+                    ".find(b => b.textContent === 'Run now').click()")
+    wait_for(lambda: len(web_q.jobs()) == 1)
+    job = web_q.jobs()[0]
+    assert job.task == web_add(20, 22)
+    browser.wait_js(tab, f"{SHOWN}.includes({job.id})")
+    browser.wait_js(tab, "[...document.querySelectorAll('.toast')].some("
+                         f"t => t.textContent === 'started job #{job.id}')")
+
+
+def test_browser_shows_hostile_job_data_as_text_everywhere(web_q, web, browser):
+    job = web_q.enqueue(web_echo(XSS_SCRIPT, XSS_IMG, note=XSS_SVG), queue=XSS_SCRIPT)
+    failed = web_q.enqueue(web_boom(XSS_IMG))
+    web_q.run_until_idle()
+    web_q.schedule(XSS_IMG, "*/5 * * * *", web_echo(XSS_SCRIPT))
+    tab = browser.open(web + "/")
+    browser.wait_js(tab, LOADED)
+    assert browser.js(tab, NO_XSS_NEW)
+    # The search box and the filters take the payloads as plain values.
+    set_input(browser, tab, "f-q", "<img src=x", "input")
+    wait_shown(browser, tab, [failed.id, job.id])
+    text = browser.js(tab, "document.getElementById('jobs').textContent")
+    assert XSS_IMG in text and repr(job.task) in text
+    set_input(browser, tab, "f-q", "", "input")
+    set_input(browser, tab, "f-queue", XSS_SCRIPT)
+    wait_shown(browser, tab, [job.id])
+    assert browser.js(tab, NO_XSS_NEW)
+    browser.js(tab, f"location.hash = '#job={job.id}'")
+    browser.wait_js(tab, "document.getElementById('detail').open")
+    browser.wait_js(tab, "document.getElementById('detail').textContent.includes("
+                         f"{json.dumps(json.dumps(XSS_SVG))})")  # the kwargs, as JSON
+    args = browser.js(tab, "[...document.querySelectorAll('#detail pre')]"
+                           ".map(p => p.textContent).join('\\n')")
+    assert json.dumps(XSS_SCRIPT) in args and json.dumps(XSS_IMG) in args
+    assert browser.js(tab, NO_XSS_NEW)
+    screenshot(browser, tab, "hostile-data")
+
+
+# Needs GET /api/chart and GET /api/workers (the observability branch): on a
+# server without them the two panels say "no data" and this test fails.
+def test_browser_chart_and_workers_show_a_live_worker(wdir, wdb, wq, worker, browser):
+    quick = [w_enqueue(wq, "step", f"quick{i}") for i in range(5)]
+    slow = w_enqueue(wq, "step", "slow", 30)
+    proc = worker(concurrency=2)
+    for job in quick:
+        job.result(timeout=15)
+    w_run_pid(str(wdir), "slow", 1)
+    server, base = start(wq)
+    try:
+        tab = browser.open(base + "/")
+        browser.wait_js(tab, LOADED)
+        browser.wait_js(tab, "document.querySelectorAll('svg.chart rect').length > 0")
+        legend = browser.js(tab, "document.querySelector('#chart .legend').textContent")
+        assert "complete 5" in legend
+        browser.wait_js(tab, f"document.getElementById('workers').textContent"
+                             f".includes('{proc.pid}')")
+        workers = browser.js(tab, "document.getElementById('workers').textContent")
+        assert socket.gethostname() in workers and "all" in workers
+        browser.wait_js(tab, f"[...document.querySelectorAll('#workers a.job')]"
+                             f".some(a => a.textContent === '#{slow.id}')")
+        screenshot(browser, tab, "dashboard-live")
+    finally:
+        stop(server)
