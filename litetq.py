@@ -4605,7 +4605,7 @@ header h1 { margin:0; font-size:20px; letter-spacing:.5px; }
 #status.bad { color:#ff9b8f; }
 main { max-width:1280px; margin:0 auto; padding:16px 24px 40px; }
 section { background:var(--card); border:1px solid var(--line);
-  border-radius:8px; margin:0 0 16px; padding:12px 16px; min-width:0; }
+  border-radius:8px; margin:0 0 16px; padding:12px 16px; min-width:0; overflow-x:auto; }
 .grid { display:grid; grid-template-columns:minmax(0,3fr) minmax(0,2fr); gap:16px;
   margin-bottom:16px; }
 .grid > section { margin:0; }
@@ -4659,7 +4659,8 @@ pre { background:#f3f4f7; border:1px solid var(--line); border-radius:6px;
 details summary { cursor:pointer; color:var(--muted); font-size:12px; }
 .filters { display:flex; flex-wrap:wrap; gap:8px; align-items:center; margin:0 0 10px; }
 .filters select, .filters input { font:inherit; font-size:13px; padding:3px 6px;
-  border:1px solid #c9ceda; border-radius:5px; background:#fff; }
+  border:1px solid #c9ceda; border-radius:5px; background:#fff; max-width:220px; }
+.filters input[type=search] { max-width:none; }
 .filters input[type=search] { flex:1; min-width:220px; }
 .filters .spacer { flex:1; }
 .pager { display:flex; gap:8px; align-items:center; margin-top:8px; }
@@ -4671,7 +4672,7 @@ svg.chart text { fill:var(--muted); font-size:10px; }
 .legend .swatch { display:inline-block; width:10px; height:10px; border-radius:2px;
   margin-right:5px; vertical-align:-1px; }
 .steps a + a { margin-left:6px; }
-td.wrap { overflow-wrap:anywhere; }
+td.wrap { overflow-wrap:anywhere; min-width:80px; }
 dialog { border:1px solid var(--line); border-radius:10px; padding:0;
   width:min(900px,94vw); max-height:88vh; }
 dialog .inner { padding:14px 18px; }
@@ -4869,7 +4870,7 @@ function renderQueues(queues) {
     const total = Object.values(q.counts).reduce((a, b) => a + b, 0);
     const toggle = q.paused ? "resume" : "pause";
     return el("tr", {},
-      el("td", {}, filterLink(q.name, {queue: q.name, status: ""}),
+      el("td", {className: "wrap"}, filterLink(q.name, {queue: q.name, status: ""}),
          q.paused ? el("span", {className: "badge s-paused"}, "paused") : null),
       STATUSES.map(s => el("td", {className: "num" + (q.counts[s] ? "" : " zero")},
         q.counts[s] ? filterLink(q.counts[s], {queue: q.name, status: s}) : 0)),
@@ -4935,7 +4936,7 @@ function renderWorkers(answer) {
   const workers = answer.workers;
   document.getElementById("workers-count").textContent = `(${workers.length})`;
   const rows = workers.map(w => el("tr", {},
-    el("td", {}, w.host), el("td", {className: "num"}, w.pid),
+    el("td", {className: "wrap"}, w.host), el("td", {className: "num"}, w.pid),
     el("td", {className: "wrap"},
        w.queues ? w.queues.join(", ") : el("span", {className: "muted"}, "all")),
     el("td", {className: "num"}, w.concurrency ?? "—"),
@@ -4952,7 +4953,7 @@ function renderWorkers(answer) {
 function renderRunning(jobs) {
   document.getElementById("running-count").textContent = jobs.length ? `(${jobs.length})` : "";
   const rows = jobs.map(job => el("tr", {}, el("td", {}, jobLink(job.id)), taskCell(job),
-    el("td", {}, job.queue), el("td", {}, bar(job.progress)),
+    el("td", {className: "wrap"}, job.queue), el("td", {}, bar(job.progress)),
     el("td", {className: "num"}, job.attempts), el("td", {}, when(job.started)), actions(job)));
   fill("running", table(["id", "task", "queue", "progress", " attempt", "started", ""], rows,
                         "Nothing running."));
@@ -4991,7 +4992,7 @@ function renderJobs(answer) {
   }
   const rows = answer.jobs.map(job => el("tr", {},
     el("td", {}, jobLink(job.id)), el("td", {}, badge(job.status)), taskCell(job),
-    el("td", {}, job.queue), el("td", {}, bar(job.progress)),
+    el("td", {className: "wrap"}, job.queue), el("td", {}, bar(job.progress)),
     el("td", {className: "num"}, job.attempts), el("td", {}, when(job.created)), actions(job)));
   const filtered = filterQuery().toString() !== "";
   fill("jobs", table(["id", "status", "task", "queue", "progress", " attempts", "created", ""],
@@ -5011,9 +5012,9 @@ function renderJobs(answer) {
 }
 
 function renderSchedules(entries) {
-  const rows = entries.map(e => el("tr", {}, el("td", {}, e.name),
+  const rows = entries.map(e => el("tr", {}, el("td", {className: "wrap"}, e.name),
     el("td", {className: "task"}, e.spec), el("td", {className: "task", title: e.task}, e.task),
-    el("td", {}, e.queue ?? el("span", {className: "muted"}, "task's queue")),
+    el("td", {className: "wrap"}, e.queue ?? el("span", {className: "muted"}, "task's queue")),
     el("td", {}, e.tz || "UTC"),
     el("td", {}, when(e.next_run)), el("td", {}, when(e.last_run)),
     el("td", {className: "actions"}, el("button", {onclick: () => perform(
@@ -5079,22 +5080,26 @@ async function optional(path) {
   try { return await api(path); } catch (err) { return null; }
 }
 
+let refreshes = 0;  // a refresh renders only if no later one began meanwhile
+
 async function refresh() {
+  const mine = ++refreshes;
   const jobsQuery = filterQuery();
   jobsQuery.set("limit", PAGE_SIZE);
   if (view.before !== null) jobsQuery.set("before", view.before);
-  optional("/api/chart").then(renderChart);
-  optional("/api/workers").then(renderWorkers);
+  optional("/api/chart").then(chart => mine === refreshes && renderChart(chart));
+  optional("/api/workers").then(workers => mine === refreshes && renderWorkers(workers));
   try {
     const [queues, running, failed, jobs, schedules] = await Promise.all([
       api("/api/queues"), api("/api/jobs?status=running&limit=50"),
       api("/api/jobs?status=failed&limit=10"), api("/api/jobs?" + jobsQuery),
       api("/api/schedules")]);
+    if (mine !== refreshes) return;
     renderQueues(queues.queues); renderRunning(running.jobs); renderFailures(failed.jobs);
     renderJobs(jobs); renderSchedules(schedules);
     setStatus("updated " + new Date().toLocaleTimeString(), false);
   } catch (err) {
-    setStatus("cannot reach the server: " + err.message, true);
+    if (mine === refreshes) setStatus("cannot reach the server: " + err.message, true);
   }
 }
 
