@@ -4208,7 +4208,7 @@ def test_browser_page_refreshes_itself(web_q, web, browser):
     tab = browser.open(web + "/")
     browser.wait_js(tab, LOADED)
     job = web_q.enqueue(web_add(4, 5), queue="late-arrivals")
-    browser.wait_js(tab, f"[...document.querySelectorAll('#recent a.job')]"
+    browser.wait_js(tab, f"[...document.querySelectorAll('#jobs a.job')]"
                          f".some(a => a.textContent === '#{job.id}')", timeout=6)
     assert browser.js(tab, "document.getElementById('queues').textContent"
                            ".includes('late-arrivals')")
