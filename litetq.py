@@ -836,7 +836,7 @@ class Storage:
     memory = False  # one shared in-process database (SQLite's ":memory:")
     driver_errors = ()  # the driver's exception classes, turned into litetq.Error
     max_connections = None  # in use at once, per process and storage (None: no limit)
-    like = "like"  # the case-insensitive LIKE operator
+    like = "like"  # a LIKE that ignores case (SQLite's does, for ASCII letters)
 
     def __init__(self, name, readonly=False):
         self.name, self.readonly = name, readonly
@@ -2075,7 +2075,6 @@ class SQLiteStorage(Storage):
 
     driver_errors = (sqlite3.Error,)
     max_connections = 16  # one writes at a time anyway; fewer connections, fewer open files
-    like = "like"  # case-insensitive for ASCII letters (PRAGMA case_sensitive_like)
 
     def __init__(self, path, synchronous="NORMAL", readonly=False):
         level = str(synchronous).upper()

@@ -8097,6 +8097,8 @@ def test_api_jobs_with_many_queues_pages_by_id_range(web_q, web, monkeypatch):
 def test_api_jobs_search_over_id_task_arguments_and_error(web_q, web):
     mix = make_mix(web_q)
     odd = web_q.enqueue(web_echo("50%_off", {"path": "a\\b"}))
+    greeting = web_q.enqueue(web_echo("Grüße, 'friend' ✓"))
+    assert api_ids(web, "q=" + urllib.parse.quote("üße, 'friend' ✓"))[0] == [greeting.id]
     assert api_ids(web, "q=needle")[0] == ids_of(mix["queued"])
     assert api_ids(web, "q=NEEDLE")[0] == ids_of(mix["queued"])  # any case
     assert api_ids(web, "q=kaput+1")[0] == [mix["failed"][1].id]  # the error text
