@@ -2,8 +2,8 @@
 
     python benchmarks/web_api.py [DB] [--jobs N]
 
-Builds DB (default /tmp/litetq-web-1m.sqlite) once with enqueue_many, then gives
-the jobs realistic statuses in bulk (mostly complete, some failed, a few queued),
+Builds DB (default /tmp/litetq-web-1m.sqlite; or a PostgreSQL URL) once with
+enqueue_many, then gives the jobs realistic statuses in bulk (mostly complete, some failed, a few queued),
 serves it with make_web_server and prints the median and worst time of each
 endpoint over several calls.
 """
@@ -24,28 +24,24 @@ QUEUES = ["default", "emails", "reports", "billing"]
 TASKS = ["app.send_email", "app.render", "app.charge", "app.resize", "app.sync"]
 
 
-def build(path, count):
-    q = litetq.Queue(path)
+def build(db, count):
+    q = litetq.Queue(db)
     rng = random.Random(1)
     batch = 20_000
     for start in range(0, count, batch):
         calls = [litetq.Task(rng.choice(TASKS), [start + i, f"user{rng.randrange(10**6)}"], {})
                  for i in range(min(batch, count - start))]
         q.enqueue_many(calls, queue=QUEUES[(start // batch) % len(QUEUES)])
-    q.close()
-    import sqlite3
-    con = sqlite3.connect(path)
     # Statuses as a long-running system has them: nearly all finished.
-    con.execute("update litetq_jobs set status = 'complete', finished = created + 1, "
-                "result = '1' where id % 100 not in (1, 2, 3)")
-    con.execute("update litetq_jobs set status = 'failed', finished = created + 1, "
-                "error = 'ValueError: boom ' || id, traceback = 'Traceback: ...' "
-                "where id % 100 = 1")
-    con.execute("update litetq_jobs set status = 'cancelled', finished = created + 1 "
-                "where id % 1000 = 2")
-    con.commit()
-    con.execute("vacuum")
-    con.close()
+    q.storage.change("update litetq_jobs set status = 'complete', finished = created + 1, "
+                     "result = '1' where id % 100 not in (1, 2, 3)")
+    q.storage.change("update litetq_jobs set status = 'failed', finished = created + 1, "
+                     "error = 'ValueError: boom ' || id, traceback = 'Traceback: ...' "
+                     "where id % 100 = 1")
+    q.storage.change("update litetq_jobs set status = 'cancelled', finished = created + 1 "
+                     "where id % 1000 = 2")
+    q.storage.change("vacuum" if "://" not in db else "vacuum analyze litetq_jobs")
+    q.close()
 
 
 def timed(base, path, method="GET"):
@@ -59,10 +55,11 @@ def timed(base, path, method="GET"):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("db", nargs="?", default="/tmp/litetq-web-1m.sqlite")
+    parser.add_argument("db", nargs="?", default="/tmp/litetq-web-1m.sqlite",
+                        help="a SQLite path or a PostgreSQL URL")
     parser.add_argument("--jobs", type=int, default=1_000_000)
     args = parser.parse_args()
-    if not os.path.exists(args.db):
+    if not (os.path.exists(args.db) if "://" not in args.db else litetq.Queue(args.db).stats()):
         began = time.perf_counter()
         build(args.db, args.jobs)
         print(f"built {args.jobs} jobs in {time.perf_counter() - began:.0f} s")
