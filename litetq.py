@@ -730,6 +730,7 @@ create index if not exists litetq_jobs_waiting on litetq_jobs (queue)
     where status = 'waiting';
 create index if not exists litetq_jobs_parent on litetq_jobs (parent_id)
     where parent_id is not null;
+create index if not exists litetq_jobs_queue on litetq_jobs (queue, status, id);
 create unique index if not exists litetq_jobs_unique on litetq_jobs (unique_key)
     where unique_key is not null and status in ('queued', 'running', 'waiting');
 create table if not exists litetq_logs (
@@ -845,6 +846,23 @@ KEEP_MINUTES = 120  # minutes of step counts kept one by one; older ones fold in
 WORKER_LIVE = 10.0  # seconds without a heartbeat before a worker no longer counts as live
 
 NO_LIMIT = 2 ** 62  # "limit ?" for every row, in both dialects
+STATUSES = UNFINISHED + TERMINAL
+RETRYABLE = ("failed", "cancelled", "expired")
+SEARCH_SPAN = 50_000  # ids one page of a search looks through, at most
+BULK_BATCH = 500  # jobs retried or cancelled in one transaction
+MERGE_MAX = 64  # queues find_jobs() merges one index range of each, at most
+# The queue names, by skip scan of litetq_jobs_queue: one index seek per queue.
+QUEUES_CTE = ("with recursive queues(name) as (select min(queue) from litetq_jobs union all "
+              "select (select min(queue) from litetq_jobs where queue > queues.name) "
+              "from queues where name is not null)")
+QUEUE_NAMES = QUEUES_CTE + " select name from queues where name is not null"
+# Counts per queue and status: one count of index entries per queue and status,
+# twice as fast as a "group by" over a big table.
+STATS = (QUEUES_CTE + ", statuses(status) as ("
+         + " union all ".join(f"select '{s}'" for s in STATUSES) +
+         ") select name, status, (select count(*) from litetq_jobs j where j.queue = "
+         "queues.name and j.status = statuses.status) from queues, statuses "
+         "where name is not null")
 # A job row from Queue._job_row is (queue, priority, name, args) for a plain call
 # due now, which most jobs are: the short insert is half again as fast in bulk.
 # With any option it goes on: (at, delay, parked, at, delay, ttl, rest, unique_key,
@@ -929,6 +947,7 @@ class Storage:
     count_alone = False  # True: _count() counts what _succeeded_alone() finishes (COUNTED)
     driver_errors = ()  # the driver's exception classes, turned into litetq.Error
     max_connections = None  # in use at once, per process and storage (None: no limit)
+    like = "like"  # a LIKE that ignores case (SQLite's does, for ASCII letters)
 
     def __init__(self, name, readonly=False, create=True):
         # create=False (and readonly): a database without litetq's tables is refused,
@@ -1675,6 +1694,9 @@ class Storage:
 
     @_transaction
     def cancel(self, conn, job_id):
+        return self._cancel(conn, job_id)
+
+    def _cancel(self, conn, job_id):
         parent = self._execute(conn, "select parent_id from litetq_jobs where id = ?",
                                (job_id,)).fetchone()
         if parent is None:
@@ -1686,6 +1708,9 @@ class Storage:
 
     @_transaction
     def retry(self, conn, job_id):
+        return self._retry(conn, job_id)
+
+    def _retry(self, conn, job_id):
         row = self._execute(conn, "select unique_key, token from litetq_jobs where id = ? and "
                             "status in ('failed', 'cancelled', 'expired') for update",
                             (job_id,)).fetchone()
@@ -1872,6 +1897,127 @@ class Storage:
         """Seconds the longest-waiting due job has waited, or None."""
         return self.query_one("select litetq_now() - min(due) from litetq_jobs "
                               "where status = 'queued' and due <= litetq_now()")[0]
+
+    # The web page's queries: each reads an index, or a bounded range of ids.
+
+    def find_jobs(self, status=None, queue=None, name=None, search=None, before=None,
+                  limit=100):
+        """Rows (dicts, newest first) of the jobs with ids below `before` that match, and
+        the `before` of the next page (None when nothing older is left to look at).
+
+        Status and queue filters read litetq_jobs_queue: one short range per queue or
+        per status, merged. A task name or a search reads at most SEARCH_SPAN ids below
+        `before`: when fewer than `limit` match there, the next page starts where this
+        one stopped looking. (One index for the page, not one per filter: every index
+        costs every .delay() another page written.)"""
+        if name is None and search is None:
+            ids = self._indexed_ids(status, queue, before, limit + 1)
+            if ids is not None:
+                more = ids[limit - 1] if len(ids) > limit else None
+                return self._job_rows(ids[:limit]), more
+        return self._scan_jobs(status, queue, name, search, before, limit)
+
+    def _indexed_ids(self, status, queue, before, count):
+        """The newest `count` ids below `before` of a status and/or queue; None when
+        there are too many queues to merge."""
+        where, params = _job_filter(status, queue, None, before)
+        if (status is None) == (queue is None):  # the index, or the ids themselves
+            return [r[0] for r in self.query(f"select id from litetq_jobs where {where} "
+                                             "order by id desc limit ?", (*params, count))]
+        if status is None:
+            column, values = "status", STATUSES
+        else:
+            column, values = "queue", [r[0] for r in self.query(QUEUE_NAMES)]
+            if len(values) > MERGE_MAX:
+                return None
+        if not values:
+            return []
+        part = (f"select id from (select id from litetq_jobs where {where} and {column} = ? "
+                "order by id desc limit ?) as s{}")
+        sql = " union all ".join(part.format(i) for i in range(len(values)))
+        params = [p for value in values for p in (*params, value, count)]
+        return [r[0] for r in self.query(f"{sql} order by id desc limit ?", (*params, count))]
+
+    def _scan_jobs(self, status, queue, name, search, before, limit):
+        """find_jobs() through at most SEARCH_SPAN ids below `before`."""
+        # Two subqueries: SQLite reads min() or max() from the index only when alone.
+        low, top = self.query_one("select (select min(id) from litetq_jobs), "
+                                  "(select max(id) from litetq_jobs)")
+        top = top + 1 if before is None and top is not None else before
+        if top is None:
+            return [], None
+        # Without a status, litetq_jobs_queue would read the whole queue: the range of
+        # ids must bound the work instead.
+        where, params = _job_filter(status, queue, name, None, indexed=status is not None)
+        if search is not None:
+            match, terms = self._search_clause(search)
+            where, params = f"{where} and {match}", params + terms
+        floor = top - SEARCH_SPAN
+        ids = [r[0] for r in self.query(
+            f"select id from litetq_jobs where {where} and id >= ? and id < ? "
+            "order by id desc limit ?", (*params, floor, top, limit + 1))]
+        if len(ids) > limit:
+            more = ids[limit - 1]
+        else:
+            more = floor if low is not None and floor > low else None
+        ids = ids[:limit]
+        number = None if search is None else _search_id(search)
+        if before is None and number is not None and number not in ids:
+            hit = self.query_one(f"select id from litetq_jobs where {where} and id = ?",
+                                 (*params, number))
+            ids = ([hit[0]] if hit else []) + ids  # an id typed in is found however old
+        return self._job_rows(ids), more
+
+    def _search_clause(self, search):
+        """SQL matching `search` in a job's task name, arguments or error (or its id)."""
+        pattern = "%" + re.sub(r"([\\%_])", r"\\\1", search) + "%"
+        like = self.like
+        sql = (f"(name {like} ? escape '\\' or args {like} ? escape '\\' "
+               f"or error {like} ? escape '\\'")
+        terms = [pattern] * 3
+        if _search_id(search) is not None:
+            sql += " or id = ?"
+            terms.append(_search_id(search))
+        return sql + ")", terms
+
+    def _job_rows(self, ids):
+        if not ids:
+            return []
+        rows = self.query(f"select {JOB_COLUMNS} from litetq_jobs where id in "
+                          f"({', '.join('?' * len(ids))})", ids)
+        columns = JOB_COLUMNS.split(", ")
+        found = {row[0]: dict(zip(columns, row)) for row in rows}
+        return [found[i] for i in ids if i in found]
+
+    def act_on_jobs(self, action, status=None, queue=None, name=None, search=None):
+        """Retry (action "retry") or cancel ("cancel") every job that matches and whose
+        state allows it, BULK_BATCH to a transaction; returns how many changed."""
+        allowed = RETRYABLE if action == "retry" else UNFINISHED
+        statuses = [s for s in ([status] if status else allowed) if s in allowed]
+        count, before = 0, None
+        while statuses:
+            where, params = _job_filter(None, queue, name, before)
+            where += f" and status in ({', '.join('?' * len(statuses))})"
+            params += statuses
+            if search is not None:
+                match, terms = self._search_clause(search)
+                where, params = f"{where} and {match}", params + terms
+            ids = [r[0] for r in self.query(f"select id from litetq_jobs where {where} "
+                                            "order by id desc limit ?", (*params, BULK_BATCH))]
+            if not ids:
+                break
+            count += self.transact(lambda conn: sum(
+                self._act(conn, action, job_id) for job_id in ids))
+            before = ids[-1]
+        return count
+
+    def _act(self, conn, action, job_id):
+        if action == "cancel":
+            return self._cancel(conn, job_id)
+        try:
+            return self._retry(conn, job_id)
+        except Error:  # its unique key is taken again: it stays as it is (nothing written)
+            return False
 
     def purge(self, status, older_than, budget=None):
         """Delete the job trees (a root and every subtask, with their logs) whose root
@@ -2125,6 +2271,28 @@ class Storage:
 
     def _after_schema(self, conn):
         """What a dialect adds to the tables (PostgreSQL: the NOTIFY triggers)."""
+
+
+def _job_filter(status, queue, name, before, indexed=True):
+    """A "where" clause (never empty) and its parameters for the jobs list's filters;
+    with indexed=False, written so that no index on status, queue or name serves it
+    (`column || ''` is an expression, which no plain index matches)."""
+    clauses, params = ["1 = 1"], []
+    for column, value in (("status", status), ("queue", queue), ("name", name)):
+        if value is not None:
+            clauses.append(f"{column} = ?" if indexed else f"{column} || '' = ?")
+            params.append(value)
+    if before is not None:
+        clauses.append("id < ?")
+        params.append(before)
+    return " and ".join(clauses), params
+
+
+def _search_id(search):
+    """The job id a search could mean (it is all digits), else None."""
+    if search.isascii() and search.isdigit() and len(search) < 19:
+        return int(search)
+    return None
 
 
 def _epoch():
@@ -2423,6 +2591,7 @@ class PostgresStorage(Storage):
     only delays. Tables live in the schema the connection's search_path selects.
     """
 
+    like = "ilike"  # "like" is case-sensitive here
     max_connections = 10
 
     def __init__(self, url, readonly=False, create=True):
@@ -3508,16 +3677,20 @@ class Job:
 
     def to_dict(self):
         """Everything about the job as JSON-ready data (for the CLI and web page)."""
-        row = self.queue.storage.job(self.id)
-        call = _call_of(row)
-        info = {key: row[key] for key in (
-            "id", "queue", "priority", "status", "name", "attempts", "steps", "error",
-            "traceback", "created", "started", "finished", "due")}
-        info.update(task=repr(call), args=_encode(list(call.args)), kwargs=_encode(call.kwargs),
-                    parent_id=row["parent_id"],
-                    progress=json.loads(row["progress"]) if row["progress"] else None,
-                    result=json.loads(row["result"]) if row["result"] else None)
-        return info
+        return _job_info(self.queue.storage.job(self.id))
+
+
+def _job_info(row):
+    """A job row (a dict of storage's JOB_COLUMNS) as JSON-ready data."""
+    call = _call_of(row)
+    info = {key: row[key] for key in (
+        "id", "queue", "priority", "status", "name", "attempts", "steps", "error",
+        "traceback", "created", "started", "finished", "due")}
+    info.update(task=repr(call), args=_encode(list(call.args)), kwargs=_encode(call.kwargs),
+                parent_id=row["parent_id"],
+                progress=json.loads(row["progress"]) if row["progress"] else None,
+                result=json.loads(row["result"]) if row["result"] else None)
+    return info
 
 
 def _call_of(row):
@@ -4863,8 +5036,6 @@ def _django_setup(settings):
 # JSON and goes into the DOM as text nodes, so nothing a task stored (args,
 # errors, log lines, queue names) is ever parsed as HTML.
 
-_WEB_STATUSES = UNFINISHED + TERMINAL
-_WEB_RETRYABLE = ("failed", "cancelled", "expired")
 _WEB_MAX_LIMIT = 1000
 _WEB_MAX_BODY = 64 * 1024
 
@@ -4942,16 +5113,46 @@ def _api_stats(queue, query):
     return queue.stats()
 
 
+def _api_queues(queue, query):
+    """Every queue with jobs or a pause: its counts per status and whether it is paused."""
+    _query_params(query, ())
+    stats, paused = queue.stats(), queue.paused()
+    return {"queues": [
+        {"name": name, "paused": name in paused,
+         "counts": {status: stats.get(name, {}).get(status, 0) for status in STATUSES}}
+        for name in sorted(set(stats) | paused)]}
+
+
 def _api_jobs(queue, query):
-    params = _query_params(query, ("status", "queue", "task", "limit"))
-    status = params.get("status")
-    if status is not None and status not in _WEB_STATUSES:
-        raise _WebError(400, f"unknown status {status!r}; use one of "
-                             f"{', '.join(_WEB_STATUSES)}")
+    """A page of jobs, newest first, and the `before` that asks for the next one."""
+    params = _query_params(query, _WEB_FILTERS + ("limit", "before"))
     limit = _int_param(params.get("limit", "100"), "limit", 1, _WEB_MAX_LIMIT)
-    jobs = queue.jobs(status=status, queue=params.get("queue"),
-                      task=params.get("task"), limit=limit)
-    return [job.to_dict() for job in jobs]
+    before = params.get("before")
+    before = None if before is None else _int_param(before, "before", 1, NO_LIMIT)
+    rows, more = queue.storage.find_jobs(**_job_filters(params), before=before, limit=limit)
+    return {"jobs": [_job_info(row) for row in rows], "next_before": more}
+
+
+def _api_jobs_action(queue, query, action):
+    """POST /api/jobs/retry|cancel: every job the filters match whose state allows it."""
+    filters = _job_filters(_query_params(query, _WEB_FILTERS))
+    count = queue.storage.act_on_jobs(action, **filters)
+    queue.storage.changed()
+    return {"count": count}
+
+
+def _job_filters(params):
+    """The jobs list's filters, checked, as keywords of Storage.find_jobs()."""
+    status = params.get("status")
+    if status is not None and status not in STATUSES:
+        raise _WebError(400, f"unknown status {status!r}; use one of {', '.join(STATUSES)}")
+    filters = {"status": status}
+    for param, key in (("queue", "queue"), ("task", "name"), ("q", "search")):
+        value = params.get(param)
+        if value is not None and (len(value) > 1000 or "\0" in value):
+            raise _WebError(400, f"{param} must be at most 1000 characters, without NUL")
+        filters[key] = value
+    return filters
 
 
 def _api_job(queue, query, job_id):
@@ -4961,9 +5162,10 @@ def _api_job(queue, query, job_id):
 
 def _api_action(queue, query, job_id, action):
     """POST /api/jobs/ID/retry|cancel: answer 409 when the state forbids it."""
+    _query_params(query, ())
     job = queue.job(_job_id(job_id))
     status = job.status
-    if action == "retry" and status not in _WEB_RETRYABLE:
+    if action == "retry" and status not in RETRYABLE:
         raise _WebError(409, f"job {job.id} is {status}; only failed, "
                              "cancelled or expired jobs can be retried")
     if action == "cancel" and status in TERMINAL:
@@ -4977,6 +5179,14 @@ def _api_action(queue, query, job_id, action):
     if changed is False:  # a worker moved the job on since we looked
         raise _WebError(409, f"job {job.id} is now {job.status}; nothing to {action}")
     return job.to_dict()
+
+
+def _api_pause(queue, query, name, action):
+    """POST /api/queues/NAME/pause|resume."""
+    _query_params(query, ())
+    name = _path_name(name, "queue name")
+    getattr(queue, action)(name)
+    return {"name": name, "paused": action == "pause"}
 
 
 def _api_schedules(queue, query):
@@ -4999,7 +5209,7 @@ def _api_metrics(queue, query):
     stats, oldest = queue.stats(), queue.oldest_due()
     lines = _metric_family("litetq_jobs", "gauge", "Jobs now in each status.", [
         ({"queue": name, "status": status}, stats[name].get(status, 0))
-        for name in sorted(stats) for status in _WEB_STATUSES])
+        for name in sorted(stats) for status in STATUSES])
     lines += _metric_family(
         "litetq_oldest_due_seconds", "gauge",
         "How long the oldest due, queued job of each queue has waited.",
@@ -5035,16 +5245,34 @@ def _api_chart(queue, query):
     return queue.steps_per_minute(60)
 
 
+
+def _api_run_schedule(queue, query, name):
+    """POST /api/schedules/NAME/run: enqueue the entry's call now, as its next fire
+    would; the schedule itself is left as it is."""
+    _query_params(query, ())
+    name = _path_name(name, "cron entry name")
+    for entry in queue.schedules():
+        if entry["name"] == name:
+            return queue.enqueue(entry["task"], queue=entry["queue"]).to_dict()
+    raise _WebError(404, f"no cron entry named {name!r}")
+
+
+_WEB_FILTERS = ("status", "queue", "task", "q")
 _WEB_ROUTES = (
     ("GET", re.compile(r"/api/stats"), _api_stats),
+    ("GET", re.compile(r"/api/queues"), _api_queues),
+    ("POST", re.compile(r"/api/queues/([^/]+)/(pause|resume)"), _api_pause),
     ("GET", re.compile(r"/api/jobs"), _api_jobs),
-    ("GET", re.compile(r"/api/jobs/([^/]+)"), _api_job),
+    ("POST", re.compile(r"/api/jobs/(retry|cancel)"), _api_jobs_action),
+    ("GET", re.compile(r"/api/jobs/(?!(?:retry|cancel)$)([^/]+)"), _api_job),
     ("POST", re.compile(r"/api/jobs/([^/]+)/(retry|cancel)"), _api_action),
     ("GET", re.compile(r"/api/schedules"), _api_schedules),
     # Observability (SPEC section 15)
     ("GET", re.compile(r"/metrics"), _api_metrics),
     ("GET", re.compile(r"/api/workers"), _api_workers),
     ("GET", re.compile(r"/api/chart"), _api_chart),
+
+    ("POST", re.compile(r"/api/schedules/([^/]+)/run"), _api_run_schedule),
 )
 
 
@@ -5060,6 +5288,14 @@ def _job_id(text):
     if not _is_digits(text):
         raise _WebError(400, f"job id must be a positive integer, not {text!r}")
     return int(text)
+
+
+def _path_name(text, what):
+    """A queue or cron entry name from a URL path segment (percent-encoded)."""
+    try:
+        return _name(urllib.parse.unquote(text, errors="strict"), what)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _WebError(400, f"bad {what} {text!r}: {exc}") from None
 
 
 def _query_params(query, allowed):
@@ -5214,7 +5450,7 @@ class _WebHandler(http.server.BaseHTTPRequestHandler):
 
 _WEB_CSS = """
 :root { --fg:#1d2330; --muted:#6b7385; --line:#e3e6ec; --bg:#f6f7f9;
-  --card:#fff; --accent:#3563d6; }
+  --card:#fff; --accent:#3563d6; --bad:#b3261e; }
 * { box-sizing: border-box; }
 body { margin:0; font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;
   color:var(--fg); background:var(--bg); }
@@ -5223,52 +5459,80 @@ header { display:flex; align-items:baseline; gap:1em; padding:14px 24px;
 header h1 { margin:0; font-size:20px; letter-spacing:.5px; }
 #status { color:#aab2c5; font-size:13px; }
 #status.bad { color:#ff9b8f; }
-main { max-width:1200px; margin:0 auto; padding:16px 24px 40px; }
+main { max-width:1280px; margin:0 auto; padding:16px 24px 40px; }
 section { background:var(--card); border:1px solid var(--line);
-  border-radius:8px; margin:0 0 16px; padding:12px 16px; }
+  border-radius:8px; margin:0 0 16px; padding:12px 16px; min-width:0; overflow-x:auto; }
+.grid { display:grid; grid-template-columns:minmax(0,3fr) minmax(0,2fr); gap:16px;
+  margin-bottom:16px; }
+.grid > section { margin:0; }
+@media (max-width:900px) { .grid { grid-template-columns:1fr; } }
 h2 { font-size:15px; margin:0 0 8px; }
-h2 .count { color:var(--muted); font-weight:normal; }
+h2 .count, h2 .sub { color:var(--muted); font-weight:normal; }
+h2 .sub { font-size:12px; }
 table { border-collapse:collapse; width:100%; }
 th, td { text-align:left; padding:5px 8px; border-bottom:1px solid var(--line);
   vertical-align:middle; }
 th { font-size:12px; color:var(--muted); font-weight:600;
-  text-transform:uppercase; letter-spacing:.4px; }
+  text-transform:uppercase; letter-spacing:.4px; white-space:nowrap; }
 td.num, th.num { text-align:right; font-variant-numeric:tabular-nums; }
 td.zero { color:#c3c8d2; }
 .task { font-family:ui-monospace,Menlo,Consolas,monospace; font-size:13px;
   max-width:420px; overflow:hidden; text-overflow:ellipsis; white-space:nowrap; }
+td .error { color:var(--bad); font-size:12px; max-width:420px; overflow:hidden;
+  text-overflow:ellipsis; white-space:nowrap; }
 .muted, .empty { color:var(--muted); }
 .badge { display:inline-block; padding:0 7px; border-radius:9px; font-size:12px;
-  background:#eef0f4; color:#444; }
+  background:#eef0f4; color:#444; white-space:nowrap; }
 .s-queued { background:#e8eefc; color:#2c4fa8; }
 .s-running { background:#e3f4fb; color:#0d6f96; }
 .s-waiting { background:#f1e9fb; color:#6a3fa8; }
 .s-complete { background:#e5f5e8; color:#237a36; }
-.s-failed { background:#fde8e6; color:#b3261e; }
+.s-failed { background:#fde8e6; color:var(--bad); }
 .s-cancelled, .s-expired { background:#efefef; color:#666; }
-.bar { width:160px; height:10px; background:#e9ecf1; border-radius:5px;
+.s-paused { background:#fff1d6; color:#8a5a00; margin-left:6px; }
+a.filter { color:inherit; text-decoration:none; cursor:pointer; }
+a.filter:hover { color:var(--accent); text-decoration:underline; }
+.bar { width:120px; height:10px; background:#e9ecf1; border-radius:5px;
   overflow:hidden; display:inline-block; vertical-align:middle; }
 .bar > div { height:100%; background:var(--accent); }
 .bar.unknown > div { width:100%; opacity:.35; }
 button { font:inherit; font-size:12px; padding:2px 10px; border-radius:5px;
-  border:1px solid #c9ceda; background:#fff; cursor:pointer; }
-button:hover { border-color:var(--accent); color:var(--accent); }
-button.danger:hover { border-color:#b3261e; color:#b3261e; }
+  border:1px solid #c9ceda; background:#fff; cursor:pointer; white-space:nowrap; }
+button:hover:not(:disabled) { border-color:var(--accent); color:var(--accent); }
+button.danger:hover:not(:disabled) { border-color:var(--bad); color:var(--bad); }
+button:disabled { opacity:.45; cursor:default; }
 a.job { color:var(--accent); text-decoration:none; cursor:pointer; }
 .failure { border-top:1px solid var(--line); padding:8px 0; }
 .failure:first-of-type { border-top:0; }
 .failure .head, h2.title { display:flex; gap:10px; align-items:center; }
 h2.title > button { margin-left:auto; }
 .actions button + button { margin-left:4px; }
-.failure .error { color:#b3261e; margin:2px 0; white-space:pre-wrap;
+.failure .error { color:var(--bad); margin:2px 0; white-space:pre-wrap;
   word-break:break-word; }
 pre { background:#f3f4f7; border:1px solid var(--line); border-radius:6px;
   padding:8px 10px; overflow:auto; max-height:320px; font-size:12px;
-  white-space:pre-wrap; word-break:break-word; }
+  white-space:pre-wrap; word-break:break-word; margin:0 0 10px; }
 details summary { cursor:pointer; color:var(--muted); font-size:12px; }
+.filters { display:flex; flex-wrap:wrap; gap:8px; align-items:center; margin:0 0 10px; }
+.filters select, .filters input { font:inherit; font-size:13px; padding:3px 6px;
+  border:1px solid #c9ceda; border-radius:5px; background:#fff; max-width:220px; }
+.filters input[type=search] { max-width:none; }
+.filters input[type=search] { flex:1; min-width:220px; }
+.filters .spacer { flex:1; }
+.pager { display:flex; gap:8px; align-items:center; margin-top:8px; }
+.pager .note { color:var(--muted); font-size:12px; }
+svg.chart { width:100%; height:auto; display:block; }
+svg.chart .axis { stroke:#c9ceda; stroke-width:1; }
+svg.chart text { fill:var(--muted); font-size:10px; }
+.legend { display:flex; flex-wrap:wrap; gap:4px 14px; font-size:12px; margin-top:4px; }
+.legend .swatch { display:inline-block; width:10px; height:10px; border-radius:2px;
+  margin-right:5px; vertical-align:-1px; }
+.steps a + a { margin-left:6px; }
+td.wrap { overflow-wrap:anywhere; min-width:80px; }
 dialog { border:1px solid var(--line); border-radius:10px; padding:0;
   width:min(900px,94vw); max-height:88vh; }
 dialog .inner { padding:14px 18px; }
+dialog h3 { font-size:13px; margin:12px 0 4px; color:var(--muted); }
 dialog dl { display:grid; grid-template-columns:110px 1fr; gap:3px 12px;
   margin:0 0 10px; }
 dialog dt { color:var(--muted); }
@@ -5283,7 +5547,19 @@ _WEB_JS = r"""
 // data is never handed to innerHTML, so stored markup stays inert text.
 const STATUSES = ["queued", "running", "waiting", "complete", "failed",
                   "cancelled", "expired"];
+const RETRYABLE = ["failed", "cancelled", "expired"];
+const CANCELLABLE = ["queued", "running", "waiting"];
+const OUTCOMES = {complete: "#3a9a52", continued: "#6aa5e8", retried: "#e0a93b",
+                  failed: "#d2463b", cancelled: "#9aa0ab", expired: "#b9a3dc"};
+const PAGE_SIZE = 25;
+const SVG = "http://www.w3.org/2000/svg";
 const openTracebacks = new Set();
+const taskNames = new Set();
+// The jobs list: its filters, the id it starts below (null: the newest) and
+// the starts of the pages before it, for "Newer".
+const view = {status: "", queue: "", task: "", q: "", before: null, back: [], next: null};
+const FILTERS = ["status", "queue", "task", "q"];
+let typing;  // the timer that applies what is typed in a filter, after a pause
 let token = sessionStorage.getItem("litetq-token");
 
 function el(tag, props, ...children) {
@@ -5300,18 +5576,28 @@ function el(tag, props, ...children) {
   return node;
 }
 
+function svg(tag, attrs, ...children) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [key, value] of Object.entries(attrs)) node.setAttribute(key, value);
+  node.append(...children);
+  return node;
+}
+
 function fill(id, ...children) {
   document.getElementById(id).replaceChildren(...children.flat());
 }
 
+function ago(seconds) {
+  const abs = Math.abs(Math.round(seconds));
+  return abs < 60 ? abs + "s" : abs < 3600 ? Math.round(abs / 60) + "m"
+    : abs < 86400 ? Math.round(abs / 3600) + "h" : Math.round(abs / 86400) + "d";
+}
+
 function when(epoch) {
   if (epoch === null || epoch === undefined) return el("span", {className: "muted"}, "—");
-  const secs = Math.round(epoch - Date.now() / 1000);
-  const abs = Math.abs(secs);
-  const text = abs < 60 ? abs + "s" : abs < 3600 ? Math.round(abs / 60) + "m"
-    : abs < 86400 ? Math.round(abs / 3600) + "h" : Math.round(abs / 86400) + "d";
+  const secs = epoch - Date.now() / 1000;
   return el("span", {title: new Date(epoch * 1000).toLocaleString()},
-            secs > 0 ? "in " + text : text + " ago");
+            secs > 0.5 ? "in " + ago(secs) : ago(secs) + " ago");
 }
 
 function badge(status) {
@@ -5323,7 +5609,9 @@ function jobLink(id) {
 }
 
 function taskCell(job) {
-  return el("td", {className: "task", title: job.task}, job.task);
+  return el("td", {},
+    el("div", {className: "task", title: job.task}, job.task),
+    job.error ? el("div", {className: "error", title: job.error}, job.error) : null);
 }
 
 function bar(progress) {
@@ -5337,11 +5625,11 @@ function bar(progress) {
 
 function actions(job, tag = "td") {
   const buttons = [];
-  if (["queued", "waiting", "running"].includes(job.status)) {
+  if (CANCELLABLE.includes(job.status)) {
     buttons.push(el("button", {className: "danger", onclick: () => act(job.id, "cancel")},
                     "Cancel"));
   }
-  if (["failed", "cancelled", "expired"].includes(job.status)) {
+  if (RETRYABLE.includes(job.status)) {
     buttons.push(el("button", {onclick: () => act(job.id, "retry")}, "Retry"));
   }
   return el(tag, {className: "actions"}, buttons);
@@ -5370,42 +5658,158 @@ async function api(path, options) {
   return body;
 }
 
-async function act(id, action) {
+async function post(path) {
   // The JSON content type and the custom header make this a request that
   // no other site can send here without a CORS preflight.
   const headers = {"Content-Type": "application/json", "X-Litetq": "1"};
   if (token) headers.Authorization = "Bearer " + token;
   try {
-    await api(`/api/jobs/${Number(id)}/${action}`, {method: "POST", headers, body: "{}"});
+    return await api(path, {method: "POST", headers, body: "{}"});
   } catch (err) {
-    if (err.status !== 401) return toast(err.message);
-    const given = prompt("This server needs its token to " + action + " jobs:");
-    if (!given) return;
+    if (err.status !== 401) throw err;
+    const given = prompt("This server needs its token to change jobs or queues:");
+    if (!given) throw new Error("no token given");
     token = given;
     sessionStorage.setItem("litetq-token", token);
-    return act(id, action);
+    return post(path);
   }
+}
+
+async function perform(path, done) {
+  let answer;
+  try { answer = await post(path); } catch (err) { return toast(err.message); }
+  if (done) toast(done(answer));
   refresh();
+  return answer;
+}
+
+async function act(id, action) {
+  await perform(`/api/jobs/${Number(id)}/${action}`);
   const dialog = document.getElementById("detail");
   if (dialog.open && dialog.dataset.job === String(id)) showJob(id);
 }
 
-function renderQueues(stats) {
-  const names = Object.keys(stats).sort();
-  const rows = names.map(name => {
-    const counts = stats[name];
-    const total = Object.values(counts).reduce((a, b) => a + b, 0);
-    return el("tr", {}, el("td", {}, name),
-      STATUSES.map(s => el("td", {className: "num" + (counts[s] ? "" : " zero")}, counts[s] || 0)),
-      el("td", {className: "num"}, total));
+function segment(name) {
+  // encodeURIComponent leaves "." alone, and a browser would resolve "..".
+  return encodeURIComponent(name).replace(/\./g, "%2E");
+}
+
+function setFilter(changes) {
+  // The inputs hold the filters; a link may change some of them first.
+  clearTimeout(typing);
+  for (const key of FILTERS) {
+    const input = document.getElementById("f-" + key);
+    if (key in changes) input.value = changes[key];
+    view[key] = input.value;
+  }
+  Object.assign(view, {before: null, back: []});
+  refresh();
+}
+
+function filterLink(text, changes) {
+  return el("a", {className: "filter", href: "#", title: "show these jobs",
+                  onclick: event => { event.preventDefault(); setFilter(changes); }}, text);
+}
+
+function renderQueues(queues) {
+  const select = document.getElementById("f-queue");
+  const names = queues.map(q => q.name);
+  if (select.dataset.names !== JSON.stringify(names)) {
+    select.dataset.names = JSON.stringify(names);
+    const chosen = view.queue;
+    select.replaceChildren(el("option", {value: ""}, "all queues"),
+      ...names.map(name => el("option", {value: name}, name)));
+    if (chosen && !names.includes(chosen)) select.append(el("option", {value: chosen}, chosen));
+    select.value = chosen;
+  }
+  const rows = queues.map(q => {
+    const total = Object.values(q.counts).reduce((a, b) => a + b, 0);
+    const toggle = q.paused ? "resume" : "pause";
+    return el("tr", {},
+      el("td", {className: "wrap"}, filterLink(q.name, {queue: q.name, status: ""}),
+         q.paused ? el("span", {className: "badge s-paused"}, "paused") : null),
+      STATUSES.map(s => el("td", {className: "num" + (q.counts[s] ? "" : " zero")},
+        q.counts[s] ? filterLink(q.counts[s], {queue: q.name, status: s}) : 0)),
+      el("td", {className: "num"}, total),
+      el("td", {className: "actions"}, el("button", {
+        className: q.paused ? "" : "danger",
+        onclick: () => perform(`/api/queues/${segment(q.name)}/${toggle}`)},
+        q.paused ? "Resume" : "Pause")));
   });
-  fill("queues", table(["queue", ...STATUSES.map(s => " " + s), " total"], rows, "No jobs yet."));
+  fill("queues", table(["queue", ...STATUSES.map(s => " " + s), " total", ""], rows,
+                       "No jobs yet."));
+}
+
+function renderChart(chart) {
+  if (!chart) return fill("chart", el("p", {className: "empty"}, "no data"));
+  const outcomes = Object.keys(OUTCOMES).filter(o => chart.series[o]);
+  const minutes = chart.minutes;
+  const totals = Array.from({length: minutes}, (_, i) =>
+    outcomes.reduce((sum, o) => sum + (chart.series[o][i] || 0), 0));
+  const top = Math.max(1, ...totals);
+  const W = 600, H = 150, left = 34, bottom = 16, plot = H - bottom - 6;
+  const step = (W - left) / minutes;
+  const parts = [svg("line", {class: "axis", x1: left, y1: H - bottom, x2: W, y2: H - bottom}),
+    svg("text", {x: left - 4, y: 10, "text-anchor": "end"}, String(top)),
+    svg("text", {x: left - 4, y: H - bottom, "text-anchor": "end"}, "0")];
+  for (const [x, label, anchor] of [[left, "-60m", "start"], [(left + W) / 2, "-30m", "middle"],
+                                     [W, "now", "end"]]) {
+    parts.push(svg("text", {x, y: H - 3, "text-anchor": anchor}, label));
+  }
+  for (let i = 0; i < minutes; i++) {
+    let y = H - bottom;
+    const time = new Date((chart.start + 60 * i) * 1000).toLocaleTimeString(
+      [], {hour: "2-digit", minute: "2-digit"});
+    const detail = outcomes.filter(o => chart.series[o][i])
+      .map(o => `${o} ${chart.series[o][i]}`).join(", ");
+    const group = svg("g", {}, svg("title", {}, `${time}: ${detail || "nothing finished"}`));
+    for (const o of outcomes) {
+      const height = plot * (chart.series[o][i] || 0) / top;
+      if (!height) continue;
+      y -= height;
+      group.append(svg("rect", {x: (left + i * step + 1).toFixed(1), y: y.toFixed(1),
+        width: Math.max(1, step - 2).toFixed(1), height: height.toFixed(1), fill: OUTCOMES[o]}));
+    }
+    parts.push(group);
+  }
+  const sums = Object.fromEntries(outcomes.map(
+    o => [o, chart.series[o].reduce((a, b) => a + b, 0)]));
+  const legend = el("div", {className: "legend"}, outcomes.map(o => {
+    const swatch = el("span", {className: "swatch"});
+    swatch.style.background = OUTCOMES[o];
+    return el("span", {}, swatch, `${o} ${sums[o]}`);
+  }));
+  fill("chart", svg("svg", {class: "chart", viewBox: `0 0 ${W} ${H}`,
+                            role: "img",
+                            "aria-label": "steps finished per minute"}, ...parts), legend);
+}
+
+function renderWorkers(answer) {
+  if (!answer) {
+    document.getElementById("workers-count").textContent = "";
+    return fill("workers", el("p", {className: "empty"}, "no data"));
+  }
+  const workers = answer.workers;
+  document.getElementById("workers-count").textContent = `(${workers.length})`;
+  const rows = workers.map(w => el("tr", {},
+    el("td", {className: "wrap"}, w.host), el("td", {className: "num"}, w.pid),
+    el("td", {className: "wrap"},
+       w.queues ? w.queues.join(", ") : el("span", {className: "muted"}, "all")),
+    el("td", {className: "num"}, w.concurrency ?? "—"),
+    el("td", {className: "num"}, ago(w.heartbeat_age) + " ago"),
+    el("td", {className: "steps wrap"}, w.steps.length ? w.steps.map(s => {
+      const link = jobLink(s.id);
+      link.title = s.task;
+      return link;
+    }) : el("span", {className: "muted"}, "idle"))));
+  fill("workers", table(["host", " pid", "queues", " conc.", " heartbeat", "steps"], rows,
+                        "No live workers."));
 }
 
 function renderRunning(jobs) {
   document.getElementById("running-count").textContent = jobs.length ? `(${jobs.length})` : "";
   const rows = jobs.map(job => el("tr", {}, el("td", {}, jobLink(job.id)), taskCell(job),
-    el("td", {}, job.queue), el("td", {}, bar(job.progress)),
+    el("td", {className: "wrap"}, job.queue), el("td", {}, bar(job.progress)),
     el("td", {className: "num"}, job.attempts), el("td", {}, when(job.started)), actions(job)));
   fill("running", table(["id", "task", "queue", "progress", " attempt", "started", ""], rows,
                         "Nothing running."));
@@ -5426,27 +5830,72 @@ function renderFailures(jobs) {
   }));
 }
 
-function renderRecent(jobs) {
-  const rows = jobs.map(job => el("tr", {}, el("td", {}, jobLink(job.id)),
-    el("td", {}, badge(job.status)), taskCell(job), el("td", {}, job.queue),
-    el("td", {}, bar(job.progress)), el("td", {className: "num"}, job.attempts),
-    el("td", {}, when(job.created)), actions(job)));
-  fill("recent", table(["id", "status", "task", "queue", "progress", " attempts", "created", ""],
-                       rows, "No jobs yet."));
+function filterQuery() {
+  const params = new URLSearchParams();
+  for (const key of FILTERS) {
+    if (view[key]) params.set(key, view[key]);
+  }
+  return params;
+}
+
+function renderJobs(answer) {
+  view.next = answer.next_before;
+  for (const job of answer.jobs) taskNames.add(job.name);
+  const names = [...taskNames].sort();
+  const list = document.getElementById("task-names");
+  if (list.childElementCount !== names.length) {
+    list.replaceChildren(...names.map(name => el("option", {value: name})));
+  }
+  const rows = answer.jobs.map(job => el("tr", {},
+    el("td", {}, jobLink(job.id)), el("td", {}, badge(job.status)), taskCell(job),
+    el("td", {className: "wrap"}, job.queue), el("td", {}, bar(job.progress)),
+    el("td", {className: "num"}, job.attempts), el("td", {}, when(job.created)), actions(job)));
+  const filtered = filterQuery().toString() !== "";
+  fill("jobs", table(["id", "status", "task", "queue", "progress", " attempts", "created", ""],
+                     rows, filtered ? "No jobs match." : "No jobs yet."));
+  document.getElementById("newer").disabled = view.before === null;
+  document.getElementById("older").disabled = view.next === null;
+  const ids = answer.jobs.map(job => job.id);
+  let note = view.before === null ? "newest" : `below #${view.before}`;
+  if (ids.length) note = `#${Math.max(...ids)} – #${Math.min(...ids)}`;
+  if (view.q && answer.jobs.length < PAGE_SIZE && view.next !== null) {
+    note += ` · searched down to #${view.next}; "Older" searches further back`;
+  }
+  document.getElementById("page-note").textContent = note;
+  const status = view.status;
+  document.getElementById("retry-all").disabled = !!status && !RETRYABLE.includes(status);
+  document.getElementById("cancel-all").disabled = !!status && !CANCELLABLE.includes(status);
 }
 
 function renderSchedules(entries) {
-  const rows = entries.map(e => el("tr", {}, el("td", {}, e.name),
+  const rows = entries.map(e => el("tr", {}, el("td", {className: "wrap"}, e.name),
     el("td", {className: "task"}, e.spec), el("td", {className: "task", title: e.task}, e.task),
-    el("td", {}, e.queue ?? el("span", {className: "muted"}, "task's queue")),
+    el("td", {className: "wrap"}, e.queue ?? el("span", {className: "muted"}, "task's queue")),
     el("td", {}, e.tz || "UTC"),
-    el("td", {}, when(e.next_run)), el("td", {}, when(e.last_run))));
-  fill("schedules", table(["name", "spec", "task", "queue", "tz", "next run", "last run"], rows,
-                          "No schedules."));
+    el("td", {}, when(e.next_run)), el("td", {}, when(e.last_run)),
+    el("td", {className: "actions"}, el("button", {onclick: () => perform(
+      `/api/schedules/${segment(e.name)}/run`, job => `started job #${job.id}`)}, "Run now"))));
+  fill("schedules", table(["name", "spec", "task", "queue", "tz", "next run", "last run", ""],
+                          rows, "No schedules."));
+}
+
+async function bulk(action) {
+  const params = filterQuery();
+  const what = [...params].map(([k, v]) => `${k} = ${v}`).join(", ") || "no filter";
+  const states = action === "retry" ? "failed, cancelled or expired" : "queued, running or waiting";
+  if (!confirm(`${action === "retry" ? "Retry" : "Cancel"} every ${states} job ` +
+               `that matches (${what})?`)) return;
+  const query = params.toString() ? "?" + params : "";
+  await perform(`/api/jobs/${action}${query}`,
+                answer => `${action === "retry" ? "retried" : "cancelled"} ${answer.count} jobs`);
 }
 
 function field(name, value) {
   return [el("dt", {}, name), el("dd", {}, value === null || value === undefined ? "—" : value)];
+}
+
+function pretty(value) {
+  return el("pre", {}, JSON.stringify(value, null, 2));
 }
 
 async function showJob(id) {
@@ -5458,7 +5907,7 @@ async function showJob(id) {
   dialog.replaceChildren(el("div", {className: "inner"},
     el("h2", {className: "title"}, "Job #" + job.id, badge(job.status), actions(job, "span"),
        el("button", {onclick: () => dialog.close()}, "Close")),
-    el("dl", {}, field("task", el("span", {className: "task"}, job.task)),
+    el("dl", {}, field("task", el("span", {className: "task"}, job.name)),
        field("queue", job.queue), field("priority", job.priority),
        field("attempts", job.attempts), field("steps", job.steps),
        field("progress", job.progress && bar(job.progress)),
@@ -5466,10 +5915,13 @@ async function showJob(id) {
        field("finished", when(job.finished)), field("due", when(job.due)),
        field("parent", job.parent_id && jobLink(job.parent_id)),
        field("children", job.children.length ? job.children.map(c => [jobLink(c), " "]) : null),
-       field("error", job.error),
-       field("result", job.result === null ? null : JSON.stringify(job.result))),
-    job.traceback ? [el("h2", {}, "Traceback"), el("pre", {}, job.traceback)] : [],
-    el("h2", {}, "Logs"), table(["time", "level", "job", "message"], logs, "No log lines.")));
+       field("error", job.error)),
+    el("h3", {}, "Call"), el("pre", {className: "call"}, job.task),
+    el("h3", {}, "Arguments"), pretty(job.args),
+    Object.keys(job.kwargs).length ? [el("h3", {}, "Keyword arguments"), pretty(job.kwargs)] : [],
+    job.status === "complete" ? [el("h3", {}, "Result"), pretty(job.result)] : [],
+    job.traceback ? [el("h3", {}, "Traceback"), el("pre", {}, job.traceback)] : [],
+    el("h3", {}, "Logs"), table(["time", "level", "job", "message"], logs, "No log lines.")));
   dialog.dataset.job = job.id;
   if (!dialog.open) dialog.showModal();
 }
@@ -5479,17 +5931,31 @@ function fromHash() {
   if (match) showJob(match[1]);
 }
 
+async function optional(path) {
+  // Panels whose endpoint this server may not have answer "no data".
+  try { return await api(path); } catch (err) { return null; }
+}
+
+let refreshes = 0;  // a refresh renders only if no later one began meanwhile
+
 async function refresh() {
+  const mine = ++refreshes;
+  const jobsQuery = filterQuery();
+  jobsQuery.set("limit", PAGE_SIZE);
+  if (view.before !== null) jobsQuery.set("before", view.before);
+  optional("/api/chart").then(chart => mine === refreshes && renderChart(chart));
+  optional("/api/workers").then(workers => mine === refreshes && renderWorkers(workers));
   try {
-    const [stats, running, failed, recent, schedules] = await Promise.all([
-      api("/api/stats"), api("/api/jobs?status=running&limit=50"),
-      api("/api/jobs?status=failed&limit=20"), api("/api/jobs?limit=30"),
+    const [queues, running, failed, jobs, schedules] = await Promise.all([
+      api("/api/queues"), api("/api/jobs?status=running&limit=50"),
+      api("/api/jobs?status=failed&limit=10"), api("/api/jobs?" + jobsQuery),
       api("/api/schedules")]);
-    renderQueues(stats); renderRunning(running); renderFailures(failed);
-    renderRecent(recent); renderSchedules(schedules);
+    if (mine !== refreshes) return;
+    renderQueues(queues.queues); renderRunning(running.jobs); renderFailures(failed.jobs);
+    renderJobs(jobs); renderSchedules(schedules);
     setStatus("updated " + new Date().toLocaleTimeString(), false);
   } catch (err) {
-    setStatus("cannot reach the server: " + err.message, true);
+    if (mine === refreshes) setStatus("cannot reach the server: " + err.message, true);
   }
 }
 
@@ -5504,10 +5970,35 @@ async function loop() {
   setTimeout(loop, 2000);  // chained, so slow answers never pile up
 }
 
-document.getElementById("detail").addEventListener("close", () => {
-  if (location.hash) history.replaceState(null, "", location.pathname);
-});
-window.addEventListener("hashchange", fromHash);
+function setUp() {
+  document.getElementById("f-status").append(
+    ...STATUSES.map(s => el("option", {value: s}, s)));
+  for (const key of FILTERS) {
+    const input = document.getElementById("f-" + key);
+    const apply = () => { if (input.value !== view[key]) setFilter({}); };
+    input.addEventListener("change", apply);
+    input.addEventListener("input", () => { clearTimeout(typing); typing = setTimeout(apply, 300); });
+  }
+  document.getElementById("older").addEventListener("click", () => {
+    if (view.next === null) return;
+    view.back.push(view.before);
+    view.before = view.next;
+    refresh();
+  });
+  document.getElementById("newer").addEventListener("click", () => {
+    if (!view.back.length) return;
+    view.before = view.back.pop();
+    refresh();
+  });
+  document.getElementById("retry-all").addEventListener("click", () => bulk("retry"));
+  document.getElementById("cancel-all").addEventListener("click", () => bulk("cancel"));
+  document.getElementById("detail").addEventListener("close", () => {
+    if (location.hash) history.replaceState(null, "", location.pathname);
+  });
+  window.addEventListener("hashchange", fromHash);
+}
+
+setUp();
 fromHash();
 loop();
 """
@@ -5521,11 +6012,30 @@ _WEB_HTML = """<!doctype html>
 <header><h1>litetq</h1><span id="status">loading…</span></header>
 <main>
 <section><h2>Queues</h2><div id="queues"></div></section>
+<div class="grid">
+<section><h2>Finished steps <span class="sub">per minute, last hour</span></h2>
+<div id="chart"></div></section>
+<section><h2>Workers <span class="count" id="workers-count"></span></h2>
+<div id="workers"></div></section>
+</div>
 <section><h2>Running <span class="count" id="running-count"></span></h2>
 <div id="running"></div></section>
 <section><h2>Recent failures <span class="count" id="failures-count"></span></h2>
 <div id="failures"></div></section>
-<section><h2>Recent jobs</h2><div id="recent"></div></section>
+<section><h2>Jobs</h2>
+<div class="filters">
+<select id="f-status" aria-label="status"><option value="">all statuses</option></select>
+<select id="f-queue" aria-label="queue"><option value="">all queues</option></select>
+<input id="f-task" list="task-names" placeholder="task name" aria-label="task">
+<datalist id="task-names"></datalist>
+<input id="f-q" type="search" placeholder="search id, task, arguments, error" aria-label="search">
+<button id="retry-all">Retry all</button>
+<button id="cancel-all" class="danger">Cancel all</button>
+</div>
+<div id="jobs"></div>
+<div class="pager"><button id="newer">← Newer</button><button id="older">Older →</button>
+<span class="note" id="page-note"></span></div>
+</section>
 <section><h2>Cron table</h2><div id="schedules"></div></section>
 </main>
 <dialog id="detail"></dialog>

@@ -18,6 +18,7 @@ installed, headless Chromium), the cron tests, PostgreSQL's own tests and flow c
 """
 
 import asyncio
+import base64
 import collections
 import contextlib
 import datetime as dt
@@ -3664,7 +3665,7 @@ def test_page_is_self_contained_and_locked_down(web):
     status, headers, page = call(web, "/")
     assert status == 200
     assert headers["Content-Type"] == "text/html; charset=utf-8"
-    assert "<script>" in page and "/api/stats" in page
+    assert "<script>" in page and "/api/queues" in page
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # no external assets
     assert not re.search(r"\.(inner|outer)HTML|insertAdjacentHTML|document\.write", page)
     csp = headers["Content-Security-Policy"]
@@ -3683,17 +3684,20 @@ def test_api_stats_matches_queue(web_q, web):
 def test_api_jobs_lists_newest_first_with_filters(web_q, web):
     jobs = make_jobs(web_q)
     _, _, everything = call(web, "/api/jobs")
+    assert everything["next_before"] is None
+    everything = everything["jobs"]
     ids = [j["id"] for j in everything]
     assert ids == sorted(ids, reverse=True) and jobs["queued"].id == ids[0]
     _, _, failed = call(web, "/api/jobs?status=failed")
+    failed = failed["jobs"]
     assert [j["id"] for j in failed] == [jobs["failed"].id]
     assert "kaput" in failed[0]["error"] and "ValueError" in failed[0]["traceback"]
     _, _, batch = call(web, "/api/jobs?queue=batch")
-    assert [j["id"] for j in batch] == [jobs["parent"].id]
+    assert [j["id"] for j in batch["jobs"]] == [jobs["parent"].id]
     _, _, one = call(web, "/api/jobs?limit=1")
-    assert len(one) == 1
+    assert len(one["jobs"]) == 1 and one["next_before"] == ids[0]
     status, _, blank = call(web, "/api/jobs?status=&queue=&limit=")
-    assert status == 200 and len(blank) == len(everything)
+    assert status == 200 and len(blank["jobs"]) == len(everything)
 
 
 @pytest.mark.parametrize("query", [
@@ -3797,7 +3801,7 @@ def test_running_job_shows_progress_and_can_be_cancelled(web_q, web):
     try:
         assert SLOW_STARTED.wait(10)
         _, _, running = call(web, "/api/jobs?status=running")
-        assert [(j["id"], j["progress"]) for j in running] == [(job.id, [3, 10])]
+        assert [(j["id"], j["progress"]) for j in running["jobs"]] == [(job.id, [3, 10])]
         status, _, body = post(web, f"/api/jobs/{job.id}/cancel")
         assert status == 200 and body["status"] in ("running", "cancelled")
     finally:
@@ -3982,7 +3986,8 @@ def assert_no_xss(dom):
     assert "data-xss" not in dom, "an injected payload ran"
     body = dom.split("<body", 1)[1]
     assert len(re.findall(r"<script\b", body)) == 1  # only the page's own
-    assert not re.search(r"<img\b", body) and not re.search(r"<svg\b", body)
+    # The page's own chart is the one svg allowed (class first, as the page sets it).
+    assert not re.search(r"<img\b", body) and not re.search(r'<svg\b(?! class="chart")', body)
 
 
 def test_xss_detector_works(tmp_path):
@@ -4150,7 +4155,7 @@ CLICK = """((id, label) => {
   return true;
 })(%d, %s)"""
 NO_XSS = """typeof window.__xss === 'undefined' && !('xss' in document.documentElement.dataset)
-  && document.body.querySelectorAll('img, svg').length === 0"""
+  && document.body.querySelectorAll('img, svg:not(.chart)').length === 0"""
 
 
 def test_browser_xss_detector_works(browser):
@@ -4212,7 +4217,7 @@ def test_browser_page_refreshes_itself(web_q, web, browser):
     tab = browser.open(web + "/")
     browser.wait_js(tab, LOADED)
     job = web_q.enqueue(web_add(4, 5), queue="late-arrivals")
-    browser.wait_js(tab, f"[...document.querySelectorAll('#recent a.job')]"
+    browser.wait_js(tab, f"[...document.querySelectorAll('#jobs a.job')]"
                          f".some(a => a.textContent === '#{job.id}')", timeout=6)
     assert browser.js(tab, "document.getElementById('queues').textContent"
                            ".includes('late-arrivals')")
@@ -9574,3 +9579,607 @@ def test_counts_of_atomic_and_async_steps(file_q):
                                     ("default", "test_litetq.obs_async", "continued"): 2,
                                     ("default", "test_litetq.obs_async", "complete"): 1}
     assert file_q.stats() == {"default": {"complete": 2, "failed": 1}}
+
+# ===========================================================================
+# The web page, part two (SPEC section 15): jobs API with paging and search,
+# bulk retry/cancel, queues with pause/resume, cron "run now", the new page
+# ===========================================================================
+
+def api_ids(base, query=""):
+    """(ids, next_before) of GET /api/jobs?query."""
+    status, _, body = call(base, "/api/jobs" + (f"?{query}" if query else ""))
+    assert status == 200, body
+    return [job["id"] for job in body["jobs"]], body["next_before"]
+
+
+def api_pages(base, query, limit):
+    """Every id /api/jobs hands out for `query`, following next_before to the end."""
+    ids, before, pages = [], None, 0
+    while True:
+        extra = f"&before={before}" if before is not None else ""
+        page, before = api_ids(base, "&".join(filter(None, [query, f"limit={limit}{extra}"])))
+        assert len(page) <= limit
+        ids += page
+        pages += 1
+        if before is None:
+            return ids, pages
+
+
+def make_mix(web_q):
+    """Jobs in two queues and all kinds of states; returns {label: [Job]}."""
+    done = web_q.enqueue_many([web_add(i, i) for i in range(7)])
+    failed = [web_q.enqueue(web_boom(f"kaput {i}")) for i in range(3)]
+    other = web_q.enqueue(web_boom("other kaput"), queue="other")
+    other_done = web_q.enqueue_many([web_add(i, 100) for i in range(4)], queue="other")
+    web_q.run_until_idle()
+    queued = web_q.enqueue_many([web_echo("needle", i) for i in range(4)])
+    later = web_q.enqueue(web_echo("later"), queue="other", delay=3600)
+    return {"done": done, "failed": failed, "other": [other], "other_done": other_done,
+            "queued": queued, "later": [later]}
+
+
+def ids_of(*groups):
+    return sorted((job.id for group in groups for job in group), reverse=True)
+
+
+def test_api_jobs_pages_by_id_with_every_filter(web_q, web):
+    mix = make_mix(web_q)
+    everything = ids_of(*mix.values())
+    assert api_ids(web) == (everything, None)
+    for query, expected in [
+            ("", everything),
+            ("status=failed", ids_of(mix["failed"], mix["other"])),
+            ("queue=other", ids_of(mix["other"], mix["other_done"], mix["later"])),
+            ("queue=default&status=complete", ids_of(mix["done"])),
+            (f"task={web_add.name}", ids_of(mix["done"], mix["other_done"])),
+            (f"task={web_add.name}&queue=other", ids_of(mix["other_done"])),
+            (f"task={web_echo.name}&status=queued&queue=default", ids_of(mix["queued"])),
+            ("status=running", [])]:
+        for limit in (1, 2, 3, 100):
+            ids, pages = api_pages(web, query, limit)
+            assert ids == expected, (query, limit)
+            assert pages == max(1, -(-len(expected) // limit)), (query, limit)
+    # before= alone: only older jobs, whatever the limit.
+    middle = everything[5]
+    assert api_ids(web, f"before={middle}")[0] == everything[6:]
+    assert api_ids(web, f"before={middle}&queue=other")[0] == [
+        i for i in ids_of(mix["other"], mix["other_done"], mix["later"]) if i < middle]
+    assert api_ids(web, "before=1") == ([], None)
+
+
+def test_api_jobs_with_many_queues_pages_by_id_range(web_q, web, monkeypatch):
+    """Past MERGE_MAX queues, a status filter reads ranges of ids instead."""
+    monkeypatch.setattr(litetq, "MERGE_MAX", 1)
+    monkeypatch.setattr(litetq, "SEARCH_SPAN", 4)
+    mix = make_mix(web_q)
+    expected = ids_of(mix["failed"], mix["other"])
+    ids, pages = api_pages(web, "status=failed", 2)
+    assert ids == expected and pages >= 4
+    assert api_pages(web, "status=failed&queue=other", 1)[0] == ids_of(mix["other"])
+
+
+def test_api_jobs_search_over_id_task_arguments_and_error(web_q, web):
+    mix = make_mix(web_q)
+    odd = web_q.enqueue(web_echo("50%_off", {"path": "a\\b"}))
+    greeting = web_q.enqueue(web_echo("Grüße, 'friend' ✓"))
+    assert api_ids(web, "q=" + urllib.parse.quote("üße, 'friend' ✓"))[0] == [greeting.id]
+    assert api_ids(web, "q=needle")[0] == ids_of(mix["queued"])
+    assert api_ids(web, "q=NEEDLE")[0] == ids_of(mix["queued"])  # any case
+    assert api_ids(web, "q=kaput+1")[0] == [mix["failed"][1].id]  # the error text
+    assert api_ids(web, "q=ValueError&queue=other")[0] == [mix["other"][0].id]
+    assert api_ids(web, "q=web_boom")[0] == ids_of(mix["failed"], mix["other"])  # task name
+    assert api_ids(web, "q=needle&status=complete")[0] == []
+    # LIKE's wildcards and the escape character are plain text in a search.
+    assert api_ids(web, "q=" + urllib.parse.quote("50%_"))[0] == [odd.id]
+    assert api_ids(web, "q=" + urllib.parse.quote("0%"))[0] == [odd.id]
+    assert api_ids(web, "q=" + urllib.parse.quote("_off"))[0] == [odd.id]
+    assert api_ids(web, "q=" + urllib.parse.quote("a\\\\b"))[0] == [odd.id]
+    assert api_ids(web, "q=" + urllib.parse.quote("%"))[0] == [odd.id]
+    assert api_ids(web, "q=no-such-text") == ([], None)
+    # An id finds its job, however old, along with text that holds the digits.
+    first = mix["done"][0].id
+    assert first in api_ids(web, f"q={first}")[0]
+    assert first not in api_ids(web, f"q={first}&status=failed")[0]
+
+
+def test_api_search_looks_through_a_bounded_range_and_pages_on(web_q, web, monkeypatch):
+    monkeypatch.setattr(litetq, "SEARCH_SPAN", 5)
+    jobs = web_q.enqueue_many([web_echo("hay" if i % 4 else "needle") for i in range(23)])
+    expected = [job.id for i, job in reversed(list(enumerate(jobs))) if i % 4 == 0]
+    page, before = api_ids(web, "q=needle&limit=100")
+    assert page == [i for i in expected if i > jobs[-1].id - 5]  # the newest 5 ids only
+    assert before == jobs[-1].id + 1 - 5
+    ids, pages = api_pages(web, "q=needle", 100)
+    assert ids == expected and pages == 5  # 23 ids, 5 at a time
+    ids, pages = api_pages(web, "q=needle", 1)
+    assert ids == expected
+
+
+@pytest.mark.parametrize("query", [
+    "before=abc", "before=0", "before=-3", "before=1.5", "before=%C2%B2",
+    "before=99999999999999999999999", "limit=abc", "limit=0", "limit=1001",
+    "status=bogus", "status=Failed", "q=%00", "queue=a%00b", "task=" + "x" * 1001,
+    "before=1&before=2", "sort=id",
+])
+def test_api_jobs_bad_parameters_are_400(web, query):
+    status, _, body = call(web, "/api/jobs?" + query)
+    assert status == 400, query
+    assert body["error"] and isinstance(body["error"], str)
+
+
+def test_api_queues_counts_and_pauses(web_q, web):
+    make_mix(web_q)
+    web_q.pause("other")
+    web_q.pause("empty")
+    status, _, body = call(web, "/api/queues")
+    assert status == 200
+    queues = {q["name"]: q for q in body["queues"]}
+    assert [q["name"] for q in body["queues"]] == ["default", "empty", "other"]
+    assert queues["default"] == {"name": "default", "paused": False, "counts": {
+        "queued": 4, "running": 0, "waiting": 0, "complete": 7, "failed": 3,
+        "cancelled": 0, "expired": 0}}
+    assert queues["other"]["paused"] and queues["other"]["counts"]["complete"] == 4
+    assert queues["other"]["counts"]["queued"] == 1 and queues["other"]["counts"]["failed"] == 1
+    assert queues["empty"] == {"name": "empty", "paused": True,
+                               "counts": dict.fromkeys(litetq.STATUSES, 0)}
+    assert web_q.stats()["default"] == {"queued": 4, "complete": 7, "failed": 3}
+
+
+def test_api_bulk_retry_and_cancel_count_what_they_change(web_q, web, monkeypatch):
+    monkeypatch.setattr(litetq, "BULK_BATCH", 2)  # several transactions
+    mix = make_mix(web_q)
+    # Nothing that the state forbids: complete jobs are neither retried nor cancelled.
+    assert post(web, "/api/jobs/retry?status=complete")[2] == {"count": 0}
+    assert post(web, "/api/jobs/cancel?status=complete")[2] == {"count": 0}
+    assert post(web, "/api/jobs/retry?status=queued")[2] == {"count": 0}
+    status, _, body = post(web, "/api/jobs/retry?status=failed&queue=default")
+    assert (status, body) == (200, {"count": 3})
+    assert [job.status for job in mix["failed"]] == ["queued"] * 3
+    assert mix["other"][0].status == "failed"
+    assert post(web, "/api/jobs/retry")[2] == {"count": 1}  # every retryable job
+    assert mix["other"][0].status == "queued"
+    # Cancel: the search narrows it; only unfinished jobs count.
+    assert post(web, "/api/jobs/cancel?q=needle")[2] == {"count": 4}
+    assert [job.status for job in mix["queued"]] == ["cancelled"] * 4
+    assert post(web, f"/api/jobs/cancel?task={web_boom.name}&queue=other")[2] == {"count": 1}
+    assert mix["other"][0].status == "cancelled"
+    assert post(web, "/api/jobs/cancel")[2] == {"count": 4}  # 3 retried + the delayed one
+    assert all(job.status == "complete" for job in mix["done"] + mix["other_done"])
+    assert post(web, "/api/jobs/cancel")[2] == {"count": 0}
+    # Cancelled jobs may be retried in bulk, and then run.
+    assert post(web, "/api/jobs/retry?q=needle")[2] == {"count": 4}
+    web_q.run_until_idle()
+    assert [job.status for job in mix["queued"]] == ["complete"] * 4
+
+
+def test_api_bulk_retry_skips_a_job_whose_unique_key_is_taken(web_q, web):
+    first = web_q.enqueue(web_boom("x"), unique="k")
+    web_q.run_until_idle()
+    first.cancel()
+    assert first.status == "failed"
+    holder = web_q.enqueue(web_add(1, 1), unique="k")
+    assert post(web, "/api/jobs/retry")[2] == {"count": 0}
+    assert first.status == "failed" and holder.status == "queued"
+
+
+def test_api_bulk_actions_refuse_bad_filters_and_change_nothing(web_q, web):
+    job = web_q.enqueue(web_add(1, 1))
+    for query in ("status=bogus", "limit=5", "before=3", "q=%00", "queue=a&queue=b"):
+        for action in ("retry", "cancel"):
+            status, _, body = post(web, f"/api/jobs/{action}?{query}")
+            assert status == 400 and body["error"], (action, query)
+    assert job.status == "queued"
+
+
+def test_api_pause_and_resume_a_queue(web_q, web):
+    status, _, body = post(web, "/api/queues/mail/pause")
+    assert (status, body) == (200, {"name": "mail", "paused": True})
+    assert web_q.paused() == {"mail"}
+    assert post(web, "/api/queues/mail/pause")[0] == 200  # twice is fine
+    # Names travel percent-encoded: slashes, spaces, dots and non-ASCII too.
+    for name in ("a/b", "with space", "..", "é✓"):
+        quoted = urllib.parse.quote(name, safe="").replace(".", "%2E")
+        assert post(web, f"/api/queues/{quoted}/pause")[2] == {"name": name, "paused": True}
+    assert web_q.paused() == {"mail", "a/b", "with space", "..", "é✓"}
+    status, _, body = post(web, "/api/queues/mail/resume")
+    assert (status, body) == (200, {"name": "mail", "paused": False})
+    assert "mail" not in web_q.paused()
+    _, _, body = call(web, "/api/queues")
+    assert {q["name"]: q["paused"] for q in body["queues"]}["a/b"] is True
+
+
+@pytest.mark.parametrize("path", ["/api/queues/%00/pause", "/api/queues/%FF/pause",
+                                  "/api/queues/%ED%A0%80/resume", "/api/schedules/%00/run",
+                                  "/api/schedules/%C3/run"])
+def test_api_bad_names_are_400(web_q, web, path):
+    status, _, body = post(web, path)
+    assert status == 400 and "name" in body["error"], path
+    assert web_q.paused() == set()
+
+
+def test_api_run_a_cron_entry_now(web_q, web):
+    web_q.schedule("nightly", "0 3 * * *", web_add(20, 22), queue="batch")
+    web_q.schedule("odd/name", "0 3 * * *", web_echo("x"))
+    before = web_q.schedules()
+    status, _, body = post(web, "/api/schedules/nightly/run")
+    assert status == 200 and body["status"] == "queued"
+    assert body["task"] == repr(web_add(20, 22)) and body["queue"] == "batch"
+    job = web_q.job(body["id"])
+    web_q.run_until_idle()
+    assert job.result(timeout=5) == 42
+    assert web_q.schedules() == before  # the schedule goes on as it was
+    status, _, body = post(web, "/api/schedules/odd%2Fname/run")
+    assert status == 200 and body["task"] == repr(web_echo("x"))
+    status, _, body = post(web, "/api/schedules/nope/run")
+    assert status == 404 and "nope" in body["error"]
+
+
+@pytest.mark.parametrize("method,path", [
+    ("GET", "/api/jobs/retry"), ("GET", "/api/jobs/cancel"), ("PUT", "/api/jobs/retry"),
+    ("GET", "/api/queues/a/pause"), ("DELETE", "/api/queues/a/resume"),
+    ("POST", "/api/queues"), ("GET", "/api/schedules/a/run"), ("POST", "/api/jobs"),
+])
+def test_new_routes_answer_405_to_other_methods(web, method, path):
+    status, headers, body = call(web, path, method, {"Content-Type": "application/json"},
+                                 b"{}" if method != "GET" else None)
+    assert status == 405 and headers["Allow"] and body["error"], (method, path)
+
+
+@pytest.mark.parametrize("path", ["/api/queues/a/explode", "/api/queues/a",
+                                  "/api/queues//pause", "/api/schedules/a",
+                                  "/api/schedules/a/run/now", "/api/jobs/retry/all"])
+def test_new_routes_unknown_paths_are_404(web, path):
+    for method in ("GET", "POST"):
+        status, _, body = call(web, path, method, {"Content-Type": "application/json"})
+        assert status == 404 and body["error"], (method, path)
+
+
+NEW_POSTS = ["/api/jobs/retry", "/api/jobs/cancel?status=queued", "/api/queues/default/pause",
+             "/api/queues/default/resume", "/api/schedules/nightly/run"]
+
+
+def web_state(web_q):
+    return (sorted((j.id, j.status) for j in web_q.jobs(limit=None)), web_q.paused())
+
+
+def test_new_posts_are_refused_cross_site(web_q, web):
+    make_jobs(web_q)
+    web_q.schedule("nightly", "0 3 * * *", web_add(1, 2))
+    web_q.pause("default")
+    state = web_state(web_q)
+    for path in NEW_POSTS:
+        for headers in ({"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"}):
+            assert post(web, path, headers)[0] == 403, (path, headers)
+        for ctype in (None, "text/plain", "application/x-www-form-urlencoded"):
+            status, _, body = call(web, path, "POST", {"Content-Type": ctype} if ctype else {},
+                                   b"a=b")
+            assert status == 403 and "Content-Type" in body["error"], (path, ctype)
+    assert web_state(web_q) == state
+    assert call(web, "/api/queues/default/resume", "POST", {"X-Litetq": "1"})[0] == 200
+
+
+def test_new_posts_need_the_token_off_loopback(web_q):
+    make_jobs(web_q)
+    web_q.schedule("nightly", "0 3 * * *", web_add(1, 2))
+    web_q.pause("default")
+    state = web_state(web_q)
+    server = litetq.make_web_server(web_q, host="0.0.0.0", port=0, token="t0k")
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    try:
+        assert call(base, "/api/queues")[0] == 200  # reading needs no token
+        for path in NEW_POSTS:
+            for auth in ({}, {"Authorization": "Bearer nope"}):
+                assert post(base, path, auth)[0] == 401, (path, auth)
+        assert web_state(web_q) == state
+        assert post(base, "/api/queues/default/resume",
+                    {"Authorization": "Bearer t0k"})[0] == 200
+        assert web_q.paused() == set()
+    finally:
+        stop(server)
+
+
+def test_paused_queue_from_the_page_holds_a_real_worker(wdir, wdb, wq, worker):
+    server, base = start(wq)
+    try:
+        assert post(base, "/api/queues/slow/pause")[0] == 200
+        held = w_enqueue(wq, "step", "held", queue="slow")
+        free = w_enqueue(wq, "step", "free")
+        worker(concurrency=1)
+        assert free.result(timeout=15)["key"] == "free"
+        time.sleep(0.5)  # several polls of an idle worker
+        assert held.status == "queued" and w_runs(str(wdir), "held") == 0
+        _, _, body = call(base, "/api/queues")
+        slow = {q["name"]: q for q in body["queues"]}["slow"]
+        assert slow["paused"] and slow["counts"]["queued"] == 1
+        assert post(base, "/api/queues/slow/resume")[0] == 200
+        assert held.result(timeout=15)["key"] == "held"
+    finally:
+        stop(server)
+
+
+def test_job_info_of_the_list_matches_to_dict(web_q, web):
+    jobs = make_jobs(web_q)
+    _, _, body = call(web, "/api/jobs")
+    listed = {job["id"]: job for job in body["jobs"]}
+    for job in jobs.values():
+        assert listed[job.id] == json.loads(json.dumps(job.to_dict()))
+
+
+def test_schema_3_adds_the_web_indexes_to_an_older_database(tmp_path):
+    path = str(tmp_path / "old.sqlite")
+    with litetq.Queue(path) as old_q:
+        job = old_q.enqueue(web_add(1, 2))
+    con = sqlite3.connect(path)
+    con.execute("drop index litetq_jobs_queue")
+    con.execute("update litetq_meta set value = '2' where key = 'schema'")
+    con.commit()
+    with litetq.Queue(path) as new_q:
+        assert new_q.job(job.id).status == "queued"
+    names = {row[0] for row in con.execute("select name from sqlite_master where type = 'index'")}
+    assert "litetq_jobs_queue" in names
+    assert con.execute("select value from litetq_meta where key = 'schema'").fetchone() == ("3",)
+    con.close()
+
+
+def test_web_queries_read_indexes_not_the_whole_table(tmp_path, monkeypatch):
+    """Every query the page's GETs make, as SQLite plans it: none reads every job."""
+    q = litetq.Queue(str(tmp_path / "plans.sqlite"))
+    q.enqueue_many([web_add(i, i) for i in range(50)])
+    plans = []
+    real = q.storage.query
+
+    def explained(sql, params=()):
+        plans.append((sql, [row[-1] for row in real("explain query plan " + sql, params)]))
+        return real(sql, params)
+    monkeypatch.setattr(q.storage, "query", explained)
+    server, base = start(q)
+    try:
+        for path in ("/api/queues", "/api/jobs?limit=25", "/api/jobs?status=failed",
+                     "/api/jobs?queue=default", f"/api/jobs?task={web_add.name}",
+                     "/api/jobs?queue=default&status=queued&before=30",
+                     f"/api/jobs?task={web_add.name}&queue=x", "/api/jobs?q=needle",
+                     "/api/jobs?q=12&queue=default", f"/api/jobs?q=x&task={web_add.name}",
+                     "/api/jobs?q=x&status=failed&before=20",
+                     "/api/jobs?q=x&status=complete&queue=default",
+                     "/api/jobs?before=10", "/api/jobs?queue=default&before=10"):
+            assert call(base, path)[0] == 200, path
+    finally:
+        stop(server)
+        q.close()
+    assert len(plans) > 20
+    for sql, plan in plans:
+        for step in plan:
+            if re.match(r"SCAN (litetq_jobs|j)\b", step):  # in id order, up to the limit
+                assert re.search(r"where 1 = 1 (and id < \? )?order by id desc limit", sql), (
+                    sql, plan)
+            if "TEMP B-TREE" in step:  # merging one short range per status or queue
+                assert ") as s0" in sql, (sql, plan)
+
+
+# --- the new page in a real browser ---------------------------------------
+
+SCREENS = "/tmp/litetq-screens"
+SHOWN = "[...document.querySelectorAll('#jobs a.job')].map(a => Number(a.textContent.slice(1)))"
+SET_INPUT = """((id, value, event) => {
+  const input = document.getElementById(id);
+  input.value = value;
+  input.dispatchEvent(new Event(event));
+  return true;
+})(%s, %s, %s)"""
+# Clicks after the evaluation returns: a confirm() in the handler would block it.
+CLICK_LATER = "setTimeout(() => document.querySelector(%s).click(), 0); true"
+QUEUE_BUTTON = """((name) => {
+  const row = [...document.querySelectorAll('#queues tbody tr')].find(
+      tr => tr.cells[0].querySelector('a').textContent === name);
+  row.querySelector('button').click();
+  return row.querySelector('button').textContent;
+})(%s)"""
+NO_XSS_NEW = """typeof window.__xss === 'undefined' && !('xss' in document.documentElement.dataset)
+  && document.body.querySelectorAll('img, svg:not(.chart), script:not(:first-of-type)')
+       .length === 0"""
+
+
+def set_input(browser, tab, element_id, value, event="change"):
+    browser.js(tab, SET_INPUT % (json.dumps(element_id), json.dumps(value), json.dumps(event)))
+
+
+def wait_shown(browser, tab, expected, timeout=10):
+    shown = json.dumps(json.dumps(expected, separators=(",", ":")))
+    try:
+        browser.wait_js(tab, f"JSON.stringify({SHOWN}) === {shown}", timeout)
+    except AssertionError:
+        assert browser.js(tab, SHOWN) == expected
+        raise
+
+
+def screenshot(browser, tab, name):
+    """Save the whole page as SCREENS/name.png; returns the path."""
+    browser.send("Emulation.setDeviceMetricsOverride", tab, width=1280, height=900,
+                 deviceScaleFactor=1, mobile=False)
+    time.sleep(0.2)  # one frame at the new size
+    png = browser.send("Page.captureScreenshot", tab, captureBeyondViewport=True)["data"]
+    os.makedirs(SCREENS, exist_ok=True)
+    path = os.path.join(SCREENS, f"{name}.png")
+    with open(path, "wb") as f:
+        f.write(base64.b64decode(png))
+    assert os.path.getsize(path) > 10_000
+    return path
+
+
+def accept_dialog(browser, tab, kind, accept=True):
+    dialog = browser.wait_event("Page.javascriptDialogOpening")
+    assert dialog["type"] == kind
+    browser.send("Page.handleJavaScriptDialog", tab, accept=accept)
+    return dialog["message"]
+
+
+def test_browser_filters_searches_pages_and_opens_a_job(web_q, web, browser, backend):
+    done = web_q.enqueue_many([web_add(i, i) for i in range(30)])
+    failed = [web_q.enqueue(web_boom(f"kaput {i}")) for i in range(2)]
+    batch = web_q.enqueue_many([web_echo("needle", i) for i in range(3)], queue="batch")
+    web_q.run_until_idle()
+    newest = ids_of(done, failed, batch)
+    tab = browser.open(web + "/")
+    browser.wait_js(tab, LOADED)
+    wait_shown(browser, tab, newest[:25])  # one page
+    assert browser.js(tab, "document.getElementById('newer').disabled")
+    browser.js(tab, "document.getElementById('older').click()")
+    wait_shown(browser, tab, newest[25:])
+    assert browser.js(tab, "document.getElementById('older').disabled")
+    browser.js(tab, "document.getElementById('newer').click()")
+    wait_shown(browser, tab, newest[:25])
+    set_input(browser, tab, "f-status", "failed")
+    wait_shown(browser, tab, ids_of(failed))
+    set_input(browser, tab, "f-status", "")
+    set_input(browser, tab, "f-queue", "batch")
+    wait_shown(browser, tab, ids_of(batch))
+    set_input(browser, tab, "f-queue", "")
+    set_input(browser, tab, "f-q", "NEEDLE", "input")  # typed: applied after a pause
+    wait_shown(browser, tab, ids_of(batch))
+    set_input(browser, tab, "f-q", "kaput 1", "input")
+    wait_shown(browser, tab, [failed[1].id])
+    set_input(browser, tab, "f-q", "", "input")
+    set_input(browser, tab, "f-task", web_boom.name)
+    wait_shown(browser, tab, ids_of(failed))
+    set_input(browser, tab, "f-task", "")
+    # A queue's count links to its jobs in that status.
+    browser.js(tab, """[...document.querySelectorAll('#queues a.filter')]
+        .find(a => a.title && a.closest('tr').cells[0].textContent === 'default'
+                   && a.closest('td').cellIndex === 5).click()""")
+    wait_shown(browser, tab, ids_of(failed))
+    assert browser.js(tab, "document.getElementById('f-status').value") == "failed"
+    screenshot(browser, tab, f"filtered-{backend}")
+    # Open a job from the list: its call, arguments, result and logs.
+    target = batch[1]
+    set_input(browser, tab, "f-status", "")
+    set_input(browser, tab, "f-queue", "")
+    wait_shown(browser, tab, newest[:25])
+    browser.js(tab, f"""[...document.querySelectorAll('#jobs a.job')]
+        .find(a => a.textContent === '#{target.id}').click()""")
+    browser.wait_js(tab, "document.getElementById('detail').open && document"
+                         f".getElementById('detail').textContent.includes('Job #{target.id}')")
+    detail = browser.js(tab, "document.getElementById('detail').innerText")
+    for text in ("Arguments", '"needle"', "Result", "echo ('needle', 1)", web_echo.name):
+        assert text in detail, text
+    screenshot(browser, tab, f"detail-{backend}")
+
+
+def test_browser_retry_all_and_cancel_all_ask_first(web_q, web, browser):
+    failed = [web_q.enqueue(web_boom(f"kaput {i}")) for i in range(3)]
+    other = web_q.enqueue(web_boom("elsewhere"), queue="other")
+    done = web_q.enqueue(web_add(1, 1))
+    web_q.run_until_idle()
+    queued = web_q.enqueue_many([web_add(i, 2) for i in range(2)])
+    tab = browser.open(web + "/")
+    browser.wait_js(tab, LOADED)
+    set_input(browser, tab, "f-status", "failed")
+    set_input(browser, tab, "f-queue", "default")
+    wait_shown(browser, tab, ids_of(failed))
+    assert browser.js(tab, "document.getElementById('cancel-all').disabled")  # none can be
+    browser.js(tab, CLICK_LATER % json.dumps("#retry-all"))
+    message = accept_dialog(browser, tab, "confirm")
+    assert "status = failed" in message and "queue = default" in message
+    wait_for(lambda: [job.status for job in failed] == ["queued"] * 3)
+    browser.wait_js(tab, "[...document.querySelectorAll('.toast')].some("
+                         "t => t.textContent === 'retried 3 jobs')")
+    assert other.status == "failed" and done.status == "complete"
+    # Dismissed: nothing changes.
+    set_input(browser, tab, "f-status", "")
+    set_input(browser, tab, "f-queue", "")
+    browser.wait_js(tab, "!document.getElementById('cancel-all').disabled")
+    browser.js(tab, CLICK_LATER % json.dumps("#cancel-all"))
+    assert "no filter" in accept_dialog(browser, tab, "confirm", accept=False)
+    time.sleep(0.5)
+    assert [job.status for job in queued + failed] == ["queued"] * 5
+    browser.js(tab, CLICK_LATER % json.dumps("#cancel-all"))
+    accept_dialog(browser, tab, "confirm")
+    wait_for(lambda: [job.status for job in queued + failed] == ["cancelled"] * 5)
+    assert other.status == "failed" and done.status == "complete"
+
+
+def test_browser_pauses_and_resumes_a_queue(web_q, web, browser):
+    web_q.enqueue(web_add(1, 1))
+    web_q.enqueue(web_add(1, 1), queue=XSS_IMG)  # a name that needs escaping in a URL
+    tab = browser.open(web + "/")
+    browser.wait_js(tab, LOADED)
+    assert browser.js(tab, QUEUE_BUTTON % json.dumps("default")) == "Pause"
+    wait_for(lambda: web_q.paused() == {"default"})
+    browser.wait_js(tab, "[...document.querySelectorAll('#queues .s-paused')].length === 1")
+    assert browser.js(tab, QUEUE_BUTTON % json.dumps(XSS_IMG)) == "Pause"
+    wait_for(lambda: web_q.paused() == {"default", XSS_IMG})
+    browser.wait_js(tab, "[...document.querySelectorAll('#queues .s-paused')].length === 2")
+    assert browser.js(tab, NO_XSS_NEW)
+    screenshot(browser, tab, "paused")
+    assert browser.js(tab, QUEUE_BUTTON % json.dumps("default")) == "Resume"
+    wait_for(lambda: web_q.paused() == {XSS_IMG})
+    browser.wait_js(tab, "[...document.querySelectorAll('#queues .s-paused')].length === 1")
+
+
+def test_browser_runs_a_cron_entry_now(web_q, web, browser):
+    web_q.schedule("nightly", "0 3 * * *", web_add(20, 22))
+    tab = browser.open(web + "/")
+    browser.wait_js(tab, LOADED)
+    browser.js(tab, "[...document.querySelectorAll('#schedules button')]"
+                    ".find(b => b.textContent === 'Run now').click()")
+    wait_for(lambda: len(web_q.jobs()) == 1)
+    job = web_q.jobs()[0]
+    assert job.task == web_add(20, 22)
+    browser.wait_js(tab, f"{SHOWN}.includes({job.id})")
+    browser.wait_js(tab, "[...document.querySelectorAll('.toast')].some("
+                         f"t => t.textContent === 'started job #{job.id}')")
+
+
+def test_browser_shows_hostile_job_data_as_text_everywhere(web_q, web, browser):
+    job = web_q.enqueue(web_echo(XSS_SCRIPT, XSS_IMG, note=XSS_SVG), queue=XSS_SCRIPT)
+    failed = web_q.enqueue(web_boom(XSS_IMG))
+    web_q.run_until_idle()
+    web_q.schedule(XSS_IMG, "*/5 * * * *", web_echo(XSS_SCRIPT))
+    tab = browser.open(web + "/")
+    browser.wait_js(tab, LOADED)
+    assert browser.js(tab, NO_XSS_NEW)
+    # The search box and the filters take the payloads as plain values.
+    set_input(browser, tab, "f-q", "<img src=x", "input")
+    wait_shown(browser, tab, [failed.id, job.id])
+    text = browser.js(tab, "document.getElementById('jobs').textContent")
+    assert XSS_IMG in text and repr(job.task) in text
+    set_input(browser, tab, "f-q", "", "input")
+    set_input(browser, tab, "f-queue", XSS_SCRIPT)
+    wait_shown(browser, tab, [job.id])
+    assert browser.js(tab, NO_XSS_NEW)
+    browser.js(tab, f"location.hash = '#job={job.id}'")
+    browser.wait_js(tab, "document.getElementById('detail').open")
+    browser.wait_js(tab, "document.getElementById('detail').textContent.includes("
+                         f"{json.dumps(json.dumps(XSS_SVG))})")  # the kwargs, as JSON
+    args = browser.js(tab, "[...document.querySelectorAll('#detail pre')]"
+                           ".map(p => p.textContent).join('\\n')")
+    assert json.dumps(XSS_SCRIPT) in args and json.dumps(XSS_IMG) in args
+    assert browser.js(tab, NO_XSS_NEW)
+    screenshot(browser, tab, "hostile-data")
+
+
+# Needs GET /api/chart and GET /api/workers (the observability branch): on a
+# server without them the two panels say "no data" and this test fails.
+def test_browser_chart_and_workers_show_a_live_worker(wdir, wdb, wq, worker, browser):
+    quick = [w_enqueue(wq, "step", f"quick{i}") for i in range(5)]
+    slow = w_enqueue(wq, "step", "slow", 30)
+    proc = worker(concurrency=2)
+    for job in quick:
+        job.result(timeout=15)
+    w_run_pid(str(wdir), "slow", 1)
+    server, base = start(wq)
+    try:
+        tab = browser.open(base + "/")
+        browser.wait_js(tab, LOADED)
+        browser.wait_js(tab, "document.querySelectorAll('svg.chart rect').length > 0")
+        legend = browser.js(tab, "document.querySelector('#chart .legend').textContent")
+        assert "complete 5" in legend
+        browser.wait_js(tab, f"document.getElementById('workers').textContent"
+                             f".includes('{proc.pid}')")
+        workers = browser.js(tab, "document.getElementById('workers').textContent")
+        assert socket.gethostname() in workers and "all" in workers
+        browser.wait_js(tab, f"[...document.querySelectorAll('#workers a.job')]"
+                             f".some(a => a.textContent === '#{slow.id}')")
+        screenshot(browser, tab, "dashboard-live")
+    finally:
+        stop(server)
