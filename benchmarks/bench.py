@@ -486,7 +486,11 @@ class PgServer:
         if self.base:
             self.how = "$LITETQ_BENCH_POSTGRES"
         else:
-            self._start(parent_dir)
+            try:
+                self._start(parent_dir)
+            except Exception:
+                self.close()
+                raise
             self.how = "throwaway cluster in %s, port %d" % (self.folder, self.port)
         with psycopg.connect(self.base, autocommit=True, connect_timeout=10) as c:
             show = {k: c.execute("show " + k).fetchone()[0] for k in (
@@ -546,12 +550,13 @@ class PgServer:
             pass
 
     def close(self):
-        if self.folder:
+        if self.folder and os.path.isdir(os.path.join(self.folder, "data")):
             try:
                 self._run("pg_ctl", "stop", "-w", "-m", "immediate", "-D",
                           os.path.join(self.folder, "data"))
             except Exception:  # noqa: BLE001
                 pass
+        if self.folder:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
@@ -1305,8 +1310,14 @@ class Bench:
     # server, in the same run; a fresh database for every measurement.
     def pg_server(self):
         if self.pg is None:
+            if getattr(self, "pg_error", None):
+                raise RuntimeError("no PostgreSQL server: %s" % self.pg_error)
             log("starting PostgreSQL")
-            self.pg = PgServer(self.args.dir)
+            try:
+                self.pg = PgServer(self.args.dir)
+            except Exception as e:  # noqa: BLE001
+                self.pg_error = repr(e)
+                raise
             self.settings["postgres"] = "%s: %s" % (self.pg.how, self.pg.settings)
         return self.pg
 
@@ -1317,8 +1328,9 @@ class Bench:
                 import procrastinate  # noqa: F401
                 libs.append("procrastinate")
             except ImportError:
-                if "procrastinate missing" not in self.notes:
-                    self.notes.append("procrastinate missing: PG rows show litetq only")
+                note = "procrastinate not importable: the PG rows show litetq only"
+                if note not in self.notes:
+                    self.notes.append(note)
         k = rep % len(libs)
         return libs[k:] + libs[:k]      # alternate who goes first
 
@@ -1605,7 +1617,7 @@ class Bench:
         c = self.cfg
         gap = self.cfg["pickup_gap"]
         q = self.lt_queue(db)
-        hold = 30 + c["idle_s"] + c["held_runnable"] * gap * 10
+        hold = 60 + c["idle_s"] + c["held_runnable"] * gap * 10   # outlasts the measurement
         gate = ft.gate.delay(hold)
         if held:
             q.enqueue_many([ft.gate() for _ in range(held)])
