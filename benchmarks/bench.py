@@ -1647,8 +1647,9 @@ class Bench:
             if gate.status != "running" or queued != held:
                 ran = {s: len(q.jobs(status=s, task=ft.gate.name, limit=held + 1))
                        for s in ("running", "complete", "failed")}
-                raise RuntimeError("the gate step is %s, %d steps queued (expected %d); "
-                                   "gate() steps by status: %s" % (gate.status, queued, held, ran))
+                raise RuntimeError("the gate step is %s (attempt %s), %d steps queued "
+                                   "(expected %d); gate() steps by status: %s" % (
+                                       gate.status, gate.attempts, queued, held, ran))
             out = (load, lat, settle)
         except Exception as e:  # noqa: BLE001
             self.notes.append("held-back %s (%d held): %r" % (db, held, e))
