@@ -1437,11 +1437,11 @@ class Bench:
         rc = 0
         if burst:
             try:
-                rc = p.wait(120 + n / 100)
+                rc = p.wait(120 + n / 20)
             except subprocess.TimeoutExpired:
                 rc = None
         else:
-            deadline = time.monotonic() + 120 + n / 100
+            deadline = time.monotonic() + 120 + n / 20
             while (p.poll() is None and time.monotonic() < deadline and
                    sum(st.get("complete", 0) for st in q.stats().values()) < n):
                 time.sleep(0.02)
@@ -1463,7 +1463,7 @@ class Bench:
         rcs = []
         for p in procs:
             try:
-                rcs.append(p.wait(120 + n / 100))
+                rcs.append(p.wait(120 + n / 20))
             except subprocess.TimeoutExpired:
                 rcs.append(None)
         dt = time.perf_counter() - procs[0]._bench_t0
@@ -1698,7 +1698,7 @@ class Bench:
                 p = self.lt_worker(db, 1, burst=True, imports=("benchtasks_async",))
                 v = None
                 try:
-                    p.wait(120 + n / 100)
+                    p.wait(120 + n / 20)
                     ts = [j.result(timeout=5) for j in jobs]
                     v = (n - 1) / (max(ts) - min(ts))
                 except Exception as e:  # noqa: BLE001
@@ -1730,7 +1730,7 @@ class Bench:
                         raise RuntimeError("the waiter did not get ready")
                     time.sleep(0.05)
                 p = self.lt_worker(db, 1, burst=True, imports=("benchtasks_async",))
-                w.wait(120 + n / 100)
+                w.wait(120 + n / 20)
                 with open(os.path.join(self.tmp, "%03d-waiter.log" % self.counter)) as f:
                     res = json.loads([ln for ln in f if ln.startswith("{")][-1])
                 lat = res["lat"]
