@@ -1721,7 +1721,6 @@ class Bench:
             go = os.path.join(self.tmp, "go-%d" % self.counter)
             w = self.launch([sys.executable, "waiter.py", db, str(n), str(c["idle_s"]), go],
                             "waiter")
-            w._bench_log.close()
             p = None
             try:
                 deadline = time.monotonic() + 120
@@ -1759,27 +1758,32 @@ class Bench:
         db = self.fresh("soak")
         q = self.lt_queue(db)
         p = self.lt_worker(db, 2, burst=False, extra=("--keep", "complete=%ds" % keep))
-        series, total, t0 = [], 0, time.monotonic()
-        next_sample = t0
+        series, total, left, t0 = [], 0, None, time.monotonic()
         log("  soak: %s jobs, --keep complete=%ds" % (format(n, ","), keep))
-        left = True
+
+        def counts():
+            out = {}
+            for per_queue in q.stats().values():
+                for status, k in per_queue.items():
+                    out[status] = out.get(status, 0) + k
+            return out
+
+        def sample(rows, why=""):
+            series.append(dict(t=round(time.monotonic() - t0, 1), enqueued=total,
+                               done=total - left, rows=rows,
+                               db_mb=round(fsize(db) / 2**20, 1),
+                               wal_mb=round(fsize(db + "-wal") / 2**20, 1)))
+            log("  soak %(t)6.1fs  done %(done)9d  rows %(rows)7d  db %(db_mb)6.1f MB"
+                "  wal %(wal_mb)5.1f MB" % series[-1] + why)
+
         try:
-            while p.poll() is None and time.monotonic() - t0 < 60 + n / 200:
-                st = q.stats()
-                counts = {}
-                for per in st.values():
-                    for k, v in per.items():
-                        counts[k] = counts.get(k, 0) + v
-                left = counts.get("queued", 0) + counts.get("running", 0)
-                now = time.monotonic()
-                if now >= next_sample or (total >= n and not left):
-                    series.append(dict(t=round(now - t0, 1), enqueued=total,
-                                       done=total - left, rows=sum(counts.values()),
-                                       db_mb=round(fsize(db) / 2**20, 1),
-                                       wal_mb=round(fsize(db + "-wal") / 2**20, 1)))
-                    log("  soak %(t)6.1fs  done %(done)9d  rows %(rows)7d  db %(db_mb)6.1f MB"
-                        "  wal %(wal_mb)5.1f MB" % series[-1])
-                    next_sample = now + every
+            next_sample = t0
+            while p.poll() is None and time.monotonic() - t0 < 120 + n / 200:
+                st = counts()
+                left = st.get("queued", 0) + st.get("running", 0)
+                if time.monotonic() >= next_sample or (total >= n and not left):
+                    sample(sum(st.values()))
+                    next_sample = time.monotonic() + every
                 if total >= n and not left:
                     break
                 while total < n and left < 20_000:
@@ -1788,15 +1792,8 @@ class Bench:
                     total += k
                     left += k
                 time.sleep(0.1)
-            # One keep period more: the last jobs age out too.
-            time.sleep(keep + 2)
-            series.append(dict(t=round(time.monotonic() - t0, 1), enqueued=total,
-                               done=total - left,
-                               rows=sum(sum(v.values()) for v in q.stats().values()),
-                               db_mb=round(fsize(db) / 2**20, 1),
-                               wal_mb=round(fsize(db + "-wal") / 2**20, 1)))
-            log("  soak %(t)6.1fs  done %(done)9d  rows %(rows)7d  db %(db_mb)6.1f MB"
-                "  wal %(wal_mb)5.1f MB (after one more keep period)" % series[-1])
+            time.sleep(keep + 2)            # one keep period more: the last jobs age out too
+            sample(sum(counts().values()), " (one keep period later)")
         except Exception as e:  # noqa: BLE001
             self.notes.append("soak: %r" % (e,))
         self.stop(p)
@@ -1809,8 +1806,13 @@ class Bench:
         if len(series) >= 2 and series[-1]["t"] > series[-2]["t"]:
             purge_rate = (series[-2]["rows"] - series[-1]["rows"]) / (
                 series[-1]["t"] - series[-2]["t"])
+        last_job = series[-2] if len(series) >= 2 else None    # when the last job was done
         self.record("soak", "litetq", "NORMAL", "MB", [s["db_mb"] for s in series], n=n,
-                    keep="complete=%ds" % keep, series=series, purge_rate=purge_rate,
+                    keep="complete=%ds" % keep, keep_s=keep, series=series,
+                    purge_rate=purge_rate,
+                    t_last_job=last_job["t"] if last_job else None,
+                    rows_two_thirds=two_thirds[0]["rows"] if two_thirds else None,
+                    rows_last_job=last_job["rows"] if last_job else None,
                     db_mb_two_thirds=two_thirds[0]["db_mb"] if two_thirds else None,
                     db_mb_max=max((s["db_mb"] for s in series), default=None),
                     wal_mb_max=max((s["wal_mb"] for s in series), default=None),
@@ -2036,11 +2038,18 @@ class Bench:
         _table(w, ("seconds", "jobs done", "rows kept", "db (MB)", "WAL (MB)"),
                (10, 12, 12, 10, 10), rows, fmt=lambda x: (
                    format(x, ",") if isinstance(x, int) else "%.1f" % x))
-        mid, end = r.get("db_mb_two_thirds"), r.get("db_mb_end")
-        level = _ratio(end, mid)
-        w("database at 2/3 of the jobs %s MB, at the end %s MB (x%s), largest WAL %s MB: %s" % (
-            _fmt(mid), _fmt(end), _fmt(level), _fmt(r.get("wal_mb_max")),
-            "levels off" if level is not None and level <= 1.1 else "still growing"))
+        growth = _ratio(r.get("rows_last_job"), r.get("rows_two_thirds"))
+        if growth is None:
+            verdict = "?"
+        elif (r.get("t_last_job") or 0) < 4 * r["keep_s"]:
+            verdict = "run too short to judge (under 4 keep periods)"
+        else:
+            verdict = "levels off" if growth <= 1.1 else "DOES NOT level off"
+        w("rows kept at 2/3 of the jobs %s, at the last job %s (x%s): %s" % (
+            _fmt(r.get("rows_two_thirds")), _fmt(r.get("rows_last_job")), _fmt(growth), verdict))
+        w("database at 2/3 of the jobs %s MB, at the end %s MB; largest WAL %s MB" % (
+            _fmt(r.get("db_mb_two_thirds")), _fmt(r.get("db_mb_end")),
+            _fmt(r.get("wal_mb_max"))))
         w("retention after the last job: %s rows deleted a second (the last line: one keep "
           "period + 2 s after the one before)" % _fmt(r.get("purge_rate")))
 
