@@ -856,13 +856,14 @@ QUEUES_CTE = ("with recursive queues(name) as (select min(queue) from litetq_job
               "select (select min(queue) from litetq_jobs where queue > queues.name) "
               "from queues where name is not null)")
 QUEUE_NAMES = QUEUES_CTE + " select name from queues where name is not null"
-# Counts per queue and status: one count of index entries per queue and status,
-# twice as fast as a "group by" over a big table.
-STATS = (QUEUES_CTE + ", statuses(status) as ("
-         + " union all ".join(f"select '{s}'" for s in STATUSES) +
-         ") select name, status, (select count(*) from litetq_jobs j where j.queue = "
-         "queues.name and j.status = statuses.status) from queues, statuses "
-         "where name is not null")
+# Unfinished jobs per queue and status: one count of litetq_jobs_queue's entries per
+# queue and status, twice as fast as a "group by" over a big table (finished ones come
+# from the step counts: see Storage.stats()).
+UNFINISHED_STATS = (
+    QUEUES_CTE + ", statuses(status) as (" + " union all ".join(
+        f"select '{s}'" for s in UNFINISHED) + ") select name, status, (select count(*) from "
+    "litetq_jobs j where j.queue = queues.name and j.status = statuses.status) from queues, "
+    "statuses where name is not null")
 # A job row from Queue._job_row is (queue, priority, name, args) for a plain call
 # due now, which most jobs are: the short insert is half again as fast in bulk.
 # With any option it goes on: (at, delay, parked, at, delay, ttl, rest, unique_key,
@@ -1807,19 +1808,12 @@ class Storage:
         return ids
 
     def stats(self):
-        """{queue: {status: count}}: unfinished jobs counted through their partial
-        indexes (each `parked` value of queued ones has its own), finished ones from the
-        step counts (see COUNTED)."""
-        # The status as a literal: from the column, SQLite would read each row for it.
-        unfinished = " union all ".join(
-            f"select queue, '{status}', count(*) from litetq_jobs where status = '{status}'"
-            f"{parked} group by queue" for status, parked in
-            [("queued", f" and parked = {parked}") for parked in (0, *PARKED.values())] +
-            [("running", ""), ("waiting", "")])
+        """{queue: {status: count}}: unfinished jobs counted through litetq_jobs_queue,
+        finished ones from the step counts (see COUNTED)."""
         counts = {}
         for queue, status, n in self.query(
-                f"{unfinished} union all select queue, outcome, n from litetq_counts where "
-                f"outcome in {TERMINAL_SQL} union all select queue, outcome, 1 from "
+                f"{UNFINISHED_STATS} union all select queue, outcome, n from litetq_counts "
+                f"where outcome in {TERMINAL_SQL} union all select queue, outcome, 1 from "
                 f"litetq_count_deltas where outcome in {TERMINAL_SQL} union all select queue, "
                 f"status, -n from litetq_removed"):
             by_status = counts.setdefault(queue, {})
@@ -6140,7 +6134,7 @@ def _synchronous_arg(parser):
 
 
 def build_parser():
-    parser = _Parser(prog="litetq", description="A durable task queue on SQLite.")
+    parser = _Parser(prog="litetq", description="A durable task queue on SQLite or PostgreSQL.")
     parser.add_argument("--version", action="version", version=f"litetq {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                      parser_class=_Parser)
@@ -6148,7 +6142,7 @@ def build_parser():
     def command(name, help, db=True):
         sub = commands.add_parser(name, help=help, description=help)
         if db:
-            sub.add_argument("db", metavar="DB", help="the SQLite database file")
+            sub.add_argument("db", metavar="DB", help="a SQLite file or a postgresql:// URL")
         return sub
 
     worker = command("worker", "run worker processes until stopped")

@@ -8794,7 +8794,7 @@ def test_django_tasks_run_under_the_worker(django_project):
     assert tuple_back["return_value"] == [7, [7]]  # normalised as Django does
     for result in (add, boom, fetch, context, async_context, query, mail, tuple_back):
         [worker] = result["worker_ids"]  # one attempt, one worker id
-        assert re.fullmatch(r"[^:]+:\d+", worker)
+        assert re.fullmatch(r"[^:]+:\d+/\d+", worker)  # host:supervisor/process
         enqueued_at, started_at, finished_at = (django_time(result[key]) for key in (
             "enqueued_at", "started_at", "finished_at"))
         assert enqueued_at <= started_at <= finished_at and result["aware"]
@@ -9068,7 +9068,7 @@ def test_django_attempt_of_a_killed_worker_process(django_project, tmp_path):
             return project.run(f"out(results({job_id!r}))")[0]
         wait_for(lambda: seen()["status"] == "RUNNING", 20)
         [first] = seen()["worker_ids"]
-        os.kill(int(first.rpartition(":")[2]), signal.SIGKILL)
+        os.kill(int(first.rpartition("/")[2]), signal.SIGKILL)
         wait_for(lambda: len(seen()["worker_ids"]) == 2, 20)
         release.write_text("go")
         wait_for(lambda: seen()["status"] == "SUCCESSFUL", 20)
@@ -10161,8 +10161,10 @@ def test_browser_shows_hostile_job_data_as_text_everywhere(web_q, web, browser):
 # Needs GET /api/chart and GET /api/workers (the observability branch): on a
 # server without them the two panels say "no data" and this test fails.
 def test_browser_chart_and_workers_show_a_live_worker(wdir, wdb, wq, worker, browser):
-    quick = [w_enqueue(wq, "step", f"quick{i}") for i in range(5)]
+    # The slow step first: behind quick ones of the same task in one claimed batch, their
+    # results would wait for the batch's commit (see _Steps._run_sync).
     slow = w_enqueue(wq, "step", "slow", 30)
+    quick = [w_enqueue(wq, "step", f"quick{i}") for i in range(5)]
     proc = worker(concurrency=2)
     for job in quick:
         job.result(timeout=15)
