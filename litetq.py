@@ -896,7 +896,7 @@ CANDIDATES = ("select j.id, j.queue, j.name, j.limit_key, l.concurrency, l.rate,
 LOCK_WAIT_SLICE = 0.002  # longest sleep between tries for a lock another connection holds
 PROMOTE_EVERY = 0.05  # seconds between checks for delayed steps that came due, while busy
 PARK_BATCH = 256  # rows one claim may park before it returns what it has
-PURGE_BATCH = 100  # job trees deleted in one transaction
+PURGE_BATCH = 500  # job trees deleted in one transaction
 LIMITS_CHECK = 1.0  # seconds a process trusts its knowledge of whether limits are in use
 CHANGE_COALESCE = 0.001  # wake-ups from other processes' commits at most this often
 WAL_LIMIT = 16 * 2 ** 20  # bytes: past this the supervisor checkpoints and truncates the WAL
@@ -2033,8 +2033,22 @@ class Storage:
             "finished is not null and status = ? and finished < litetq_now() - ? and "
             "(finished > ? or finished = ? and id > ?) order by finished, id limit ?",
             (status, older_than, after[0], after[0], after[1], PURGE_BATCH)).fetchall()
-        deleted = 0
-        for root, _ in roots:
+        deleted, ids = 0, [root for root, _ in roots]
+        if not ids:
+            return 0, None
+        marks = ", ".join("?" * len(ids))
+        parents = {row[0] for row in self._execute(
+            conn, f"select distinct parent_id from litetq_jobs where parent_id in ({marks})",
+            ids)}
+        alone = [root for root in ids if root not in parents]  # most jobs: no subtasks
+        if alone:
+            marks = ", ".join("?" * len(alone))
+            self._execute(conn, f"delete from litetq_logs where job_id in ({marks})", alone)
+            deleted += self._execute(conn, f"delete from litetq_jobs where id in ({marks}) "
+                                     "and status = ?", (*alone, status)).rowcount
+        for root in ids:
+            if root not in parents:
+                continue
             tree = [row[0] for row in self._execute(conn, TREE, (root,))]
             marks = ", ".join("?" * len(tree))
             if self._execute(conn, f"select 1 from litetq_jobs where id in ({marks}) and "
@@ -4189,7 +4203,7 @@ ASYNC_CONCURRENCY = 16  # async steps a worker process runs at once, by default
 CANCEL_GRACE = 1.0  # seconds an async step past its timeout has to yield to cancellation
 KEEP = {"complete": 86400.0, "failed": 7 * 86400.0, "cancelled": 7 * 86400.0,
         "expired": 7 * 86400.0}  # seconds finished jobs are kept, by status (None: forever)
-RETAIN_BUDGET = 0.1  # seconds the supervisor spends deleting old jobs of a status, a second
+RETAIN_BUDGET = 0.2  # seconds the supervisor spends deleting old jobs of a status, a second
 
 
 def _import_modules(names):
