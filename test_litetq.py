@@ -6171,7 +6171,7 @@ def test_short_lived_threads_leave_no_connections_open(file_q):
     # keeps a closed connection's files open while another connection of the process
     # holds a lock on them, and reuses them later: the count moves by a few either way.)
     assert max(grown) <= 2 * type(file_q.storage).max_connections + 4
-    assert max(grown[10:]) <= max(grown[:10]) + 3, grown
+    assert max(grown[-5:]) <= max(grown[:-5]) + 3, grown  # flat by the end: no leak
 
 
 def test_web_server_keeps_fds_bounded_over_300_requests(web_q):
