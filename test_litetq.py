@@ -7944,8 +7944,8 @@ def test_retention_by_a_real_worker_keeps_unfinished_trees_and_honours_keep(flow
     failed = wq.enqueue(ft.fails())
     tree = wq.enqueue(ft.parent_of_nap(2.5))  # a root whose subtask runs 2.5 s
     [proc] = flow.workers(1, 2, "--keep", "complete=1s,cancelled=0s")
-    child = w_wait_for(lambda: [c for c in tree.children() if c.status == "running"], 10,
-                       "the subtask to run")[0]
+    child = w_wait_for(lambda: tree.status == "waiting" and [
+        c for c in tree.children() if c.status == "running"], 10, "the subtask to run")[0]
     tree.cancel()  # the root ends now; its running subtask is only flagged
     assert tree.status == "cancelled" and child.status == "running"
     ended = time.monotonic()
