@@ -1684,13 +1684,19 @@ class Storage:
             ids = ids[1:]
         changed = False
         for each in ids:
-            changed |= self._execute(
-                conn, "update litetq_jobs set status = 'cancelled', finished = litetq_now(), "
-                "resume = null where id = ? and status in ('queued', 'waiting')",
-                (each,)).rowcount > 0
-            changed |= self._execute(
-                conn, "update litetq_jobs set cancel = 1 where id = ? and status = 'running' "
-                "and cancel = 0", (each,)).rowcount > 0
+            # Locked first: a step ending meanwhile (running to waiting, say) commits
+            # before we look, or after we are done; never between our two updates.
+            row = self._execute(conn, "select status, cancel from litetq_jobs where id = ? "
+                                "for update", (each,)).fetchone()
+            if row is None:
+                continue
+            if row[0] in ("queued", "waiting"):
+                self._execute(conn, "update litetq_jobs set status = 'cancelled', finished = "
+                              "litetq_now(), resume = null where id = ?", (each,))
+                changed = True
+            elif row[0] == "running" and not row[1]:
+                self._execute(conn, "update litetq_jobs set cancel = 1 where id = ?", (each,))
+                changed = True
         return changed
 
     @_transaction
