@@ -9125,14 +9125,6 @@ def hooks():
         litetq._hooks[event][:] = fns
 
 
-@litetq.task(retries=2, retry_delay=0)
-def obs_flaky(key, failures):
-    COUNTS[key] = COUNTS.get(key, 0) + 1
-    if COUNTS[key] <= failures:
-        raise ValueError(f"obs flaky {COUNTS[key]}")
-    return COUNTS[key]
-
-
 @litetq.task
 def obs_fail():
     raise ValueError("obs kaput")
@@ -9177,18 +9169,18 @@ def test_enqueued_hook_fires_in_the_producer(hooks, file_q, db_path):
 
 def test_step_hooks_with_their_details(hooks, q):
     seen = hooks("started", "retrying", "finished")
-    flaky = obs_flaky.delay("h", 1)
+    retried = flaky.delay("h", 1)
     failing = obs_fail.delay()
     chained = countdown.delay(1)
     cancelled = echo.delay("x")
     cancelled.cancel()
     q.run_until_idle()
-    assert [d for i, d in seen["started"] if i == flaky.id] == [{"attempt": 1}, {"attempt": 2}]
+    assert [d for i, d in seen["started"] if i == retried.id] == [{"attempt": 1}, {"attempt": 2}]
     assert [d["attempt"] for i, d in seen["started"] if i == chained.id] == [1, 1]
-    assert seen["retrying"] == [(flaky.id, {"error": "ValueError: obs flaky 1", "delay": 0.0})]
+    assert seen["retrying"] == [(retried.id, {"error": "ValueError: flaky h attempt 1", "delay": 0.0})]
     finished = {job_id: details for job_id, details in seen["finished"]}
-    assert set(finished) == {flaky.id, failing.id, chained.id}  # never ran: no hook
-    assert finished[flaky.id]["status"] == "complete" and finished[flaky.id]["error"] is None
+    assert set(finished) == {retried.id, failing.id, chained.id}  # never ran: no hook
+    assert finished[retried.id]["status"] == "complete" and finished[retried.id]["error"] is None
     assert finished[failing.id]["status"] == "failed"
     assert finished[failing.id]["error"] == "ValueError: obs kaput"
     assert all(isinstance(d["duration"], float) and 0 <= d["duration"] < 5
@@ -9288,7 +9280,7 @@ def test_hooks_run_in_real_worker_processes(worker, wq, wdir):
 
 
 def test_step_counts_by_outcome(q):
-    obs_flaky.delay("c", 2)  # two retries, then complete
+    flaky.delay("c", 2)  # two retries, then complete
     countdown.delay(2)  # two continuations, then complete
     obs_fail.delay()
     echo.delay("x").cancel()
@@ -9297,8 +9289,8 @@ def test_step_counts_by_outcome(q):
     q.run_until_idle()
     assert short.status == "expired"
     assert q.step_counts() == {
-        ("default", "test_litetq.obs_flaky", "retried"): 2,
-        ("default", "test_litetq.obs_flaky", "complete"): 1,
+        ("default", "test_litetq.flaky", "retried"): 2,
+        ("default", "test_litetq.flaky", "complete"): 1,
         ("default", "test_litetq.countdown", "continued"): 2,
         ("default", "test_litetq.countdown", "complete"): 1,
         ("default", "test_litetq.obs_fail", "failed"): 1,
@@ -9419,7 +9411,7 @@ def test_an_older_database_upgrades_and_counts_its_finished_jobs(db_path):
 
 def test_metrics_in_prometheus_text_format(web_q, web):
     odd = 'we"ird\\queue\nname'
-    web_q.enqueue(obs_flaky("m", 1))
+    web_q.enqueue(flaky("m", 1))
     web_q.enqueue(countdown(1), queue=odd)
     web_q.enqueue(obs_fail())
     web_q.run_until_idle()
@@ -9441,8 +9433,8 @@ def test_metrics_in_prometheus_text_format(web_q, web):
     assert [s.value for s in families["litetq_workers"].samples] == [0]
     steps = {(s.labels["queue"], s.labels["task"], s.labels["outcome"]): s.value
              for s in families["litetq_steps"].samples}
-    assert steps == {("default", "test_litetq.obs_flaky", "retried"): 1,
-                     ("default", "test_litetq.obs_flaky", "complete"): 1,
+    assert steps == {("default", "test_litetq.flaky", "retried"): 1,
+                     ("default", "test_litetq.flaky", "complete"): 1,
                      (odd, "test_litetq.countdown", "continued"): 1,
                      (odd, "test_litetq.countdown", "complete"): 1,
                      ("default", "test_litetq.obs_fail", "failed"): 1}
@@ -9458,7 +9450,7 @@ def test_metrics_answer_only_to_local_host_names(web):
 
 
 def test_api_chart_has_an_hour_of_minutes(web_q, web):
-    web_q.enqueue(obs_flaky("chart", 1))
+    web_q.enqueue(flaky("chart", 1))
     web_q.enqueue(countdown(2))
     web_q.run_until_idle()
     status, _, chart = call(web, "/api/chart")
