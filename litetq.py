@@ -1893,11 +1893,6 @@ class Storage:
         return sorted(self.query("select id, name, worker from litetq_jobs where "
                                  "status = 'running'"))  # sorted here: the index has them
 
-    def oldest_wait(self):
-        """Seconds the longest-waiting due job has waited, or None."""
-        return self.query_one("select litetq_now() - min(due) from litetq_jobs "
-                              "where status = 'queued' and due <= litetq_now()")[0]
-
     # The web page's queries: each reads an index, or a bounded range of ids.
 
     def find_jobs(self, status=None, queue=None, name=None, search=None, before=None,
@@ -6201,7 +6196,7 @@ def build_parser():
 
     command("status", "counts per queue and status, oldest wait, live workers")
     jobs = command("jobs", "list jobs, newest first")
-    jobs.add_argument("--status", choices=UNFINISHED + TERMINAL)
+    jobs.add_argument("--status", choices=STATUSES)
     jobs.add_argument("--queue")
     jobs.add_argument("--task", help="task name")
     jobs.add_argument("--limit", type=_bounded(int, 0, 2 ** 62), default=50)
@@ -6316,12 +6311,11 @@ def _cmd_worker(args):
 def _cmd_status(args):
     with _open(args.db, readonly=True) as queue:
         stats, paused = queue.stats(), queue.paused()
-        statuses = UNFINISHED + TERMINAL
         rows = [[name + (" (paused)" if name in paused else ""),
-                 *(str(stats.get(name, {}).get(s, 0)) for s in statuses)]
+                 *(str(stats.get(name, {}).get(s, 0)) for s in STATUSES)]
                 for name in sorted(set(stats) | paused)]
-        _print_table(["queue", *statuses], rows or [["(no jobs)"] + [""] * len(statuses)])
-        wait = queue.storage.oldest_wait()
+        _print_table(["queue", *STATUSES], rows or [["(no jobs)"] + [""] * len(STATUSES)])
+        wait = max(queue.oldest_due().values(), default=None)
         print(f"\noldest due job has waited {wait:.1f} s" if wait else "\nno job is waiting")
         workers = [[w[0], str(w[4]), w[3], "live" if w[6] < 10 else
                     f"lost ({w[6]:.0f} s without heartbeat)"]
