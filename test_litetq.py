@@ -6167,11 +6167,12 @@ def test_short_lived_threads_leave_no_connections_open(file_q):
           f"(at most {max(grown[:10])} in the first 1000, {max(grown[10:])} in the next)")
     assert errors == []
     assert counts(file_q) == {"default": {"queued": 2001}}
-    # Connections are pooled and capped: the count does not grow with the threads. (SQLite
-    # keeps a closed connection's files open while another connection of the process
-    # holds a lock on them, and reuses them later: the count moves by a few either way.)
-    assert max(grown) <= 2 * type(file_q.storage).max_connections + 4
-    assert max(grown[-5:]) <= max(grown[:-5]) + 3, grown  # flat by the end: no leak
+    # Connections are pooled and capped: the count does not grow with the threads (the
+    # leak this guards against held 2 fds per thread: 4,000 here). Under load the pool
+    # may open its connections late, and SQLite keeps a closed connection's files open
+    # while another connection of the process holds a lock on them, so within the cap
+    # the count moves either way: the cap is the check.
+    assert max(grown) <= 2 * type(file_q.storage).max_connections + 4, grown
 
 
 def test_web_server_keeps_fds_bounded_over_300_requests(web_q):
